@@ -1,0 +1,316 @@
+//! `Site`: a plant or cabinet with one ingestor: its broker, stream, queue and placement.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{ResourceRequirements, Toleration},
+    apimachinery::pkg::api::resource::Quantity,
+};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{Duration, condition::Conditions};
+
+/// Desired state of a site: one ingestor polling the site's devices into one JetStream stream.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "tagstream.io",
+    version = "v1alpha1",
+    kind = "Site",
+    namespaced,
+    status = "SiteStatus",
+    category = "tagstream",
+    doc = "A plant or cabinet: one ingestor with a persistent queue, publishing its devices' points to NATS JetStream.",
+    printcolumn(name = "Devices", type_ = "integer", json_path = ".status.devices"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queue.depth"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 52")
+        .message("metadata.name: a Site name is used as a NATS subject token and in the names of its ingestor's objects, so it must be a DNS label of at most 52 characters"),
+)]
+#[x_kube(validation = Rule::new("quantity(self.queue.maxSize).isLessThan(quantity(self.storage.size))")
+    .message("queue.maxSize must be smaller than storage.size, or the volume fills before the queue limit applies")
+    .field_path(".queue.maxSize"))]
+#[serde(rename_all = "camelCase")]
+pub struct SiteSpec {
+    /// The NATS servers to publish to.
+    #[serde(default)]
+    pub broker: Broker,
+    /// The JetStream stream the points go to.
+    #[serde(default)]
+    pub stream: Stream,
+    /// The ingestor's persistent queue.
+    #[serde(default)]
+    pub queue: Queue,
+    /// The volume that holds the queue.
+    #[serde(default)]
+    pub storage: Storage,
+    /// Where and with what resources the ingestor pod runs.
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// NATS connection settings.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Broker {
+    /// NATS server URLs (`nats://`, `tls://`); the client fails over between them.
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(length(max = 253), regex(pattern = "^(nats|tls)://[^\\s]+$"))
+    )]
+    pub urls: Vec<String>,
+    /// How the ingestor authenticates; unset connects without credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<BrokerCredentials>,
+    /// TLS settings; unset uses TLS only for `tls://` URLs, verified against the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BrokerTls>,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Self {
+            urls: vec!["nats://nats:4222".to_owned()],
+            credentials: None,
+            tls: None,
+        }
+    }
+}
+
+/// Credentials from a Secret in the Site's namespace, mounted into the ingestor pod.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerCredentials {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// Which kind of credentials the Secret holds, and so which keys it must have.
+    #[serde(rename = "type")]
+    pub kind: CredentialsKind,
+}
+
+/// NATS authentication kinds and the Secret keys each reads.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum CredentialsKind {
+    /// Keys `username` and `password`.
+    UserPassword,
+    /// Key `token`.
+    Token,
+    /// Key `nkey` (the seed, starting with `SU`).
+    Nkey,
+    /// Key `user.creds` (a JWT and nkey seed, as `nsc` writes them).
+    CredsFile,
+}
+
+/// TLS material from a Secret (keys `ca.crt`, and `tls.crt` + `tls.key` for a client
+/// certificate, as in a `kubernetes.io/tls` Secret or one cert-manager writes).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerTls {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// Present `tls.crt` and `tls.key` as a client certificate.
+    #[serde(default)]
+    pub client_certificate: bool,
+}
+
+/// The JetStream stream.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Stream {
+    /// Stream name.
+    #[serde(default = "default_stream_name")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = "^[A-Za-z0-9_-]+$"))]
+    pub name: String,
+    /// Subjects are `<subjectPrefix>.<namespace>.<site>.<device>`.
+    #[serde(default = "default_subject_prefix")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"))]
+    pub subject_prefix: String,
+    /// Create the stream when it does not exist. When false the ingestor only checks that it
+    /// exists and covers the site's subjects (for brokers managed by someone else).
+    #[serde(default = "default_true")]
+    pub create: bool,
+    /// Replicas of a stream the ingestor creates.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: u8,
+    /// Storage of a stream the ingestor creates.
+    #[serde(default)]
+    pub storage: StreamStorage,
+    /// JetStream's duplicate window: a message re-sent within it with the same
+    /// `Nats-Msg-Id` is dropped by the server. Must cover the longest ingestor restart.
+    #[serde(default = "default_duplicate_window")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("must be at least 1s"))]
+    pub duplicate_window: Duration,
+}
+
+fn default_stream_name() -> String {
+    "TAGSTREAM".to_owned()
+}
+fn default_subject_prefix() -> String {
+    "tagstream".to_owned()
+}
+const fn default_true() -> bool {
+    true
+}
+const fn default_replicas() -> u8 {
+    1
+}
+const fn default_duplicate_window() -> Duration {
+    Duration::from_secs(120)
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Self {
+            name: default_stream_name(),
+            subject_prefix: default_subject_prefix(),
+            create: true,
+            replicas: default_replicas(),
+            storage: StreamStorage::default(),
+            duplicate_window: default_duplicate_window(),
+        }
+    }
+}
+
+/// JetStream storage backends.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum StreamStorage {
+    #[default]
+    File,
+    Memory,
+}
+
+/// The persistent queue between polling and publishing.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Queue {
+    /// Most disk the queue may use, as a Kubernetes quantity (`512Mi`, `2Gi`). Counted as
+    /// the queue's size on disk, not the size of the points in it.
+    #[serde(default = "default_queue_max_size")]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('16Mi'))").message("must be a quantity above 16Mi"))]
+    pub max_size: Quantity,
+    /// What happens when the queue is full.
+    #[serde(default)]
+    pub full_policy: FullPolicy,
+    /// Longest time a polled point waits before it is flushed to disk (group commit). Shorter
+    /// costs more disk writes; nothing is reported persisted before its flush.
+    #[serde(default = "default_flush_interval")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1ms') && duration(self) <= duration('1s')").message("must be between 1ms and 1s"))]
+    pub flush_interval: Duration,
+}
+
+fn default_queue_max_size() -> Quantity {
+    Quantity("1Gi".to_owned())
+}
+const fn default_flush_interval() -> Duration {
+    Duration::from_millis(5)
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Self {
+            max_size: default_queue_max_size(),
+            full_policy: FullPolicy::default(),
+            flush_interval: default_flush_interval(),
+        }
+    }
+}
+
+/// Behaviour of a full queue. Both are counted in metrics and shown in the Site status.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum FullPolicy {
+    /// Delete the oldest unsent points to make room: keeps the newest data.
+    #[default]
+    DropOldest,
+    /// Stop polling until the broker takes points again: keeps the oldest data, loses
+    /// what the devices did meanwhile.
+    PausePolling,
+}
+
+/// The persistent volume claimed for the queue. It is kept when the Site is deleted.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Storage {
+    /// Storage class of the claim; unset uses the cluster default (`local-path` on k3s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+    /// Size of the claim.
+    #[serde(default = "default_storage_size")]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("must be a quantity such as 2Gi"))]
+    pub size: Quantity,
+}
+
+fn default_storage_size() -> Quantity {
+    Quantity("2Gi".to_owned())
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            storage_class_name: None,
+            size: default_storage_size(),
+        }
+    }
+}
+
+/// Pod placement and resources of the site's ingestor.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Node labels the ingestor pod must match (e.g. the edge node wired to the devices).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the ingestor pod tolerates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+    /// CPU and memory requests and limits of the ingestor container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Observed state of a site, written by the operator.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteStatus {
+    /// `Ready` (the ingestor runs the current spec) and `QueueHealthy`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Conditions")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Devices deployed to the site's ingestor.
+    #[serde(default)]
+    pub devices: u32,
+    /// Valid formulas deployed to the site's ingestor.
+    #[serde(default)]
+    pub formulas: u32,
+    /// The ingestor's queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStatus>,
+}
+
+/// Queue figures reported by the ingestor.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    /// Points waiting to be published.
+    pub depth: u64,
+    /// Bytes the queue uses on disk.
+    pub bytes: u64,
+    /// Age in seconds of the oldest waiting point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_age_seconds: Option<f64>,
+    /// Points dropped by the `dropOldest` policy since the ingestor started.
+    #[serde(default)]
+    pub dropped: u64,
+}
