@@ -1,0 +1,106 @@
+//! A site's configuration: its Site settings, Devices and Formulas, grouped from the
+//! manifests (the files users write, or the operator's rendered `ConfigMap`).
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use tagstream_crds::{
+    Device, Formula, FormulaSpec, SiteSpec,
+    manifest::{Loaded, Report},
+};
+
+use crate::calc::Calc;
+
+/// Everything one ingestor runs.
+#[derive(Clone, Debug)]
+pub struct SiteConfig {
+    pub namespace: String,
+    pub name: String,
+    /// The Site's spec, or the defaults when the manifests name the site without defining it.
+    pub spec: SiteSpec,
+    /// Whether the spec came from a Site object rather than the defaults.
+    pub defined: bool,
+    pub devices: Vec<Device>,
+    pub formulas: Vec<Formula>,
+}
+
+impl SiteConfig {
+    /// Every polled tag as `(device, tag)`.
+    pub fn tags(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.devices.iter().flat_map(|d| {
+            let device = d.metadata.name.as_deref().unwrap_or_default();
+            d.spec.tags.iter().map(move |t| (device, t.name.as_str()))
+        })
+    }
+
+    /// The formulas by name, as the calculation DAG takes them.
+    pub fn formula_specs(&self) -> Vec<(String, FormulaSpec)> {
+        self.formulas
+            .iter()
+            .map(|f| (f.metadata.name.clone().unwrap_or_default(), f.spec.clone()))
+            .collect()
+    }
+
+    /// The site's calculation DAG.
+    pub fn calc(&self) -> Calc {
+        let mut calc = Calc::new();
+        calc.configure(self.tags(), &self.formula_specs());
+        calc
+    }
+}
+
+/// Groups the valid objects of a report by site, in (namespace, name) order.
+pub fn sites(report: &Report) -> Vec<SiteConfig> {
+    fn entry<'a>(
+        sites: &'a mut BTreeMap<(String, String), SiteConfig>,
+        namespace: &str,
+        name: &str,
+    ) -> &'a mut SiteConfig {
+        sites
+            .entry((namespace.to_owned(), name.to_owned()))
+            .or_insert_with(|| SiteConfig {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                spec: SiteSpec::default(),
+                defined: false,
+                devices: Vec::new(),
+                formulas: Vec::new(),
+            })
+    }
+    let mut sites = BTreeMap::new();
+    for site in &report.sites {
+        let config = entry(&mut sites, site.namespace(), site.name());
+        config.spec = site.object.spec.clone();
+        config.defined = true;
+    }
+    for device in &report.devices {
+        entry(&mut sites, device.namespace(), &device.object.spec.site)
+            .devices
+            .push(device.object.clone());
+    }
+    for formula in &report.formulas {
+        entry(&mut sites, formula.namespace(), &formula.object.spec.site)
+            .formulas
+            .push(formula.object.clone());
+    }
+    sites.into_values().collect()
+}
+
+/// Counts a report's objects for a one-line summary.
+pub fn summary(report: &Report) -> String {
+    fn count<K>(items: &[Loaded<K>], one: &str) -> String {
+        match items.len() {
+            1 => format!("1 {one}"),
+            n => format!("{n} {one}s"),
+        }
+    }
+    let mut text = format!(
+        "{}, {}, {}",
+        count(&report.sites, "site"),
+        count(&report.devices, "device"),
+        count(&report.formulas, "formula")
+    );
+    if !report.ignored.is_empty() {
+        let _ = write!(text, " ({} documents of other kinds passed over)", report.ignored.len());
+    }
+    text
+}
