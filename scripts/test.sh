@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check and test of the workspace, installing the real peers the tests use
-# (helm) when they are missing. Usage: scripts/test.sh
+# (helm, socat) when they are missing. Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +17,22 @@ ensure_helm() {
   fi
 }
 
+# Debian packages the tests use as real peers.
+ensure_packages() {
+  local missing=()
+  for tool in "$@"; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
+  done
+  [ ${#missing[@]} -eq 0 ] && return
+  echo "==> installing ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
 ensure_helm
+ensure_packages socat:socat
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,12 +1,18 @@
 //! `tagstream-ingestor`: the per-site ingestor and its tools.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tagstream_crds::device::RegisterKind;
+use tagstream_ingestor::{simulate::Faults, simulate_cmd::SimulateOptions};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Polls Modbus devices into NATS JetStream without losing a point")]
 struct Cli {
+    /// Log as JSON lines (for log collectors) instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,24 +26,126 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Poll every tag of the devices once and print raw registers and decoded values.
+    Read {
+        /// Manifest files or directories with the Devices to read.
+        #[arg(short = 'f', long = "filename", required = true)]
+        paths: Vec<PathBuf>,
+        /// Read only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Also show every multi-register value under each byte order.
+        #[arg(long)]
+        all_orders: bool,
+    },
+    /// Serve every Device of the manifests as a Modbus server (TCP, RTU over TCP, RTU)
+    /// with values following the tags' simulation waveforms.
+    Simulate {
+        /// Manifest files or directories with the Devices to simulate.
+        #[arg(short = 'f', long = "filename", required = true)]
+        paths: Vec<PathBuf>,
+        /// Address to listen on; each device's port comes from its manifest.
+        #[arg(long, default_value = "0.0.0.0")]
+        listen: IpAddr,
+        /// Serve RTU devices on this serial device or pty instead of their manifest path.
+        #[arg(long)]
+        rtu_path: Option<String>,
+        /// Delay every answer by this much (e.g. 50ms).
+        #[arg(long, value_parser = parse_duration, default_value = "0s")]
+        latency: Duration,
+        /// Refuse reads covering this address with exception 2, as `holding:100`.
+        #[arg(long, value_parser = parse_address)]
+        exception_at: Vec<(RegisterKind, u16)>,
+        /// Never answer this unit id (a dead device behind a gateway).
+        #[arg(long)]
+        silent_unit: Vec<u8>,
+        /// Close every connection this long after it opened (e.g. 30s).
+        #[arg(long, value_parser = parse_duration)]
+        drop_after: Option<Duration>,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    text.parse::<tagstream_crds::Duration>()
+        .map(tagstream_crds::Duration::get)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_address(text: &str) -> Result<(RegisterKind, u16), String> {
+    let (kind, address) = text
+        .split_once(':')
+        .ok_or("expected <table>:<address>, e.g. holding:100")?;
+    let kind = match kind {
+        "coil" => RegisterKind::Coil,
+        "discreteInput" | "discrete" => RegisterKind::DiscreteInput,
+        "holding" => RegisterKind::Holding,
+        "input" => RegisterKind::Input,
+        other => {
+            return Err(format!(
+                "unknown table {other:?}: coil, discreteInput, holding or input"
+            ));
+        }
+    };
+    Ok((kind, address.parse().map_err(|e| format!("address {address:?}: {e}"))?))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Check { paths } => match tagstream_ingestor::check::check(&paths) {
-            Ok(outcome) => {
-                print!("{}", outcome.text);
-                if outcome.errors == 0 {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(2)
-            }
-        },
+    tagstream_ingestor::logging::init(cli.log_json);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match command {
+        Command::Check { paths } => {
+            let outcome = tagstream_ingestor::check::check(&paths)?;
+            print!("{}", outcome.text);
+            Ok(if outcome.errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Read {
+            paths,
+            device,
+            all_orders,
+        } => {
+            let text = runtime.block_on(tagstream_ingestor::read::read(&paths, device.as_deref(), all_orders))?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate {
+            paths,
+            listen,
+            rtu_path,
+            latency,
+            exception_at,
+            silent_unit,
+            drop_after,
+        } => {
+            let options = SimulateOptions {
+                listen,
+                rtu_path,
+                faults: Faults {
+                    latency,
+                    exception_at: exception_at.into_iter().collect(),
+                    silent_units: silent_unit.into_iter().collect(),
+                    drop_after,
+                },
+            };
+            runtime.block_on(async {
+                let shutdown = tagstream_ingestor::logging::shutdown_on_signal();
+                tagstream_ingestor::simulate_cmd::simulate(&paths, options, shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -1,0 +1,15 @@
+//! Acquisition: reading Modbus devices as their manifests describe them.
+//!
+//! - [`plan`]: which requests a poll makes (coalescing, limits, splitting refused reads).
+//! - [`decode`]: registers to values and back (byte orders, strings, scaling); pure.
+//! - [`filter`]: deadband and heartbeat.
+//! - [`connection`]: connecting (TCP, RTU over TCP, RTU) and one bounded read.
+//! - [`poller`]: one task per endpoint polling its devices, with backoff and quirks.
+//! - [`health`]: per-device health for status and metrics.
+
+pub mod connection;
+pub mod decode;
+pub mod filter;
+pub mod health;
+pub mod plan;
+pub mod poller;

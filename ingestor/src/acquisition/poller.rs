@@ -1,0 +1,343 @@
+//! Polling: one task owns each endpoint (a TCP host:port or a serial port). The devices
+//! (unit ids) behind it share its one connection and their requests are serialised;
+//! different endpoints poll in parallel. A device that fails backs off exponentially with
+//! jitter and is skipped while it does, so it never delays its neighbours for longer than
+//! one timeout, and never those on other endpoints.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tagstream_crds::{Device, DeviceSpec};
+use tokio::sync::mpsc;
+use tokio_modbus::{ExceptionCode, Slave, client::Context, slave::SlaveContext as _};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    connection::{self, Data, ReadError},
+    decode::{self, Layout},
+    filter::Filter,
+    health::DeviceHealth,
+    plan::{self, PollGroup, Read, TagSlot},
+};
+use crate::point::{PointValue, Sample};
+
+/// A device as the rest of the ingestor sees it.
+#[derive(Debug)]
+pub struct PolledDevice {
+    pub name: String,
+    pub spec: DeviceSpec,
+}
+
+/// The points one poll of one device publishes.
+#[derive(Debug)]
+pub struct PolledBatch {
+    pub device: Arc<PolledDevice>,
+    /// (index in `spec.tags`, sample)
+    pub points: Vec<(usize, Sample)>,
+}
+
+/// One tag as read: the raw data it was decoded from, when there was any, and the sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TagReading {
+    pub tag: usize,
+    pub raw: Option<Data>,
+    pub sample: Sample,
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// Decodes one tag of a successful read.
+fn reading(device: &DeviceSpec, layouts: &[Layout], slot: &TagSlot, data: &Data, at: i64) -> TagReading {
+    let tag = &device.tags[slot.tag];
+    let range = usize::from(slot.offset)..usize::from(slot.offset + slot.count);
+    let (raw, decoded) = match data {
+        Data::Bits(bits) => {
+            let part = bits[range].to_vec();
+            let value = Ok(PointValue::Bool(part[0]));
+            (Data::Bits(part), value)
+        }
+        Data::Registers(registers) => {
+            let part = registers[range].to_vec();
+            let value = decode::decode_registers(&part, &layouts[slot.tag]);
+            (Data::Registers(part), value)
+        }
+    };
+    let sample = match decoded {
+        Ok(raw_value) => Sample::good(decode::scale(raw_value, tag.scale, tag.offset), at),
+        Err(e) => Sample::bad(e.to_string(), at),
+    };
+    TagReading {
+        tag: slot.tag,
+        raw: Some(raw),
+        sample,
+    }
+}
+
+/// Reads `reads` in order on an open connection addressed to the device. A coalesced read
+/// the device refuses with an exception is split, in place, so later polls keep the good
+/// tags flowing; a refused single range makes its tags Bad. A transport failure ends the
+/// poll with `Err`.
+pub async fn poll_reads(
+    context: &mut Context,
+    device: &DeviceSpec,
+    layouts: &[Layout],
+    reads: &mut Vec<Read>,
+    at: i64,
+) -> Result<Vec<TagReading>, ReadError> {
+    let mut readings = Vec::new();
+    let mut index = 0;
+    while index < reads.len() {
+        if index > 0
+            && let Some(pause) = device.quirks.request_delay
+        {
+            tokio::time::sleep(pause.get()).await;
+        }
+        match execute_with_busy_retries(context, &reads[index], device).await {
+            Ok(data) => {
+                readings.extend(
+                    reads[index]
+                        .tags
+                        .iter()
+                        .map(|slot| reading(device, layouts, slot, &data, at)),
+                );
+                index += 1;
+            }
+            Err(ReadError::Exception(code)) if reads[index].split().len() > 1 => {
+                let parts = reads[index].split();
+                debug!(start = reads[index].start, count = reads[index].count, exception = %code, "splitting a refused read");
+                reads.splice(index..=index, parts);
+            }
+            Err(error @ ReadError::Exception(_)) => {
+                let reason = error.to_string();
+                readings.extend(reads[index].tags.iter().map(|slot| TagReading {
+                    tag: slot.tag,
+                    raw: None,
+                    sample: Sample::bad(reason.clone(), at),
+                }));
+                index += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(readings)
+}
+
+async fn execute_with_busy_retries(context: &mut Context, read: &Read, device: &DeviceSpec) -> Result<Data, ReadError> {
+    let mut retries = device.quirks.busy_retries;
+    loop {
+        match connection::execute(context, read, device.timeout.get()).await {
+            Err(ReadError::Exception(ExceptionCode::ServerDeviceBusy)) if retries > 0 => {
+                retries -= 1;
+                tokio::time::sleep(device.timeout.get() / 4).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A device's polling state inside its endpoint's task.
+#[derive(Debug)]
+pub struct DevicePoller {
+    device: Arc<PolledDevice>,
+    layouts: Vec<Layout>,
+    groups: Vec<(PollGroup, Instant)>,
+    filters: Vec<Filter>,
+    health: Arc<Mutex<DeviceHealth>>,
+    failures: u32,
+    backoff_until: Instant,
+}
+
+impl DevicePoller {
+    pub fn new(name: &str, spec: &DeviceSpec, health: Arc<Mutex<DeviceHealth>>) -> Self {
+        let now = Instant::now();
+        Self {
+            layouts: layouts(spec),
+            groups: plan::plan(spec).into_iter().map(|g| (g, now)).collect(),
+            filters: spec.tags.iter().map(Filter::new).collect(),
+            device: Arc::new(PolledDevice {
+                name: name.to_owned(),
+                spec: spec.clone(),
+            }),
+            health,
+            failures: 0,
+            backoff_until: now,
+        }
+    }
+
+    fn next(&self) -> Option<(usize, Instant)> {
+        self.groups
+            .iter()
+            .enumerate()
+            .map(|(i, (_, due))| (i, (*due).max(self.backoff_until)))
+            .min_by_key(|(_, due)| *due)
+    }
+
+    fn backoff(&mut self, error: &ReadError) {
+        self.failures += 1;
+        let base = Duration::from_millis(500).saturating_mul(1 << self.failures.min(7).saturating_sub(1));
+        let delay = base.min(Duration::from_secs(60)).mul_f64(0.8 + fastrand::f64() * 0.4);
+        self.backoff_until = Instant::now() + delay;
+        let mut health = self.health.lock().expect("health lock");
+        health.record_failure(error.to_string(), self.failures);
+        if self.failures == 1 {
+            warn!(device = %self.device.name, %error, retry_in = ?delay, "device poll failed");
+        } else {
+            debug!(device = %self.device.name, %error, failures = self.failures, retry_in = ?delay, "device still failing");
+        }
+    }
+}
+
+/// Read layouts of a device's tags.
+pub fn layouts(spec: &DeviceSpec) -> Vec<Layout> {
+    spec.tags.iter().map(|t| Layout::of(t, spec.byte_order)).collect()
+}
+
+/// Polls every device behind one endpoint until `shutdown`, sending published points to
+/// `out`. Ends early when `out` is closed.
+pub async fn run_endpoint(mut devices: Vec<DevicePoller>, out: mpsc::Sender<PolledBatch>, shutdown: CancellationToken) {
+    let Some(first) = devices.first() else { return };
+    let endpoint = first.device.spec.connection.endpoint().unwrap_or_default();
+    let mut context: Option<Context> = None;
+    info!(%endpoint, devices = devices.len(), "polling endpoint");
+    loop {
+        let Some((d, g, due)) = devices
+            .iter()
+            .enumerate()
+            .filter_map(|(d, dev)| dev.next().map(|(g, due)| (d, g, due)))
+            .min_by_key(|(_, _, due)| *due)
+        else {
+            return;
+        };
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep_until(due.into()) => {}
+        }
+        let device = &mut devices[d];
+        let result = poll_group(&mut context, device, g).await;
+        let interval = device.groups[g].0.interval;
+        let now = Instant::now();
+        let next_due = &mut device.groups[g].1;
+        *next_due += interval;
+        if *next_due <= now {
+            // Missed cycles are skipped, keeping the cadence.
+            let behind = now.duration_since(*next_due).as_nanos() / interval.as_nanos().max(1) + 1;
+            *next_due += interval * u32::try_from(behind).unwrap_or(u32::MAX);
+        }
+        let batch = match result {
+            Ok(points) => points,
+            Err(error) => {
+                if error.breaks_connection() {
+                    context = None;
+                }
+                let first_failure = device.failures == 0;
+                device.backoff(&error);
+                if !first_failure {
+                    continue;
+                }
+                // One Bad point per tag when a device goes down; none while it stays down.
+                let at = now_ns();
+                let reason = error.to_string();
+                let tags: Vec<usize> = device.groups[g]
+                    .0
+                    .reads
+                    .iter()
+                    .flat_map(|r| r.tags.iter().map(|s| s.tag))
+                    .collect();
+                tags.into_iter()
+                    .map(|tag| (tag, Sample::bad(reason.clone(), at)))
+                    .filter(|(tag, sample)| device.filters[*tag].admit(sample))
+                    .collect()
+            }
+        };
+        if device.device.spec.quirks.close_after_poll {
+            context = None;
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let message = PolledBatch {
+            device: Arc::clone(&device.device),
+            points: batch,
+        };
+        if out.send(message).await.is_err() {
+            return;
+        }
+    }
+    if let Some(mut context) = context {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio_modbus::client::Client::disconnect(&mut context),
+        )
+        .await;
+    }
+}
+
+/// Polls one group of one device, connecting first when needed; returns the points the
+/// filters let through.
+async fn poll_group(
+    context: &mut Option<Context>,
+    device: &mut DevicePoller,
+    group: usize,
+) -> Result<Vec<(usize, Sample)>, ReadError> {
+    let spec = &device.device.spec;
+    let unit = Slave(spec.unit_id);
+    if context.is_none() {
+        let fresh = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get()).await?;
+        if let Some(pause) = spec.quirks.connect_delay {
+            tokio::time::sleep(pause.get()).await;
+        }
+        *context = Some(fresh);
+    }
+    let ctx = context.as_mut().expect("connected above");
+    ctx.set_slave(unit);
+    let at = now_ns();
+    let readings = poll_reads(ctx, spec, &device.layouts, &mut device.groups[group].0.reads, at).await?;
+    if device.failures > 0 {
+        info!(device = %device.device.name, failures = device.failures, "device answers again");
+    }
+    device.failures = 0;
+    device.health.lock().expect("health lock").record_success(at);
+    Ok(readings
+        .into_iter()
+        .filter(|r| device.filters[r.tag].admit(&r.sample))
+        .map(|r| (r.tag, r.sample))
+        .collect())
+}
+
+/// Each device's health, by device name.
+pub type HealthMap = BTreeMap<String, Arc<Mutex<DeviceHealth>>>;
+
+/// Starts one polling task per endpoint for `devices`; returns each device's health.
+pub fn spawn(
+    devices: &[Device],
+    out: &mpsc::Sender<PolledBatch>,
+    shutdown: &CancellationToken,
+) -> (Vec<tokio::task::JoinHandle<()>>, HealthMap) {
+    let mut by_endpoint: BTreeMap<String, Vec<DevicePoller>> = BTreeMap::new();
+    let mut health = BTreeMap::new();
+    for device in devices {
+        let name = device.metadata.name.clone().unwrap_or_default();
+        let state = Arc::new(Mutex::new(DeviceHealth::default()));
+        health.insert(name.clone(), Arc::clone(&state));
+        let endpoint = device.spec.connection.endpoint().unwrap_or_default();
+        by_endpoint
+            .entry(endpoint)
+            .or_default()
+            .push(DevicePoller::new(&name, &device.spec, state));
+    }
+    let tasks = by_endpoint
+        .into_values()
+        .map(|pollers| tokio::spawn(run_endpoint(pollers, out.clone(), shutdown.clone())))
+        .collect();
+    (tasks, health)
+}

@@ -1,0 +1,244 @@
+//! The simulator's Modbus server: every simulated device behind an endpoint answers on its
+//! unit id with registers encoded exactly as its manifest says, plus injected faults.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use tagstream_crds::{Device, device::RegisterKind};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_modbus::{
+    ExceptionCode, Request, Response, SlaveRequest,
+    server::{Service, rtu, rtu_over_tcp, tcp},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::waveform::Signal;
+use crate::acquisition::decode::{self, Layout};
+
+/// Faults to inject, for tests and demos of failure handling.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Delay before every answer.
+    pub latency: Duration,
+    /// Protocol addresses whose reads are refused with exception 2 (illegal data address).
+    pub exception_at: BTreeSet<(RegisterKind, u16)>,
+    /// Unit ids that never answer, like a dead device behind a gateway.
+    pub silent_units: BTreeSet<u8>,
+    /// Close every connection this long after it was opened.
+    pub drop_after: Option<Duration>,
+}
+
+/// A simulated device.
+#[derive(Debug)]
+struct SimulatedDevice {
+    tags: Vec<(tagstream_crds::device::Tag, Layout, Signal, u16)>,
+}
+
+/// The devices served on one endpoint, by unit id, and the faults to inject.
+#[derive(Debug)]
+pub struct SimulatedEndpoint {
+    devices: BTreeMap<u8, SimulatedDevice>,
+    faults: Faults,
+    started: Instant,
+}
+
+impl SimulatedEndpoint {
+    pub fn new(devices: &[&Device], faults: Faults) -> Arc<Self> {
+        let devices = devices
+            .iter()
+            .map(|d| {
+                let spec = &d.spec;
+                let offset = u16::from(spec.addressing == tagstream_crds::device::Addressing::OneBased);
+                let tags = spec
+                    .tags
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.clone(),
+                            Layout::of(t, spec.byte_order),
+                            Signal::new(t),
+                            t.address - offset,
+                        )
+                    })
+                    .collect();
+                (spec.unit_id, SimulatedDevice { tags })
+            })
+            .collect();
+        Arc::new(Self {
+            devices,
+            faults,
+            started: Instant::now(),
+        })
+    }
+
+    fn answer(&self, unit: u8, request: &Request<'_>) -> Result<Option<Response>, ExceptionCode> {
+        if self.faults.silent_units.contains(&unit) {
+            return Ok(None);
+        }
+        let Some(device) = self.devices.get(&unit) else {
+            return Ok(None);
+        };
+        let (kind, start, count) = match *request {
+            Request::ReadCoils(start, count) => (RegisterKind::Coil, start, count),
+            Request::ReadDiscreteInputs(start, count) => (RegisterKind::DiscreteInput, start, count),
+            Request::ReadHoldingRegisters(start, count) => (RegisterKind::Holding, start, count),
+            Request::ReadInputRegisters(start, count) => (RegisterKind::Input, start, count),
+            _ => return Err(ExceptionCode::IllegalFunction),
+        };
+        let end = u32::from(start) + u32::from(count);
+        if self
+            .faults
+            .exception_at
+            .iter()
+            .any(|(k, a)| *k == kind && (u32::from(start)..end).contains(&u32::from(*a)))
+        {
+            return Err(ExceptionCode::IllegalDataAddress);
+        }
+        let elapsed = self.started.elapsed();
+        let mut registers = vec![0u16; usize::from(count)];
+        for (tag, layout, signal, address) in device.tags.iter().filter(|t| t.0.register == kind) {
+            let words = decode::encode_registers(&signal.value(elapsed, tag.scale, tag.offset), layout);
+            for (i, word) in words.into_iter().enumerate() {
+                let at = u32::from(*address) + i as u32;
+                if (u32::from(start)..end).contains(&at) {
+                    registers[(at - u32::from(start)) as usize] = word;
+                }
+            }
+        }
+        Ok(Some(if kind.is_bit_table() {
+            let bits = registers.iter().map(|r| *r != 0).collect();
+            if kind == RegisterKind::Coil {
+                Response::ReadCoils(bits)
+            } else {
+                Response::ReadDiscreteInputs(bits)
+            }
+        } else if kind == RegisterKind::Holding {
+            Response::ReadHoldingRegisters(registers)
+        } else {
+            Response::ReadInputRegisters(registers)
+        }))
+    }
+}
+
+/// The tokio-modbus service over an endpoint.
+#[derive(Clone, Debug)]
+pub struct SimulatorService(pub Arc<SimulatedEndpoint>);
+
+impl Service for SimulatorService {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Exception>> + Send>>;
+
+    fn call(&self, request: Self::Request) -> Self::Future {
+        let answer = self.0.answer(request.slave, &request.request);
+        let latency = self.0.faults.latency;
+        Box::pin(async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            answer
+        })
+    }
+}
+
+/// A connection that reads end-of-file once its time is up: the `drop_after` fault.
+struct Dropping {
+    stream: TcpStream,
+    deadline: Option<Instant>,
+}
+
+impl AsyncRead for Dropping {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Dropping {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// How an endpoint frames its messages on TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// Modbus TCP (MBAP header).
+    Tcp,
+    /// RTU frames over a TCP socket.
+    RtuOverTcp,
+}
+
+/// Serves an endpoint on `listener` until `shutdown`.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    endpoint: Arc<SimulatedEndpoint>,
+    framing: Framing,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let drop_after = endpoint.faults.drop_after;
+    let on_connected = move |stream: TcpStream, peer: SocketAddr| {
+        let endpoint = Arc::clone(&endpoint);
+        async move {
+            debug!(%peer, "simulator connection");
+            let _ = stream.set_nodelay(true);
+            let transport = Dropping {
+                stream,
+                deadline: drop_after.map(|d| Instant::now() + d),
+            };
+            Ok(Some((SimulatorService(endpoint), transport)))
+        }
+    };
+    let on_error = |e: io::Error| warn!(error = %e, "simulator connection failed");
+    let abort = shutdown.cancelled_owned();
+    match framing {
+        Framing::Tcp => {
+            tcp::Server::new(listener)
+                .serve_until(&on_connected, on_error, abort)
+                .await?
+        }
+        Framing::RtuOverTcp => {
+            rtu_over_tcp::Server::new(listener)
+                .serve_until(&on_connected, on_error, abort)
+                .await?
+        }
+    };
+    Ok(())
+}
+
+/// Serves an endpoint as Modbus RTU on a serial device (or one end of a pty pair).
+pub async fn serve_rtu(
+    path: &str,
+    baud_rate: u32,
+    endpoint: Arc<SimulatedEndpoint>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let server = rtu::Server::new_from_path(path, baud_rate)?;
+    server
+        .serve_until(SimulatorService(endpoint), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

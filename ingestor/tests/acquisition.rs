@@ -1,0 +1,463 @@
+//! Acquisition against real peers: the simulator over loopback TCP, RTU framing over TCP,
+//! RTU over a pty pair made by socat, and a hand-written misbehaving server.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tagstream_crds::{Device, device::RegisterKind};
+use tagstream_ingestor::{
+    acquisition::{
+        connection::{self, ReadError},
+        plan::{self, Read, TagSlot},
+        poller::{self, PolledBatch, TagReading},
+    },
+    point::{PointValue, QualityLevel},
+    simulate::{self, Faults, Framing, SimulatedEndpoint},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::mpsc,
+};
+use tokio_util::sync::CancellationToken;
+
+fn device(yaml: &str) -> Device {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+/// Serves `devices` on a free loopback port; returns the port. Stops with `shutdown`.
+async fn simulator(devices: &[Device], faults: Faults, framing: Framing, shutdown: &CancellationToken) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let refs: Vec<&Device> = devices.iter().collect();
+    let endpoint = SimulatedEndpoint::new(&refs, faults);
+    tokio::spawn(simulate::serve_tcp(listener, endpoint, framing, shutdown.clone()));
+    port
+}
+
+fn with_port(device: &Device, port: u16) -> Device {
+    let mut device = device.clone();
+    for endpoint in [
+        &mut device.spec.connection.tcp,
+        &mut device.spec.connection.rtu_over_tcp,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        endpoint.port = port;
+    }
+    device
+}
+
+/// Reads every tag once, as the `read` command does.
+async fn read_once(device: &Device) -> Result<Vec<TagReading>, ReadError> {
+    let spec = &device.spec;
+    let mut context = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get()).await?;
+    let layouts = poller::layouts(spec);
+    let mut readings = Vec::new();
+    for mut group in plan::plan(spec) {
+        readings.extend(poller::poll_reads(&mut context, spec, &layouts, &mut group.reads, 0).await?);
+    }
+    readings.sort_by_key(|r| r.tag);
+    Ok(readings)
+}
+
+fn values(readings: &[TagReading]) -> Vec<Option<PointValue>> {
+    readings.iter().map(|r| r.sample.value.clone()).collect()
+}
+
+const EVERY_TYPE: &str = r"
+apiVersion: tagstream.io/v1alpha1
+kind: Device
+metadata: {name: panel}
+spec:
+  site: s
+  connection: {tcp: {host: 127.0.0.1, port: 1}}
+  timeout: 2s
+  byteOrder: CDAB
+  tags:
+    - {name: temp, register: holding, address: 0, type: float32, simulation: {waveform: constant, min: 61.5, max: 61.5}}
+    - {name: volts, register: input, address: 0, type: int32, scale: 0.1, byteOrder: ABCD, simulation: {waveform: constant, min: 230.5, max: 230.5}}
+    - {name: count, register: holding, address: 2, type: uint16, simulation: {waveform: constant, min: 4242, max: 4242}}
+    - {name: delta, register: holding, address: 3, type: int16, simulation: {waveform: constant, min: -12, max: -12}}
+    - {name: energy, register: holding, address: 4, type: float64, byteOrder: DCBA, simulation: {waveform: constant, min: 12345.678, max: 12345.678}}
+    - {name: serial, register: holding, address: 8, type: uint64, byteOrder: BADC, simulation: {waveform: constant, min: 9007199254740993, max: 9007199254740993}}
+    - {name: alarm, register: holding, address: 12, type: bit, bit: 5, simulation: {waveform: constant, min: 1, max: 1}}
+    - {name: code, register: holding, address: 20, type: string, length: 5}
+    - {name: label, register: holding, address: 30, type: string, length: 4, charsPerRegister: 1}
+    - {name: running, register: coil, address: 7, type: bool, simulation: {waveform: constant, min: 1, max: 1}}
+    - {name: door, register: discreteInput, address: 3, type: bool, simulation: {waveform: constant, min: 0, max: 0}}
+";
+
+#[tokio::test]
+async fn every_type_and_order_decodes_as_the_manifest_says() {
+    let shutdown = CancellationToken::new();
+    let template = device(EVERY_TYPE);
+    let port = simulator(
+        std::slice::from_ref(&template),
+        Faults::default(),
+        Framing::Tcp,
+        &shutdown,
+    )
+    .await;
+    let readings = read_once(&with_port(&template, port)).await.unwrap();
+    assert_eq!(
+        values(&readings),
+        [
+            Some(PointValue::Double(61.5)),
+            Some(PointValue::Double(230.5)),
+            Some(PointValue::UInt(4242)),
+            Some(PointValue::Int(-12)),
+            Some(PointValue::Double(12345.678)),
+            // The simulator works in f64, so 2^53 + 1 arrives as 2^53: within float precision.
+            Some(PointValue::UInt(9_007_199_254_740_992)),
+            Some(PointValue::Bool(true)),
+            Some(PointValue::String("CODE".into())),
+            Some(PointValue::String("LABE".into())),
+            Some(PointValue::Bool(true)),
+            Some(PointValue::Bool(false)),
+        ]
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_refused_coalesced_read_is_split_and_the_good_tags_keep_flowing() {
+    let shutdown = CancellationToken::new();
+    let template = device(EVERY_TYPE);
+    let faults = Faults {
+        exception_at: [(RegisterKind::Holding, 3)].into(),
+        ..Faults::default()
+    };
+    let port = simulator(std::slice::from_ref(&template), faults, Framing::Tcp, &shutdown).await;
+    let panel = with_port(&template, port);
+    let spec = &panel.spec;
+    let mut context = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get())
+        .await
+        .unwrap();
+    let layouts = poller::layouts(spec);
+    let mut reads: Vec<Read> = plan::plan(spec).remove(0).reads;
+    let holding_reads = |reads: &[Read]| reads.iter().filter(|r| r.kind == RegisterKind::Holding).count();
+    let before = holding_reads(&reads);
+
+    let readings = poller::poll_reads(&mut context, spec, &layouts, &mut reads, 0)
+        .await
+        .unwrap();
+    let by_name = |name: &str| {
+        readings
+            .iter()
+            .find(|r| spec.tags[r.tag].name == name)
+            .unwrap()
+            .sample
+            .clone()
+    };
+    assert_eq!(by_name("delta").quality.level, QualityLevel::Bad);
+    assert_eq!(
+        by_name("delta").quality.reason.as_deref(),
+        Some("exception 2: Illegal data address")
+    );
+    assert_eq!(
+        by_name("count").value,
+        Some(PointValue::UInt(4242)),
+        "its neighbour in the same read"
+    );
+    assert_eq!(by_name("temp").value, Some(PointValue::Double(61.5)));
+    assert!(
+        holding_reads(&reads) > before,
+        "the plan keeps the split for later polls"
+    );
+    shutdown.cancel();
+}
+
+const GATEWAY: &str = r"
+apiVersion: tagstream.io/v1alpha1
+kind: Device
+metadata: {name: NAME}
+spec:
+  site: s
+  connection: {tcp: {host: 127.0.0.1, port: 1}}
+  unitId: UNIT
+  pollInterval: 100ms
+  timeout: 100ms
+  tags:
+    - {name: value, register: holding, address: 0, type: uint16, simulation: {waveform: constant, min: UNIT, max: UNIT}}
+";
+
+async fn collect(rx: &mut mpsc::Receiver<PolledBatch>, window: Duration) -> Vec<PolledBatch> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut batches = Vec::new();
+    while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        batches.push(batch);
+    }
+    batches
+}
+
+#[tokio::test]
+async fn a_dead_unit_behind_a_gateway_does_not_slow_its_neighbours() {
+    let shutdown = CancellationToken::new();
+    let units: Vec<Device> = [("left", 1), ("dead", 2), ("right", 3)]
+        .iter()
+        .map(|(name, unit)| device(&GATEWAY.replace("NAME", name).replace("UNIT", &unit.to_string())))
+        .collect();
+    let faults = Faults {
+        silent_units: [2].into(),
+        ..Faults::default()
+    };
+    let port = simulator(&units, faults, Framing::Tcp, &shutdown).await;
+    let devices: Vec<Device> = units.iter().map(|d| with_port(d, port)).collect();
+    let (tx, mut rx) = mpsc::channel(1024);
+    let (tasks, health) = poller::spawn(&devices, &tx, &shutdown);
+    assert_eq!(tasks.len(), 1, "one endpoint, one connection owner");
+
+    let window = Duration::from_secs(3);
+    let batches = collect(&mut rx, window).await;
+    shutdown.cancel();
+    let count = |name: &str| batches.iter().filter(|b| b.device.name == name).count();
+    let expected = (window.as_millis() / 100) as usize;
+    for name in ["left", "right"] {
+        assert!(
+            count(name) * 10 >= expected * 7,
+            "{name} polled {} times in 3s, expected about {expected}",
+            count(name)
+        );
+    }
+    // The dead unit produced one Bad point when it went down, then backed off.
+    let dead: Vec<&PolledBatch> = batches.iter().filter(|b| b.device.name == "dead").collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].points[0].1.quality.level, QualityLevel::Bad);
+    let dead_health = health["dead"].lock().unwrap().clone();
+    assert!(!dead_health.connected);
+    assert!(dead_health.consecutive_failures >= 2, "{dead_health:?}");
+    assert!(
+        dead_health.failed_polls < 10,
+        "backoff keeps retries rare: {dead_health:?}"
+    );
+    assert!(health["left"].lock().unwrap().connected);
+}
+
+#[tokio::test]
+async fn dropped_connections_are_reopened() {
+    let shutdown = CancellationToken::new();
+    let unit = device(&GATEWAY.replace("NAME", "flaky").replace("UNIT", "1"));
+    let faults = Faults {
+        drop_after: Some(Duration::from_millis(250)),
+        ..Faults::default()
+    };
+    let port = simulator(std::slice::from_ref(&unit), faults, Framing::Tcp, &shutdown).await;
+    let (tx, mut rx) = mpsc::channel(1024);
+    let (_tasks, health) = poller::spawn(&[with_port(&unit, port)], &tx, &shutdown);
+    let batches = collect(&mut rx, Duration::from_secs(3)).await;
+    shutdown.cancel();
+    let good = batches
+        .iter()
+        .flat_map(|b| &b.points)
+        .filter(|(_, s)| s.quality.is_good())
+        .count();
+    let health = health["flaky"].lock().unwrap().clone();
+    assert!(
+        health.failed_polls >= 2,
+        "the connection was dropped under it: {health:?}"
+    );
+    assert!(
+        good >= 10,
+        "polling resumed after each drop: {good} good points, {health:?}"
+    );
+}
+
+#[tokio::test]
+async fn rtu_framing_over_tcp() {
+    let shutdown = CancellationToken::new();
+    let template = device(&EVERY_TYPE.replace(
+        "tcp: {host: 127.0.0.1, port: 1}",
+        "rtuOverTcp: {host: 127.0.0.1, port: 1}",
+    ));
+    let port = simulator(
+        std::slice::from_ref(&template),
+        Faults::default(),
+        Framing::RtuOverTcp,
+        &shutdown,
+    )
+    .await;
+    let readings = read_once(&with_port(&template, port)).await.unwrap();
+    assert_eq!(readings[0].sample.value, Some(PointValue::Double(61.5)));
+    assert_eq!(readings[7].sample.value, Some(PointValue::String("CODE".into())));
+    shutdown.cancel();
+}
+
+/// A pty pair from socat, killed and reaped on drop.
+struct PtyPair {
+    child: Child,
+    _dir: tempfile::TempDir,
+    a: String,
+    b: String,
+}
+
+impl PtyPair {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a").display().to_string();
+        let b = dir.path().join("b").display().to_string();
+        let child = Command::new("socat")
+            .args([format!("pty,raw,echo=0,link={a}"), format!("pty,raw,echo=0,link={b}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat is needed for the RTU tests: run scripts/test.sh, which installs it");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(std::path::Path::new(&a).exists() && std::path::Path::new(&b).exists()) {
+            assert!(Instant::now() < deadline, "socat made no pty pair within 10s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, _dir: dir, a, b }
+    }
+}
+
+impl Drop for PtyPair {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn rtu_over_a_pty_pair() {
+    let pty = PtyPair::new();
+    let shutdown = CancellationToken::new();
+    let yaml = EVERY_TYPE
+        .replace(
+            "tcp: {host: 127.0.0.1, port: 1}",
+            &format!("rtu: {{path: {}, baudRate: 115200}}", pty.b),
+        )
+        .replace("byteOrder: CDAB", "byteOrder: CDAB\n  unitId: 7");
+    let panel = device(&yaml);
+    let endpoint = SimulatedEndpoint::new(&[&panel], Faults::default());
+    let server = tokio::spawn({
+        let (path, shutdown) = (pty.a.clone(), shutdown.clone());
+        async move { simulate::serve_rtu(&path, 115_200, endpoint, shutdown).await }
+    });
+    let readings = read_once(&panel).await.unwrap();
+    assert_eq!(readings[0].sample.value, Some(PointValue::Double(61.5)));
+    assert_eq!(readings[1].sample.value, Some(PointValue::Double(230.5)));
+    assert_eq!(readings[9].sample.value, Some(PointValue::Bool(true)));
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// How the hand-written server misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Misbehaviour {
+    WrongByteCount,
+    Garbage,
+    Silence,
+    Slow,
+    Exception(u8),
+}
+
+/// A Modbus TCP server that answers every request wrongly, in one chosen way.
+async fn misbehaving_server(how: Misbehaviour) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut request = [0u8; 12];
+        while stream.read_exact(&mut request).await.is_ok() {
+            let (transaction, unit, function) = ([request[0], request[1]], request[6], request[7]);
+            let answer: Vec<u8> = match how {
+                // Two registers asked, three sent.
+                Misbehaviour::WrongByteCount => {
+                    [&transaction[..], &[0, 0, 0, 9, unit, function, 6, 0, 1, 0, 2, 0, 3]].concat()
+                }
+                Misbehaviour::Garbage => vec![0xde, 0xad, 0xbe, 0xef, 0, 3, 1, 2, 3],
+                Misbehaviour::Silence => continue,
+                Misbehaviour::Slow => {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    [&transaction[..], &[0, 0, 0, 7, unit, function, 4, 0, 1, 0, 2]].concat()
+                }
+                Misbehaviour::Exception(code) => {
+                    [&transaction[..], &[0, 0, 0, 3, unit, function | 0x80, code]].concat()
+                }
+            };
+            if stream.write_all(&answer).await.is_err() {
+                return;
+            }
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn misbehaving_devices_are_errors_not_crashes() {
+    let read = Read {
+        kind: RegisterKind::Holding,
+        start: 0,
+        count: 2,
+        tags: vec![TagSlot {
+            tag: 0,
+            offset: 0,
+            count: 2,
+        }],
+    };
+    let cases = [
+        (Misbehaviour::WrongByteCount, "asked for 2 registers, got 3"),
+        (Misbehaviour::Garbage, ""),
+        (Misbehaviour::Silence, "no response within 300ms"),
+        (Misbehaviour::Slow, "no response within 300ms"),
+        (Misbehaviour::Exception(4), "exception 4: Server device failure"),
+    ];
+    for (how, expected) in cases {
+        let port = misbehaving_server(how).await;
+        let template = device(&GATEWAY.replace("NAME", "odd").replace("UNIT", "1"));
+        let spec = with_port(&template, port).spec;
+        let mut context = connection::connect(&spec.connection, 1, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let error = connection::execute(&mut context, &read, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains(expected), "{how:?}: {error}");
+        let exception = matches!(how, Misbehaviour::Exception(_));
+        assert_eq!(error.breaks_connection(), !exception, "{how:?}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn the_read_command_prints_raw_registers_and_every_byte_order() {
+    let shutdown = CancellationToken::new();
+    let template = device(EVERY_TYPE);
+    let port = simulator(
+        std::slice::from_ref(&template),
+        Faults::default(),
+        Framing::Tcp,
+        &shutdown,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("panel.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&with_port(&template, port)).unwrap()).unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tagstream-ingestor"))
+        .args(["read", "--all-orders", "-f"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let temp = text.lines().find(|l| l.trim_start().starts_with("temp ")).unwrap();
+    // 61.5f32 is 0x42760000; CDAB puts the low word first.
+    assert!(temp.contains("0000 4276"), "{temp}");
+    assert!(temp.contains("61.5"), "{temp}");
+    assert!(text.lines().next().unwrap().contains("byte order CDAB"), "{text}");
+    assert!(
+        text.contains("ABCD") && text.contains("DCBA") && text.contains("BADC"),
+        "{text}"
+    );
+    shutdown.cancel();
+}
