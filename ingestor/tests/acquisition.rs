@@ -91,18 +91,24 @@ spec:
     - {name: door, register: discreteInput, address: 3, type: bool, simulation: {waveform: constant, min: 0, max: 0}}
 ";
 
-#[tokio::test]
-async fn every_type_and_order_decodes_as_the_manifest_says() {
-    let shutdown = CancellationToken::new();
+/// The every-type panel served by a fault-free simulator, pointed at it.
+async fn simulated_panel(shutdown: &CancellationToken) -> Device {
     let template = device(EVERY_TYPE);
     let port = simulator(
         std::slice::from_ref(&template),
         Faults::default(),
         Framing::Tcp,
-        &shutdown,
+        shutdown,
     )
     .await;
-    let readings = read_once(&with_port(&template, port)).await.unwrap();
+    with_port(&template, port)
+}
+
+#[tokio::test]
+async fn every_type_and_order_decodes_as_the_manifest_says() {
+    let shutdown = CancellationToken::new();
+    let panel = simulated_panel(&shutdown).await;
+    let readings = read_once(&panel).await.unwrap();
     assert_eq!(
         values(&readings),
         [
@@ -427,17 +433,10 @@ async fn misbehaving_devices_are_errors_not_crashes() {
 #[tokio::test]
 async fn the_read_command_prints_raw_registers_and_every_byte_order() {
     let shutdown = CancellationToken::new();
-    let template = device(EVERY_TYPE);
-    let port = simulator(
-        std::slice::from_ref(&template),
-        Faults::default(),
-        Framing::Tcp,
-        &shutdown,
-    )
-    .await;
+    let panel = simulated_panel(&shutdown).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("panel.yaml");
-    std::fs::write(&file, serde_yaml::to_string(&with_port(&template, port)).unwrap()).unwrap();
+    std::fs::write(&file, serde_yaml::to_string(&panel).unwrap()).unwrap();
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tagstream-ingestor"))
         .args(["read", "--all-orders", "-f"])
         .arg(&file)

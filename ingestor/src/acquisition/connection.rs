@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use tagstream_crds::device::{Connection, ConnectionKind, Parity, RegisterKind};
+use tagstream_crds::device::{Connection, ConnectionKind, Parity, RegisterKind, TcpEndpoint};
 use tokio::net::TcpStream;
 use tokio_modbus::{
     ExceptionCode, Request, Response, Slave,
@@ -52,30 +52,9 @@ impl ReadError {
 /// Opens a connection to `connection`, addressed to `unit`.
 pub async fn connect(connection: &Connection, unit: u8, timeout: Duration) -> Result<Context, ReadError> {
     let slave = Slave(unit);
-    let within = |what: String| move |_| ReadError::Connect(format!("{what}: no answer within {timeout:?}"));
     match connection.kind() {
-        Some(ConnectionKind::Tcp(endpoint)) => {
-            let what = format!("{}:{}", endpoint.host, endpoint.port);
-            let stream = tokio::time::timeout(timeout, TcpStream::connect((endpoint.host.as_str(), endpoint.port)))
-                .await
-                .map_err(within(what.clone()))?
-                .map_err(|e| ReadError::Connect(format!("{what}: {e}")))?;
-            stream
-                .set_nodelay(true)
-                .map_err(|e| ReadError::Connect(e.to_string()))?;
-            Ok(tcp::attach_slave(stream, slave))
-        }
-        Some(ConnectionKind::RtuOverTcp(endpoint)) => {
-            let what = format!("{}:{}", endpoint.host, endpoint.port);
-            let stream = tokio::time::timeout(timeout, TcpStream::connect((endpoint.host.as_str(), endpoint.port)))
-                .await
-                .map_err(within(what.clone()))?
-                .map_err(|e| ReadError::Connect(format!("{what}: {e}")))?;
-            stream
-                .set_nodelay(true)
-                .map_err(|e| ReadError::Connect(e.to_string()))?;
-            Ok(rtu::attach_slave(stream, slave))
-        }
+        Some(ConnectionKind::Tcp(endpoint)) => Ok(tcp::attach_slave(open_tcp(endpoint, timeout).await?, slave)),
+        Some(ConnectionKind::RtuOverTcp(endpoint)) => Ok(rtu::attach_slave(open_tcp(endpoint, timeout).await?, slave)),
         Some(ConnectionKind::Rtu(port)) => {
             let parity = match port.parity {
                 Parity::None => tokio_serial::Parity::None,
@@ -102,6 +81,18 @@ pub async fn connect(connection: &Connection, unit: u8, timeout: Duration) -> Re
         }
         None => Err(ReadError::Connect("no connection kind set".into())),
     }
+}
+
+async fn open_tcp(endpoint: &TcpEndpoint, timeout: Duration) -> Result<TcpStream, ReadError> {
+    let what = format!("{}:{}", endpoint.host, endpoint.port);
+    let stream = tokio::time::timeout(timeout, TcpStream::connect((endpoint.host.as_str(), endpoint.port)))
+        .await
+        .map_err(|_| ReadError::Connect(format!("{what}: no answer within {timeout:?}")))?
+        .map_err(|e| ReadError::Connect(format!("{what}: {e}")))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| ReadError::Connect(format!("{what}: {e}")))?;
+    Ok(stream)
 }
 
 /// Performs one read, bounded by `timeout`, and checks the answer's length.
