@@ -4,6 +4,7 @@
 //! - [`calc`]: the calculation DAG that evaluates Formulas in dependency order, only where an
 //!   input changed. The operator uses it too, to validate Formulas before deploying them.
 //! - [`point`]: the values that flow through it.
+//! - [`queue`]: the persistent queue on sled.
 //! - [`config`]: a site's objects, grouped from the manifests.
 //! - [`check`]: the `check` command.
 //! - [`simulate`], [`simulate_cmd`]: Device manifests served as Modbus servers.
@@ -16,6 +17,7 @@ pub mod check;
 pub mod config;
 pub mod logging;
 pub mod point;
+pub mod queue;
 pub mod read;
 pub mod simulate;
 pub mod simulate_cmd;

@@ -1,0 +1,71 @@
+//! The value of one queue record: a header and the batches gathered in one group commit.
+//!
+//! ```text
+//! u32 BE  point count     (so dropping a record can count its points without decoding)
+//! i64 BE  enqueued at     (ns since the Unix epoch; the queue's oldest-point age)
+//! bytes   QueueRecord     (protobuf: repeated tagstream.v1.PointBatch)
+//! ```
+//! The batches are stored without epoch, sequence and part: the publisher fills those in
+//! from the record's key when it sends them.
+
+use prost::Message;
+use tagstream_proto::v1::PointBatch;
+
+const HEADER: usize = 12;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct QueueRecord {
+    #[prost(message, repeated, tag = "1")]
+    batches: Vec<PointBatch>,
+}
+
+/// A decoded record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub points: u32,
+    pub enqueued_ns: i64,
+    pub batches: Vec<PointBatch>,
+}
+
+/// Encodes batches into one record value.
+pub fn encode(batches: Vec<PointBatch>, enqueued_ns: i64) -> Vec<u8> {
+    let points: usize = batches.iter().map(|b| b.points.len()).sum();
+    let body = QueueRecord { batches };
+    let mut value = Vec::with_capacity(HEADER + body.encoded_len());
+    value.extend_from_slice(&u32::try_from(points).unwrap_or(u32::MAX).to_be_bytes());
+    value.extend_from_slice(&enqueued_ns.to_be_bytes());
+    body.encode(&mut value).expect("a Vec grows as needed");
+    value
+}
+
+/// Why a stored value is not a record.
+#[derive(Debug, thiserror::Error)]
+#[error("corrupt queue record: {0}")]
+pub struct CorruptRecord(String);
+
+/// The header alone: (point count, enqueued at).
+pub fn header(value: &[u8]) -> Result<(u32, i64), CorruptRecord> {
+    let head: &[u8; HEADER] = value
+        .get(..HEADER)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| CorruptRecord(format!("{} bytes, shorter than its header", value.len())))?;
+    let points = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
+    let enqueued = i64::from_be_bytes(head[4..].try_into().expect("8 bytes"));
+    Ok((points, enqueued))
+}
+
+pub fn decode(value: &[u8]) -> Result<Record, CorruptRecord> {
+    let (points, enqueued_ns) = header(value)?;
+    let body = QueueRecord::decode(&value[HEADER..]).map_err(|e| CorruptRecord(e.to_string()))?;
+    Ok(Record {
+        points,
+        enqueued_ns,
+        batches: body.batches,
+    })
+}
+
+/// At most the bytes a batch adds to the queue: its encoding, its field tag and length, and
+/// a record header in case it ends up alone in a record.
+pub fn batch_size(batch: &PointBatch) -> usize {
+    batch.encoded_len() + 4 + HEADER
+}

@@ -1,0 +1,251 @@
+//! The sled queue on real files: order, sequences across restarts, group commit, both
+//! full policies, a corrupt directory, and crashes of a real child process (SIGKILL).
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tagstream_crds::site::FullPolicy;
+use tagstream_ingestor::queue::{Queue, QueueConfig, Stored};
+use tagstream_proto::v1::{Point, PointBatch, point::Value};
+
+fn batch(n: u64) -> PointBatch {
+    PointBatch {
+        source: "dev".into(),
+        points: vec![Point {
+            tag: "counter".into(),
+            timestamp_ns: n as i64,
+            value: Some(Value::UintValue(n)),
+            ..Point::default()
+        }],
+        ..PointBatch::default()
+    }
+}
+
+fn numbers(stored: &[Stored]) -> Vec<u64> {
+    stored
+        .iter()
+        .flat_map(|s| &s.record.batches)
+        .flat_map(|b| &b.points)
+        .map(|p| match p.value {
+            Some(Value::UintValue(n)) => n,
+            ref other => panic!("unexpected {other:?}"),
+        })
+        .collect()
+}
+
+async fn everything(queue: &Queue) -> Vec<Stored> {
+    queue.read(None, usize::MAX).await.unwrap()
+}
+
+#[tokio::test]
+async fn records_come_back_in_order_and_sequences_never_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = QueueConfig::new(dir.path().join("q"));
+    let queue = Queue::open(config.clone()).unwrap().queue;
+    let epoch = queue.epoch();
+    for n in 0..5 {
+        queue.append(vec![batch(n)]).await.unwrap();
+    }
+    let stored = everything(&queue).await;
+    assert_eq!(numbers(&stored), [0, 1, 2, 3, 4]);
+    let last = stored.last().unwrap().sequence;
+    assert_eq!(queue.stats().points, 5);
+    queue.ack_through(last).await.unwrap();
+    assert_eq!(queue.stats().points, 0);
+    queue.close().await.unwrap();
+
+    // Reopened and drained: the epoch stays and the next record gets a new sequence.
+    let queue = Queue::open(config).unwrap().queue;
+    assert_eq!(queue.epoch(), epoch);
+    queue.append(vec![batch(5)]).await.unwrap();
+    let stored = everything(&queue).await;
+    assert!(
+        stored[0].sequence > last,
+        "sequence {} reused after {last}",
+        stored[0].sequence
+    );
+    queue.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn appends_within_a_flush_interval_share_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("q"));
+    config.flush_interval = Duration::from_millis(50);
+    let queue = Queue::open(config).unwrap().queue;
+    let appends = (0..100).map(|n| {
+        let queue = queue.clone();
+        tokio::spawn(async move { queue.append(vec![batch(n)]).await })
+    });
+    for append in appends.collect::<Vec<_>>() {
+        append.await.unwrap().unwrap();
+    }
+    let stored = everything(&queue).await;
+    let mut all = numbers(&stored);
+    all.sort_unstable();
+    assert_eq!(all, (0..100).collect::<Vec<_>>());
+    assert!(
+        stored.len() < 10,
+        "100 concurrent appends made {} records",
+        stored.len()
+    );
+}
+
+#[tokio::test]
+async fn drop_oldest_keeps_the_newest_points_within_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("q"));
+    config.max_bytes = 64 << 10;
+    config.flush_interval = Duration::from_millis(1);
+    let queue = Queue::open(config).unwrap().queue;
+    for n in 0..4000 {
+        queue.append(vec![batch(n)]).await.unwrap();
+    }
+    let stats = queue.stats();
+    assert!(stats.dropped_points > 0, "{stats:?}");
+    assert!(
+        (stats.payload_bytes as f64) * tagstream_ingestor::queue::DISK_AMPLIFICATION <= f64::from(64 << 10),
+        "{stats:?}"
+    );
+    let kept = numbers(&everything(&queue).await);
+    assert_eq!(*kept.last().unwrap(), 3999, "the newest point is kept");
+    assert_eq!(
+        kept.len() as u64 + stats.dropped_points,
+        4000,
+        "every point is kept or counted as dropped"
+    );
+    assert!(
+        kept.windows(2).all(|w| w[1] == w[0] + 1),
+        "what is kept is one contiguous, newest run"
+    );
+}
+
+#[tokio::test]
+async fn pause_polling_holds_appends_until_the_publisher_frees_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("q"));
+    config.max_bytes = 8 << 10;
+    config.policy = FullPolicy::PausePolling;
+    config.flush_interval = Duration::from_millis(1);
+    let queue = Queue::open(config).unwrap().queue;
+    let mut n = 0;
+    // Fill until an append stops returning.
+    let blocked = loop {
+        let append = queue.append(vec![batch(n)]);
+        match tokio::time::timeout(Duration::from_millis(300), append).await {
+            Ok(result) => result.unwrap(),
+            Err(_) => break n,
+        }
+        n += 1;
+        assert!(n < 10_000, "the queue never filled");
+    };
+    assert!(queue.stats().paused);
+    assert_eq!(queue.stats().dropped_points, 0, "pausePolling drops nothing");
+    let waiting = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.append(vec![batch(1_000_000)]).await }
+    });
+    let head = everything(&queue).await[0].sequence;
+    queue.ack_through(head + 20).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("room was made")
+        .unwrap()
+        .unwrap();
+    let kept = numbers(&everything(&queue).await);
+    assert!(kept.contains(&1_000_000));
+    assert!(blocked > 0);
+}
+
+#[tokio::test]
+async fn a_corrupt_queue_is_moved_aside_and_a_fresh_one_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q");
+    let config = QueueConfig::new(&path);
+    let old_epoch = {
+        let queue = Queue::open(config.clone()).unwrap().queue;
+        queue.append(vec![batch(1)]).await.unwrap();
+        let epoch = queue.epoch();
+        queue.close().await.unwrap();
+        epoch
+    };
+    std::fs::write(path.join("conf"), b"\x00\xff garbage that is no sled config").unwrap();
+    std::fs::write(path.join("db"), vec![0xAB; 4096]).unwrap();
+    let opened = Queue::open(config).unwrap();
+    let aside = opened.moved_aside.expect("the corrupt queue was moved aside");
+    assert!(
+        aside.exists() && aside.to_string_lossy().contains("q.corrupt-"),
+        "{}",
+        aside.display()
+    );
+    assert_ne!(opened.queue.epoch(), old_epoch, "a fresh queue has a fresh epoch");
+    assert!(everything(&opened.queue).await.is_empty());
+    opened.queue.append(vec![batch(2)]).await.unwrap();
+}
+
+/// In the child: append numbers from where the queue ends, printing each once persisted.
+#[test]
+fn crash_child() {
+    let Ok(dir) = std::env::var("TAGSTREAM_QUEUE_CRASH_CHILD") else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut config = QueueConfig::new(dir);
+        config.flush_interval = Duration::from_millis(1);
+        let queue = Queue::open(config).unwrap().queue;
+        let mut next = numbers(&everything(&queue).await).last().map_or(0, |n| n + 1);
+        loop {
+            queue.append(vec![batch(next)]).await.unwrap();
+            println!("persisted {next}");
+            next += 1;
+        }
+    });
+}
+
+#[test]
+fn nothing_reported_persisted_is_lost_when_the_process_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q");
+    let mut reported = Vec::new();
+    for round in 0..5 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .env("TAGSTREAM_QUEUE_CRASH_CHILD", &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Let it append a while, a different while each round, then kill it mid-write.
+        let wanted = 200 + round * 150;
+        let mut seen = 0;
+        while seen < wanted {
+            let Some(Ok(line)) = lines.next() else { break };
+            if let Some(n) = line.strip_prefix("persisted ") {
+                reported.push(n.parse::<u64>().unwrap());
+                seen += 1;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(seen, wanted, "round {round}: the child stopped early");
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let stored = runtime.block_on(async {
+        let queue = Queue::open(QueueConfig::new(&path)).unwrap().queue;
+        everything(&queue).await
+    });
+    let kept = numbers(&stored);
+    for n in &reported {
+        assert!(kept.contains(n), "{n} was reported persisted and is gone");
+    }
+    assert!(
+        kept.windows(2).all(|w| w[0] < w[1]),
+        "duplicates or disorder after crashes"
+    );
+    assert!(stored.windows(2).all(|w| w[0].sequence < w[1].sequence));
+}
