@@ -13,6 +13,7 @@ use crate::{Duration, condition::Conditions};
     version = "v1alpha1",
     kind = "Device",
     namespaced,
+    derive = "PartialEq",
     status = "DeviceStatus",
     shortname = "dev",
     category = "tagstream",

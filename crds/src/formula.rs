@@ -15,6 +15,7 @@ use crate::{Duration, condition::Conditions};
     version = "v1alpha1",
     kind = "Formula",
     namespaced,
+    derive = "PartialEq",
     status = "FormulaStatus",
     shortname = "fx",
     category = "tagstream",

@@ -19,6 +19,7 @@ use crate::{Duration, condition::Conditions};
     version = "v1alpha1",
     kind = "Site",
     namespaced,
+    derive = "PartialEq",
     status = "SiteStatus",
     category = "tagstream",
     doc = "A plant or cabinet: one ingestor with a persistent queue, publishing its devices' points to NATS JetStream.",

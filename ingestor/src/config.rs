@@ -104,3 +104,42 @@ pub fn summary(report: &Report) -> String {
     }
     text
 }
+
+/// Bytes in a Kubernetes quantity (`512Mi`, `2Gi`, `1G`, `1500`), or `None` when it is not
+/// one the Site schema accepts.
+pub fn quantity_bytes(quantity: &str) -> Option<u64> {
+    let split = quantity
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(quantity.len());
+    let (number, suffix) = quantity.split_at(split);
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let value: f64 = number.parse().ok()?;
+    Some((value * factor) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantity_bytes;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity_bytes("512Mi"), Some(512 << 20));
+        assert_eq!(quantity_bytes("2Gi"), Some(2 << 30));
+        assert_eq!(quantity_bytes("1G"), Some(1_000_000_000));
+        assert_eq!(quantity_bytes("1.5Ki"), Some(1536));
+        assert_eq!(quantity_bytes("1500"), Some(1500));
+        assert_eq!(quantity_bytes("lots"), None);
+        assert_eq!(quantity_bytes("1Xi"), None);
+    }
+}

@@ -38,6 +38,56 @@ enum Command {
         #[arg(long)]
         all_orders: bool,
     },
+    /// Run the ingestor: poll the site's devices, evaluate its formulas, queue every point
+    /// on disk and publish it to JetStream. Reloads the manifests when they change.
+    Run {
+        /// Manifest files or directories (the operator mounts the rendered site here).
+        #[arg(short = 'f', long = "filename", required = true)]
+        paths: Vec<PathBuf>,
+        /// The site to run when the manifests hold several.
+        #[arg(long)]
+        site: Option<String>,
+        /// The queue's directory (the PVC in Kubernetes).
+        #[arg(long, default_value = "/var/lib/tagstream/queue")]
+        queue_dir: PathBuf,
+        /// Where the broker credentials Secret is mounted.
+        #[arg(long, default_value = "/etc/tagstream/credentials")]
+        credentials_dir: PathBuf,
+        /// Where the broker TLS Secret is mounted.
+        #[arg(long, default_value = "/etc/tagstream/tls")]
+        tls_dir: PathBuf,
+        /// Address of /metrics, /healthz, /readyz and /status.
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        http: std::net::SocketAddr,
+        /// Serve the site's devices from an in-process simulator on 127.0.0.1 (their
+        /// manifest ports) and poll that.
+        #[arg(long)]
+        simulate: bool,
+        /// NATS URLs to use instead of the Site's (comma-separated).
+        #[arg(long)]
+        nats_url: Option<String>,
+        /// How often the manifests are checked for changes.
+        #[arg(long, value_parser = parse_duration, default_value = "2s")]
+        reload_interval: Duration,
+        /// On SIGTERM, how long to keep publishing queued points before exiting.
+        #[arg(long, value_parser = parse_duration, default_value = "20s")]
+        drain_deadline: Duration,
+    },
+    /// Print the points arriving on a subject, decoded.
+    Tail {
+        /// NATS server URL.
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Subject to follow, e.g. tagstream.default.plant-a.> for one site.
+        #[arg(long, default_value = "tagstream.>")]
+        subject: String,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many points.
+        #[arg(long)]
+        count: Option<usize>,
+    },
     /// Serve every Device of the manifests as a Modbus server (TCP, RTU over TCP, RTU)
     /// with values following the tags' simulation waveforms.
     Simulate {
@@ -120,6 +170,45 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let text = runtime.block_on(tagstream_ingestor::read::read(&paths, device.as_deref(), all_orders))?;
             print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            paths,
+            site,
+            queue_dir,
+            credentials_dir,
+            tls_dir,
+            http,
+            simulate,
+            nats_url,
+            reload_interval,
+            drain_deadline,
+        } => {
+            let options = tagstream_ingestor::service::RunOptions {
+                paths,
+                site,
+                queue_dir,
+                credentials_dir,
+                tls_dir,
+                http,
+                simulate,
+                nats_url,
+                reload_interval,
+                drain_deadline,
+            };
+            runtime.block_on(async {
+                let shutdown = tagstream_ingestor::logging::shutdown_on_signal();
+                tagstream_ingestor::service::run(options, shutdown, None).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tail {
+            nats_url,
+            subject,
+            json,
+            count,
+        } => {
+            runtime.block_on(tagstream_ingestor::tail::tail(&nats_url, &subject, json, count))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate {

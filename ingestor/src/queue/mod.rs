@@ -144,6 +144,8 @@ struct Shared {
     stats: Mutex<QueueStats>,
     /// Woken when the publisher frees room (for `pausePolling`).
     room: Notify,
+    /// Woken when records were written (for the publisher).
+    appended: Notify,
 }
 
 /// A handle to the queue; clones share it.
@@ -221,6 +223,7 @@ impl Queue {
             epoch,
             stats: Mutex::new(stats),
             room: Notify::new(),
+            appended: Notify::new(),
         });
         tokio::spawn(writer(Arc::clone(&shared), rx));
         Ok(Opened {
@@ -285,6 +288,11 @@ impl Queue {
             Ok(out)
         })
         .await
+    }
+
+    /// Waits until records are appended, or `at_most` passes.
+    pub async fn wait_for_records(&self, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, self.shared.appended.notified()).await;
     }
 
     /// Removes every record up to and including `sequence` (the publisher's acked prefix).
@@ -407,6 +415,7 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>) {
         let outcome = match result {
             Ok(Ok(next)) => {
                 next_seq = next;
+                shared.appended.notify_waiters();
                 Ok(())
             }
             Ok(Err(e)) => {

@@ -1,0 +1,389 @@
+//! The publisher: from the queue's head to JetStream, in order, once.
+//!
+//! It reads records in chunks from the first unacknowledged one (memory does not grow
+//! with the backlog), publishes every batch of every record with many acks in flight,
+//! each with `Nats-Msg-Id: <epoch>-<sequence>-<part>`, and removes a record from the
+//! queue only when all of its batches were acked. On any failure it drops what is in
+//! flight and starts again from the head: what was stored already is re-sent with the
+//! same id and dropped by JetStream's duplicate window.
+//!
+//! Order: one connection carries the publishes in queue order and JetStream stores them
+//! in arrival order, so the stream holds them in queue order. A re-send after a failure
+//! can only repeat a message, and the repeat is dropped as a duplicate.
+
+use std::{
+    collections::VecDeque,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_nats::{
+    ConnectOptions,
+    jetstream::{self, context::PublishAckFuture, message::PublishMessage, stream},
+};
+use bytes::Bytes;
+use prost::Message as _;
+use tagstream_crds::site::{Broker, CredentialsKind, StreamStorage};
+use tagstream_proto::v1::PointBatch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::queue::{Queue, Stored};
+
+/// Where the publisher sends and how.
+#[derive(Clone, Debug)]
+pub struct PublisherConfig {
+    pub broker: Broker,
+    pub stream: tagstream_crds::site::Stream,
+    pub namespace: String,
+    pub site: String,
+    /// Where the broker Secret is mounted (files `username`, `password`, `token`, `nkey`,
+    /// `user.creds`).
+    pub credentials_dir: PathBuf,
+    /// Where the TLS Secret is mounted (files `ca.crt`, `tls.crt`, `tls.key`).
+    pub tls_dir: PathBuf,
+    pub max_in_flight: usize,
+    pub chunk_records: usize,
+}
+
+impl PublisherConfig {
+    /// The subject of one source's batches.
+    pub fn subject(&self, source: &str) -> String {
+        format!(
+            "{}.{}.{}.{source}",
+            self.stream.subject_prefix, self.namespace, self.site
+        )
+    }
+
+    /// Every subject of this site.
+    pub fn site_subjects(&self) -> String {
+        self.subject(">")
+    }
+}
+
+/// What the publisher reports for status and metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PublisherStatus {
+    pub connected: bool,
+    pub published_batches: u64,
+    pub acked_records: u64,
+    pub duplicates: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+    /// Seconds from publish to ack of the latest ack.
+    pub last_ack_latency: Option<f64>,
+}
+
+/// Why connecting or publishing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot read broker credentials {}: {source}", path.display())]
+    Credentials {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {urls}: {message}")]
+    Connect { urls: String, message: String },
+    #[error("stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    #[error("publish failed: {0}")]
+    Publish(String),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
+}
+
+fn read_secret(dir: &Path, key: &str) -> Result<String, PublishError> {
+    let path = dir.join(key);
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| PublishError::Credentials { path, source })
+}
+
+/// Connection options from the Site's broker settings and the mounted Secrets.
+pub async fn connect_options(config: &PublisherConfig) -> Result<ConnectOptions, PublishError> {
+    let dir = &config.credentials_dir;
+    let mut options = match config.broker.credentials.as_ref().map(|c| c.kind) {
+        None => ConnectOptions::new(),
+        Some(CredentialsKind::UserPassword) => {
+            ConnectOptions::with_user_and_password(read_secret(dir, "username")?, read_secret(dir, "password")?)
+        }
+        Some(CredentialsKind::Token) => ConnectOptions::with_token(read_secret(dir, "token")?),
+        Some(CredentialsKind::Nkey) => ConnectOptions::with_nkey(read_secret(dir, "nkey")?),
+        Some(CredentialsKind::CredsFile) => {
+            let path = dir.join("user.creds");
+            ConnectOptions::with_credentials_file(&path)
+                .await
+                .map_err(|source| PublishError::Credentials { path, source })?
+        }
+    };
+    if let Some(tls) = &config.broker.tls {
+        let ca = config.tls_dir.join("ca.crt");
+        if ca.exists() {
+            options = options.add_root_certificates(ca);
+        }
+        if tls.client_certificate {
+            options = options.add_client_certificate(config.tls_dir.join("tls.crt"), config.tls_dir.join("tls.key"));
+        }
+        options = options.require_tls(true);
+    }
+    Ok(options
+        .name(format!("tagstream-ingestor {}/{}", config.namespace, config.site))
+        .connection_timeout(Duration::from_secs(5))
+        .retry_on_initial_connect())
+}
+
+/// Whether the subject filter `pattern` covers every subject `filter` covers.
+fn covers(pattern: &str, filter: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut f = filter.split('.');
+    loop {
+        match (p.next(), f.next()) {
+            (Some(">"), Some(_)) | (None, None) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Creates the stream or checks that it covers the site's subjects.
+pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfig) -> Result<(), PublishError> {
+    let spec = &config.stream;
+    let subjects = config.site_subjects();
+    let fail = |message: String| PublishError::Stream {
+        stream: spec.name.clone(),
+        message,
+    };
+    match context.get_stream(&spec.name).await {
+        Ok(mut existing) => {
+            let info = existing.info().await.map_err(|e| fail(e.to_string()))?;
+            if info.config.subjects.iter().any(|s| covers(s, &subjects)) {
+                return Ok(());
+            }
+            if !spec.create {
+                return Err(fail(format!(
+                    "exists but does not cover {subjects}, and stream.create is false"
+                )));
+            }
+            let mut updated = info.config.clone();
+            updated.subjects.push(subjects.clone());
+            context.update_stream(updated).await.map_err(|e| fail(e.to_string()))?;
+            info!(stream = %spec.name, %subjects, "added the site's subjects to the stream");
+            Ok(())
+        }
+        Err(e) if !spec.create => Err(fail(format!("cannot be read and stream.create is false: {e}"))),
+        Err(_) => {
+            let storage = match spec.storage {
+                StreamStorage::File => stream::StorageType::File,
+                StreamStorage::Memory => stream::StorageType::Memory,
+            };
+            context
+                .create_stream(stream::Config {
+                    name: spec.name.clone(),
+                    subjects: vec![subjects.clone()],
+                    storage,
+                    num_replicas: usize::from(spec.replicas),
+                    duplicate_window: spec.duplicate_window.get(),
+                    ..stream::Config::default()
+                })
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            info!(stream = %spec.name, %subjects, "created the stream");
+            Ok(())
+        }
+    }
+}
+
+/// A publish waiting for its ack.
+struct InFlight {
+    sequence: u64,
+    last_part: bool,
+    sent: Instant,
+    ack: PublishAckFuture,
+}
+
+/// The publisher's loop: runs until `shutdown`, then returns once nothing is in flight.
+pub async fn run(
+    queue: Queue,
+    config: PublisherConfig,
+    status: Arc<Mutex<PublisherStatus>>,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(200);
+    let context = loop {
+        match connect(&config).await {
+            Ok(context) => break context,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?delay, "broker not reachable; points stay in the queue");
+                status.lock().expect("status lock").last_error = Some(e.to_string());
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    let mut delay = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        match publish_backlog(&queue, &context, &config, &status, &shutdown).await {
+            Ok(()) => delay = Duration::from_millis(100),
+            Err(e) => {
+                {
+                    let mut s = status.lock().expect("status lock");
+                    s.failures += 1;
+                    s.connected = false;
+                    if s.last_error.as_deref() != Some(&e.to_string()) {
+                        warn!(error = %e, "publishing failed; resuming from the first unacknowledged record");
+                    }
+                    s.last_error = Some(e.to_string());
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn connect(config: &PublisherConfig) -> Result<jetstream::Context, PublishError> {
+    let urls = config.broker.urls.join(",");
+    let client = connect_options(config)
+        .await?
+        .connect(urls.as_str())
+        .await
+        .map_err(|e| PublishError::Connect {
+            urls: urls.clone(),
+            message: e.to_string(),
+        })?;
+    let context = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .max_ack_inflight(config.max_in_flight)
+        .backpressure_on_inflight(true)
+        .build(client);
+    ensure_stream(&context, config).await?;
+    Ok(context)
+}
+
+/// Publishes from the queue's head until the queue is empty and `shutdown`, or a failure.
+async fn publish_backlog(
+    queue: &Queue,
+    context: &jetstream::Context,
+    config: &PublisherConfig,
+    status: &Mutex<PublisherStatus>,
+    shutdown: &CancellationToken,
+) -> Result<(), PublishError> {
+    let epoch = queue.epoch();
+    let mut after: Option<u64> = None;
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    loop {
+        let chunk = queue.read(after, config.chunk_records).await?;
+        if chunk.is_empty() {
+            settle(queue, &mut in_flight, usize::MAX, status).await?;
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = queue.wait_for_records(Duration::from_millis(250)) => {}
+            }
+            continue;
+        }
+        after = chunk.last().map(|s| s.sequence);
+        for stored in chunk {
+            send_record(context, config, epoch, stored, &mut in_flight, status).await?;
+            settle(queue, &mut in_flight, config.max_in_flight, status).await?;
+        }
+    }
+}
+
+async fn send_record(
+    context: &jetstream::Context,
+    config: &PublisherConfig,
+    epoch: u64,
+    stored: Stored,
+    in_flight: &mut VecDeque<InFlight>,
+    status: &Mutex<PublisherStatus>,
+) -> Result<(), PublishError> {
+    let parts = stored.record.batches.len();
+    for (part, mut batch) in stored.record.batches.into_iter().enumerate() {
+        batch.namespace.clone_from(&config.namespace);
+        batch.site.clone_from(&config.site);
+        batch.epoch = epoch;
+        batch.sequence = stored.sequence;
+        batch.part = part as u32;
+        let message = PublishMessage::build()
+            .payload(Bytes::from(batch.encode_to_vec()))
+            .message_id(message_id(&batch));
+        let ack = context
+            .send_publish(config.subject(&batch.source), message)
+            .await
+            .map_err(|e| PublishError::Publish(e.to_string()))?;
+        in_flight.push_back(InFlight {
+            sequence: stored.sequence,
+            last_part: part + 1 == parts,
+            sent: Instant::now(),
+            ack,
+        });
+        status.lock().expect("status lock").published_batches += 1;
+    }
+    Ok(())
+}
+
+/// `<epoch as 16 hex digits>-<sequence>-<part>`, as documented in the proto.
+pub fn message_id(batch: &PointBatch) -> String {
+    format!("{:016x}-{}-{}", batch.epoch, batch.sequence, batch.part)
+}
+
+/// Awaits acks in order until at most `keep` are in flight, then removes the fully acked
+/// records from the queue.
+async fn settle(
+    queue: &Queue,
+    in_flight: &mut VecDeque<InFlight>,
+    keep: usize,
+    status: &Mutex<PublisherStatus>,
+) -> Result<(), PublishError> {
+    let mut acked_through = None;
+    let mut records = 0;
+    while in_flight.len() > keep || (keep == usize::MAX && !in_flight.is_empty()) {
+        let next = in_flight.pop_front().expect("checked non-empty");
+        let ack = next.ack.await.map_err(|e| PublishError::Publish(e.to_string()))?;
+        let mut s = status.lock().expect("status lock");
+        s.connected = true;
+        s.last_error = None;
+        s.last_ack_latency = Some(next.sent.elapsed().as_secs_f64());
+        if ack.duplicate {
+            s.duplicates += 1;
+            debug!(sequence = next.sequence, "duplicate dropped by JetStream");
+        }
+        if next.last_part {
+            acked_through = Some(next.sequence);
+            records += 1;
+        }
+    }
+    if let Some(sequence) = acked_through {
+        queue.ack_through(sequence).await?;
+        status.lock().expect("status lock").acked_records += records;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covers;
+
+    #[test]
+    fn subject_coverage() {
+        assert!(covers(">", "tagstream.default.plant.>"));
+        assert!(covers("tagstream.>", "tagstream.default.plant.>"));
+        assert!(covers("tagstream.*.plant.>", "tagstream.default.plant.>"));
+        assert!(covers("tagstream.default.plant.>", "tagstream.default.plant.>"));
+        assert!(!covers("tagstream.default.plant.*", "tagstream.default.plant.>"));
+        assert!(!covers("other.>", "tagstream.default.plant.>"));
+        assert!(!covers("tagstream.default.other.>", "tagstream.default.plant.>"));
+    }
+}

@@ -1,0 +1,410 @@
+//! `tagstream-ingestor run`: the service. Acquisition feeds the calculation DAG and the
+//! persistent queue through bounded channels; the publisher drains the queue to
+//! JetStream; `/status` and `/metrics` report it all. The configuration files are polled
+//! for changes (the operator's ConfigMap mount swaps a symlink, so content is compared,
+//! not mtimes): only the endpoints whose devices changed are restarted, formulas are
+//! recompiled where they changed, and the queue is never touched.
+//!
+//! Shutdown (SIGTERM): stop polling, persist what was polled, publish what is queued
+//! until the queue is empty or the drain deadline passes, close the queue.
+
+mod http;
+mod pipeline;
+pub mod state;
+
+use std::{
+    collections::{BTreeMap, hash_map::DefaultHasher},
+    hash::{Hash, Hasher},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tagstream_crds::{Device, manifest::load_report};
+use tokio::{
+    net::TcpListener,
+    sync::{Mutex, mpsc},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use self::{pipeline::Derivation, state::SiteState};
+use crate::{
+    acquisition::poller::{self, PolledBatch},
+    config::{self, SiteConfig, quantity_bytes},
+    publish::{self, PublisherConfig},
+    queue::{Queue, QueueConfig},
+    simulate::{self, Faults, Framing, Listen, SimulatedEndpoint},
+};
+
+/// How `run` is started.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Manifest files or directories (the operator's rendered ConfigMap, or the user's).
+    pub paths: Vec<PathBuf>,
+    /// The site to run when the manifests hold several.
+    pub site: Option<String>,
+    pub queue_dir: PathBuf,
+    pub credentials_dir: PathBuf,
+    pub tls_dir: PathBuf,
+    pub http: SocketAddr,
+    /// Serve the site's devices from an in-process simulator on 127.0.0.1.
+    pub simulate: bool,
+    /// Use these NATS URLs instead of the Site's (local runs).
+    pub nats_url: Option<String>,
+    pub reload_interval: Duration,
+    pub drain_deadline: Duration,
+}
+
+/// The site from the manifests, and a fingerprint of their content.
+fn load_site(options: &RunOptions) -> anyhow::Result<(SiteConfig, u64)> {
+    let report = load_report(&options.paths)?;
+    for diagnostic in &report.diagnostics {
+        warn!(%diagnostic, "manifest problem; the object is left out");
+    }
+    let mut sites = config::sites(&report);
+    let site = match &options.site {
+        Some(name) => sites
+            .into_iter()
+            .find(|s| &s.name == name)
+            .with_context(|| format!("no site {name:?} in the manifests"))?,
+        None if sites.len() == 1 => sites.remove(0),
+        None => {
+            let names: Vec<String> = sites.iter().map(|s| format!("{}/{}", s.namespace, s.name)).collect();
+            anyhow::bail!(
+                "the manifests hold {} sites ({}); choose one with --site",
+                names.len(),
+                names.join(", ")
+            );
+        }
+    };
+    let mut hasher = DefaultHasher::new();
+    for path in &options.paths {
+        hash_tree(path, &mut hasher);
+    }
+    Ok((site, hasher.finish()))
+}
+
+fn hash_tree(path: &std::path::Path, hasher: &mut DefaultHasher) {
+    if let Ok(text) = std::fs::read(path) {
+        path.hash(hasher);
+        text.hash(hasher);
+    } else if let Ok(entries) = std::fs::read_dir(path) {
+        let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for entry in entries
+            .iter()
+            .filter(|e| !e.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        {
+            hash_tree(entry, hasher);
+        }
+    }
+}
+
+fn local(mut devices: Vec<Device>) -> Vec<Device> {
+    for device in &mut devices {
+        let connection = &mut device.spec.connection;
+        for endpoint in [&mut connection.tcp, &mut connection.rtu_over_tcp]
+            .into_iter()
+            .flatten()
+        {
+            endpoint.host = "127.0.0.1".into();
+        }
+    }
+    devices
+}
+
+async fn start_simulator(devices: &[Device], shutdown: &CancellationToken) -> anyhow::Result<()> {
+    for (listen, group) in simulate::endpoints(devices) {
+        let Listen::Tcp { port, rtu_framing } = listen else {
+            warn!("RTU devices cannot be simulated in-process without a serial port; use `simulate --rtu-path`");
+            continue;
+        };
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("the simulator cannot listen on 127.0.0.1:{port}"))?;
+        let framing = if rtu_framing { Framing::RtuOverTcp } else { Framing::Tcp };
+        let endpoint = SimulatedEndpoint::new(&group, Faults::default());
+        tokio::spawn(simulate::serve_tcp(listener, endpoint, framing, shutdown.clone()));
+    }
+    Ok(())
+}
+
+fn queue_config(site: &SiteConfig, dir: &PathBuf) -> QueueConfig {
+    let mut config = QueueConfig::new(dir);
+    config.max_bytes = quantity_bytes(&site.spec.queue.max_size.0).unwrap_or(config.max_bytes);
+    config.policy = site.spec.queue.full_policy;
+    config.flush_interval = site.spec.queue.flush_interval.get();
+    config
+}
+
+fn publisher_config(site: &SiteConfig, options: &RunOptions) -> PublisherConfig {
+    let mut broker = site.spec.broker.clone();
+    if let Some(url) = &options.nats_url {
+        broker.urls = url.split(',').map(str::to_owned).collect();
+    }
+    PublisherConfig {
+        broker,
+        stream: site.spec.stream.clone(),
+        namespace: site.namespace.clone(),
+        site: site.name.clone(),
+        credentials_dir: options.credentials_dir.clone(),
+        tls_dir: options.tls_dir.clone(),
+        max_in_flight: 256,
+        chunk_records: 64,
+    }
+}
+
+/// The devices behind one endpoint and the task polling them.
+struct EndpointPoller {
+    devices: Vec<Device>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The polling tasks, one per endpoint, each with its own stop token.
+struct Pollers {
+    endpoints: BTreeMap<String, EndpointPoller>,
+}
+
+impl Pollers {
+    fn by_endpoint(devices: &[Device]) -> BTreeMap<String, Vec<Device>> {
+        let mut map: BTreeMap<String, Vec<Device>> = BTreeMap::new();
+        for device in devices {
+            map.entry(device.spec.connection.endpoint().unwrap_or_default())
+                .or_default()
+                .push(device.clone());
+        }
+        map
+    }
+
+    fn start(devices: &[Device], out: &mpsc::Sender<PolledBatch>, state: &SiteState) -> Self {
+        let mut pollers = Self {
+            endpoints: BTreeMap::new(),
+        };
+        pollers.apply(devices, out, state);
+        pollers
+    }
+
+    /// Restarts the endpoints whose devices changed; leaves the others polling.
+    fn apply(&mut self, devices: &[Device], out: &mpsc::Sender<PolledBatch>, state: &SiteState) -> usize {
+        let wanted = Self::by_endpoint(devices);
+        let mut restarted = 0;
+        self.endpoints.retain(|endpoint, running| {
+            let keep = wanted.get(endpoint) == Some(&running.devices);
+            if !keep {
+                running.stop.cancel();
+            }
+            keep
+        });
+        let mut health = state.devices.lock().expect("devices lock");
+        health.retain(|name, _| devices.iter().any(|d| d.metadata.name.as_deref() == Some(name)));
+        for (endpoint, group) in wanted {
+            if self.endpoints.contains_key(&endpoint) {
+                continue;
+            }
+            let stop = CancellationToken::new();
+            let (tasks, group_health) = poller::spawn(&group, out, &stop);
+            health.extend(group_health);
+            self.endpoints.insert(
+                endpoint,
+                EndpointPoller {
+                    devices: group,
+                    stop,
+                    tasks,
+                },
+            );
+            restarted += 1;
+        }
+        restarted
+    }
+
+    async fn stop(self) {
+        for running in self.endpoints.into_values() {
+            running.stop.cancel();
+            for task in running.tasks {
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+fn record_formulas(state: &SiteState, derivation: &Derivation) {
+    *state.formulas.lock().expect("formulas lock") = derivation.calc.order().map(|f| f.name.clone()).collect();
+    *state.formula_issues.lock().expect("issues lock") = derivation
+        .calc
+        .issues()
+        .iter()
+        .map(|(name, issue)| (name.clone(), issue.to_string()))
+        .collect();
+    for (name, issue) in derivation.calc.issues() {
+        warn!(formula = %name, %issue, "formula left out");
+    }
+}
+
+/// A running site: what a reload changes and what shutdown stops.
+struct Runtime {
+    options: RunOptions,
+    site: SiteConfig,
+    fingerprint: u64,
+    queue: Queue,
+    state: Arc<SiteState>,
+    derivation: Arc<Mutex<Derivation>>,
+    pollers: Pollers,
+    polled: mpsc::Sender<PolledBatch>,
+    publisher: JoinHandle<()>,
+    publisher_stop: CancellationToken,
+}
+
+impl Runtime {
+    fn spawn_publisher(&mut self) {
+        self.publisher_stop = CancellationToken::new();
+        let config = publisher_config(&self.site, &self.options);
+        let status = Arc::clone(&self.state.publisher);
+        self.publisher = tokio::spawn(publish::run(
+            self.queue.clone(),
+            config,
+            status,
+            self.publisher_stop.clone(),
+        ));
+    }
+
+    /// Applies changed manifests: restarts changed endpoints, recompiles changed
+    /// formulas, restarts the publisher when the broker or stream changed.
+    async fn reload(&mut self) {
+        let (mut next, fingerprint) = match load_site(&self.options) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "the new configuration cannot be used; the running one stays");
+                return;
+            }
+        };
+        if fingerprint == self.fingerprint {
+            return;
+        }
+        self.fingerprint = fingerprint;
+        if self.options.simulate {
+            next.devices = local(next.devices);
+        }
+        let restarted = self.pollers.apply(&next.devices, &self.polled, &self.state);
+        let reconfigured = {
+            let mut derivation = self.derivation.lock().await;
+            let outcome = derivation.calc.configure(next.tags(), &next.formula_specs());
+            derivation.signals = Derivation::new(&next).signals;
+            record_formulas(&self.state, &derivation);
+            outcome
+        };
+        pipeline::flush_reconfigured(&self.derivation, &self.queue).await;
+        let publisher_changed = next.spec.broker != self.site.spec.broker || next.spec.stream != self.site.spec.stream;
+        if next.spec.queue != self.site.spec.queue {
+            warn!("queue settings changed; they apply when the ingestor restarts");
+        }
+        self.site = next;
+        if publisher_changed {
+            self.publisher_stop.cancel();
+            let _ = (&mut self.publisher).await;
+            self.spawn_publisher();
+            warn!("broker or stream settings changed: the publisher was restarted");
+        }
+        self.state.reloads.fetch_add(1, Ordering::Relaxed);
+        info!(
+            restarted_endpoints = restarted,
+            compiled_formulas = reconfigured.compiled,
+            reused_formulas = reconfigured.reused,
+            "configuration reloaded"
+        );
+    }
+
+    /// Stops polling, persists what was polled, publishes until the queue is empty or the
+    /// drain deadline passes, and closes the queue.
+    async fn stop(self, pipeline: JoinHandle<()>) -> anyhow::Result<()> {
+        info!("stopping: polling stops, queued points are published until the drain deadline");
+        self.pollers.stop().await;
+        drop(self.polled);
+        let _ = pipeline.await;
+        let deadline = Instant::now() + self.options.drain_deadline;
+        while self.queue.stats().records > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.queue.stats().points;
+        if left > 0 {
+            warn!(
+                points = left,
+                "drain deadline passed; the points stay queued for the next start"
+            );
+        }
+        self.publisher_stop.cancel();
+        let _ = self.publisher.await;
+        drop(self.state);
+        self.queue.close().await?;
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Runs the site until `shutdown`; sends the address of `/status` and `/metrics` to
+/// `bound` as soon as it listens.
+pub async fn run(
+    options: RunOptions,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    let (mut site, fingerprint) = load_site(&options)?;
+    let simulator = CancellationToken::new();
+    let _simulator_guard = simulator.clone().drop_guard();
+    if options.simulate {
+        site.devices = local(site.devices);
+        start_simulator(&site.devices, &simulator).await?;
+    }
+    let opened = Queue::open(queue_config(&site, &options.queue_dir))
+        .with_context(|| format!("opening the queue in {}", options.queue_dir.display()))?;
+    let queue = opened.queue;
+    let state = Arc::new(SiteState::new(
+        &site.namespace,
+        &site.name,
+        queue.clone(),
+        opened.moved_aside,
+    ));
+    let http_stop = CancellationToken::new();
+    let _http_guard = http_stop.clone().drop_guard();
+    let address = http::serve(options.http, Arc::clone(&state), http_stop).await?;
+    info!(%address, site = %format!("{}/{}", site.namespace, site.name), devices = site.devices.len(), formulas = site.formulas.len(), "ingestor running; /status and /metrics are served");
+    if let Some(bound) = bound {
+        let _ = bound.send(address);
+    }
+
+    let derivation = Arc::new(Mutex::new(Derivation::new(&site)));
+    record_formulas(&state, &*derivation.lock().await);
+    let (polled, rx) = mpsc::channel::<PolledBatch>(4096);
+    let pollers = Pollers::start(&site.devices, &polled, &state);
+    let pipeline = tokio::spawn(pipeline::run(
+        rx,
+        Arc::clone(&derivation),
+        queue.clone(),
+        Arc::clone(&state),
+    ));
+    let mut runtime = Runtime {
+        options,
+        site,
+        fingerprint,
+        queue,
+        state,
+        derivation,
+        pollers,
+        polled,
+        publisher: tokio::spawn(async {}),
+        publisher_stop: CancellationToken::new(),
+    };
+    runtime.spawn_publisher();
+    runtime.state.ready.store(true, Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(runtime.options.reload_interval) => runtime.reload().await,
+        }
+    }
+    runtime.stop(pipeline).await
+}

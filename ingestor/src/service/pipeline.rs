@@ -1,0 +1,152 @@
+//! From polled batches to queued points: each poll becomes a device batch, feeds the
+//! calculation DAG, and its formula results become batches of their own; everything one
+//! drain of the channel yields is appended (and persisted) together.
+
+use std::{collections::HashMap, sync::Arc};
+
+use tagstream_proto::v1::{self as wire, PointBatch, SourceKind};
+use tokio::sync::{Mutex, mpsc};
+use tracing::error;
+
+use super::state::SiteState;
+use crate::{
+    acquisition::poller::{PolledBatch, now_ns},
+    calc::{Calc, Derived, SignalId},
+    point::{PointValue, QualityLevel, Sample},
+    queue::Queue,
+};
+
+/// The DAG and how each device's tags map onto it; replaced on reload.
+#[derive(Debug, Default)]
+pub struct Derivation {
+    pub calc: Calc,
+    /// Device name -> signal of each tag (by index in the device's tags).
+    pub signals: HashMap<String, Vec<Option<SignalId>>>,
+}
+
+impl Derivation {
+    pub fn new(site: &crate::config::SiteConfig) -> Self {
+        let calc = site.calc();
+        let signals = site
+            .devices
+            .iter()
+            .map(|d| {
+                let name = d.metadata.name.clone().unwrap_or_default();
+                let ids = d.spec.tags.iter().map(|t| calc.tag_signal(&name, &t.name)).collect();
+                (name, ids)
+            })
+            .collect();
+        Self { calc, signals }
+    }
+}
+
+fn wire_point(tag: &str, sample: &Sample, unit: Option<&str>) -> wire::Point {
+    use wire::point::Value;
+    let value = sample.value.as_ref().map(|v| match v {
+        PointValue::Bool(b) => Value::BoolValue(*b),
+        PointValue::Int(i) => Value::IntValue(*i),
+        PointValue::UInt(u) => Value::UintValue(*u),
+        PointValue::Double(d) => Value::DoubleValue(*d),
+        PointValue::String(s) => Value::StringValue(s.clone()),
+    });
+    let quality = match sample.quality.level {
+        QualityLevel::Good => wire::Quality::Good,
+        QualityLevel::Uncertain => wire::Quality::Uncertain,
+        QualityLevel::Bad => wire::Quality::Bad,
+    };
+    wire::Point {
+        tag: tag.to_owned(),
+        timestamp_ns: sample.timestamp_ns,
+        value,
+        quality: quality.into(),
+        quality_reason: sample.quality.reason.clone().unwrap_or_default(),
+        unit: unit.unwrap_or_default().to_owned(),
+    }
+}
+
+fn device_batch(polled: &PolledBatch) -> PointBatch {
+    let tags = &polled.device.spec.tags;
+    PointBatch {
+        source: polled.device.name.clone(),
+        source_kind: SourceKind::Device.into(),
+        points: polled
+            .points
+            .iter()
+            .map(|(index, sample)| wire_point(&tags[*index].name, sample, tags[*index].unit.as_deref()))
+            .collect(),
+        ..PointBatch::default()
+    }
+}
+
+fn formula_batches(calc: &Calc, derived: &[Derived]) -> impl Iterator<Item = PointBatch> {
+    derived.iter().map(|d| {
+        let formula = calc.formula(d.formula);
+        PointBatch {
+            source: formula.name.clone(),
+            source_kind: SourceKind::Formula.into(),
+            points: vec![wire_point(&formula.name, &d.sample, formula.spec.unit.as_deref())],
+            ..PointBatch::default()
+        }
+    })
+}
+
+/// Runs until the channel closes (every poller stopped), then returns once the last
+/// points are persisted.
+pub async fn run(
+    mut polled: mpsc::Receiver<PolledBatch>,
+    derivation: Arc<Mutex<Derivation>>,
+    queue: Queue,
+    state: Arc<SiteState>,
+) {
+    let mut derived = Vec::new();
+    while let Some(first) = polled.recv().await {
+        let mut group = vec![first];
+        while group.len() < 1024 {
+            match polled.try_recv() {
+                Ok(more) => group.push(more),
+                Err(_) => break,
+            }
+        }
+        let mut batches = Vec::with_capacity(group.len() * 2);
+        {
+            let mut derivation = derivation.lock().await;
+            let Derivation { calc, signals } = &mut *derivation;
+            derived.clear();
+            for polled in &group {
+                batches.push(device_batch(polled));
+                let Some(ids) = signals.get(&polled.device.name) else {
+                    continue;
+                };
+                let changes = polled
+                    .points
+                    .iter()
+                    .filter_map(|(i, s)| ids.get(*i).copied().flatten().map(|id| (id, s)));
+                calc.update(changes, now_ns(), &mut derived);
+            }
+            batches.extend(formula_batches(calc, &derived));
+        }
+        let points: u64 = batches.iter().map(|b| b.points.len() as u64).sum();
+        let derived_points = derived.len() as u64;
+        match queue.append(batches).await {
+            Ok(()) => state.count_points(points - derived_points, derived_points),
+            Err(e) => {
+                error!(error = %e, points, "points could not be persisted and are lost");
+                state.count_lost(points);
+            }
+        }
+    }
+}
+
+/// Evaluates what a reconfiguration left pending (changed formulas and their dependents)
+/// and queues the results.
+pub async fn flush_reconfigured(derivation: &Mutex<Derivation>, queue: &Queue) {
+    let batches: Vec<PointBatch> = {
+        let mut derivation = derivation.lock().await;
+        let mut derived = Vec::new();
+        derivation.calc.update([], now_ns(), &mut derived);
+        formula_batches(&derivation.calc, &derived).collect()
+    };
+    if let Err(e) = queue.append(batches).await {
+        error!(error = %e, "re-evaluated formula results could not be persisted");
+    }
+}

@@ -1,0 +1,354 @@
+//! What the ingestor knows about its site, for `/status` (read by the operator) and
+//! `/metrics` (scraped by Prometheus).
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+use serde::Serialize;
+
+use crate::{acquisition::poller::HealthMap, publish::PublisherStatus, queue::Queue};
+
+/// Shared state of the running site.
+#[derive(Debug)]
+pub struct SiteState {
+    pub namespace: String,
+    pub site: String,
+    pub queue: Queue,
+    pub queue_moved_aside: Option<PathBuf>,
+    pub publisher: Arc<Mutex<PublisherStatus>>,
+    pub devices: Mutex<HealthMap>,
+    pub formula_issues: Mutex<BTreeMap<String, String>>,
+    pub formulas: Mutex<Vec<String>>,
+    pub ready: AtomicBool,
+    points_polled: AtomicU64,
+    points_derived: AtomicU64,
+    points_lost: AtomicU64,
+    pub reloads: AtomicU64,
+}
+
+impl SiteState {
+    pub fn new(namespace: &str, site: &str, queue: Queue, queue_moved_aside: Option<PathBuf>) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            site: site.to_owned(),
+            queue,
+            queue_moved_aside,
+            publisher: Arc::default(),
+            devices: Mutex::default(),
+            formula_issues: Mutex::default(),
+            formulas: Mutex::default(),
+            ready: AtomicBool::new(false),
+            points_polled: AtomicU64::new(0),
+            points_derived: AtomicU64::new(0),
+            points_lost: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+        }
+    }
+
+    pub fn count_points(&self, polled: u64, derived: u64) {
+        self.points_polled.fetch_add(polled, Ordering::Relaxed);
+        self.points_derived.fetch_add(derived, Ordering::Relaxed);
+    }
+
+    pub fn count_lost(&self, points: u64) {
+        self.points_lost.fetch_add(points, Ordering::Relaxed);
+    }
+
+    /// The JSON document behind `/status`.
+    pub fn status(&self) -> Status {
+        let now = crate::acquisition::poller::now_ns();
+        let devices = self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .iter()
+            .map(|(name, health)| {
+                let h = health.lock().expect("health lock").clone();
+                let status = DeviceStatus {
+                    connected: h.connected,
+                    last_poll_ns: h.last_success_ns,
+                    polls: h.polls,
+                    failed_polls: h.failed_polls,
+                    consecutive_failures: h.consecutive_failures,
+                    last_error: h.last_error,
+                };
+                (name.clone(), status)
+            })
+            .collect();
+        let issues = self.formula_issues.lock().expect("issues lock").clone();
+        let mut formulas: BTreeMap<String, FormulaStatus> = self
+            .formulas
+            .lock()
+            .expect("formulas lock")
+            .iter()
+            .map(|name| {
+                (
+                    name.clone(),
+                    FormulaStatus {
+                        valid: true,
+                        error: None,
+                    },
+                )
+            })
+            .collect();
+        for (name, error) in issues {
+            formulas.insert(
+                name,
+                FormulaStatus {
+                    valid: false,
+                    error: Some(error),
+                },
+            );
+        }
+        let q = self.queue.stats();
+        Status {
+            namespace: self.namespace.clone(),
+            site: self.site.clone(),
+            devices,
+            formulas,
+            queue: QueueStatus {
+                points: q.points,
+                records: q.records,
+                disk_bytes: q.disk_bytes,
+                payload_bytes: q.payload_bytes,
+                oldest_age_seconds: q.oldest_enqueued_ns.map(|at| (now - at).max(0) as f64 / 1e9),
+                dropped_points: q.dropped_points,
+                corrupt_records: q.corrupt_records,
+                paused: q.paused,
+                moved_aside: self.queue_moved_aside.as_ref().map(|p| p.display().to_string()),
+            },
+            publisher: self.publisher.lock().expect("publisher lock").clone().into(),
+            points_polled: self.points_polled.load(Ordering::Relaxed),
+            points_derived: self.points_derived.load(Ordering::Relaxed),
+            points_lost: self.points_lost.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// `/status`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub namespace: String,
+    pub site: String,
+    pub devices: BTreeMap<String, DeviceStatus>,
+    pub formulas: BTreeMap<String, FormulaStatus>,
+    pub queue: QueueStatus,
+    pub publisher: PublisherReport,
+    pub points_polled: u64,
+    pub points_derived: u64,
+    pub points_lost: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStatus {
+    pub connected: bool,
+    pub last_poll_ns: Option<i64>,
+    pub polls: u64,
+    pub failed_polls: u64,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FormulaStatus {
+    pub valid: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    pub points: u64,
+    pub records: u64,
+    pub disk_bytes: u64,
+    pub payload_bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+    pub dropped_points: u64,
+    pub corrupt_records: u64,
+    pub paused: bool,
+    pub moved_aside: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublisherReport {
+    pub connected: bool,
+    pub published_batches: u64,
+    pub acked_records: u64,
+    pub duplicates: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+    pub last_ack_latency_seconds: Option<f64>,
+}
+
+impl From<PublisherStatus> for PublisherReport {
+    fn from(s: PublisherStatus) -> Self {
+        Self {
+            connected: s.connected,
+            published_batches: s.published_batches,
+            acked_records: s.acked_records,
+            duplicates: s.duplicates,
+            failures: s.failures,
+            last_error: s.last_error,
+            last_ack_latency_seconds: s.last_ack_latency,
+        }
+    }
+}
+
+/// Exposes [`SiteState`] to Prometheus, read at scrape time.
+#[derive(Debug)]
+pub struct Metrics(pub Arc<SiteState>);
+
+/// A family with one unlabelled sample.
+fn one<V>(value: V) -> Vec<(Vec<(&'static str, String)>, V)> {
+    vec![(Vec::new(), value)]
+}
+
+/// One metric family: name, help, and its samples (labels, value).
+type Family<'a, V> = (&'a str, &'a str, Vec<(Vec<(&'a str, String)>, V)>);
+
+impl Collector for Metrics {
+    #[allow(clippy::too_many_lines, reason = "a table of metric families, one entry each")]
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let status = self.0.status();
+        let per_device = |f: &dyn Fn(&DeviceStatus) -> u64| -> Vec<(Vec<(&str, String)>, u64)> {
+            status
+                .devices
+                .iter()
+                .map(|(n, d)| (vec![("device", n.clone())], f(d)))
+                .collect()
+        };
+        let counters: Vec<Family<'_, u64>> = vec![
+            (
+                "tagstream_polls",
+                "Poll cycles, successful or not",
+                per_device(&|d| d.polls),
+            ),
+            (
+                "tagstream_failed_polls",
+                "Poll cycles that failed",
+                per_device(&|d| d.failed_polls),
+            ),
+            (
+                "tagstream_points_polled",
+                "Points read from devices and queued",
+                one(status.points_polled),
+            ),
+            (
+                "tagstream_points_derived",
+                "Formula results queued",
+                one(status.points_derived),
+            ),
+            (
+                "tagstream_points_lost",
+                "Points that could not be persisted",
+                one(status.points_lost),
+            ),
+            (
+                "tagstream_queue_dropped_points",
+                "Points dropped by the dropOldest policy",
+                one(status.queue.dropped_points),
+            ),
+            (
+                "tagstream_queue_corrupt_records",
+                "Unreadable queue records skipped",
+                one(status.queue.corrupt_records),
+            ),
+            (
+                "tagstream_published_batches",
+                "Batches sent to JetStream",
+                one(status.publisher.published_batches),
+            ),
+            (
+                "tagstream_acked_records",
+                "Queue records acknowledged by JetStream and removed",
+                one(status.publisher.acked_records),
+            ),
+            (
+                "tagstream_publish_duplicates",
+                "Re-sent batches JetStream dropped as duplicates",
+                one(status.publisher.duplicates),
+            ),
+            (
+                "tagstream_publish_failures",
+                "Publish attempts that failed and were retried",
+                one(status.publisher.failures),
+            ),
+        ];
+        let flag = |b: bool| f64::from(u8::from(b));
+        let connected = status
+            .devices
+            .iter()
+            .map(|(n, d)| (vec![("device", n.clone())], flag(d.connected)))
+            .collect();
+        let gauges: Vec<Family<'_, f64>> = vec![
+            (
+                "tagstream_device_connected",
+                "1 when the last poll reached the device",
+                connected,
+            ),
+            (
+                "tagstream_queue_points",
+                "Points waiting to be published",
+                one(status.queue.points as f64),
+            ),
+            (
+                "tagstream_queue_disk_bytes",
+                "Bytes the queue uses on disk",
+                one(status.queue.disk_bytes as f64),
+            ),
+            (
+                "tagstream_queue_oldest_age_seconds",
+                "Age of the oldest waiting point",
+                one(status.queue.oldest_age_seconds.unwrap_or(0.0)),
+            ),
+            (
+                "tagstream_queue_paused",
+                "1 while pausePolling holds new points",
+                one(flag(status.queue.paused)),
+            ),
+            (
+                "tagstream_broker_connected",
+                "1 while acks arrive from JetStream",
+                one(flag(status.publisher.connected)),
+            ),
+            (
+                "tagstream_publish_ack_latency_seconds",
+                "Time from publish to ack of the latest ack",
+                one(status.publisher.last_ack_latency_seconds.unwrap_or(0.0)),
+            ),
+            (
+                "tagstream_formulas_invalid",
+                "Formulas not evaluated because they are invalid",
+                one(status.formulas.values().filter(|f| !f.valid).count() as f64),
+            ),
+        ];
+        for (name, help, samples) in &counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, value) in samples {
+                ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
+            }
+        }
+        for (name, help, samples) in &gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (labels, value) in samples {
+                ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

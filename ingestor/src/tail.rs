@@ -1,0 +1,149 @@
+//! `tagstream-ingestor tail`: print the points arriving on a subject, decoded.
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use prost::Message as _;
+use tagstream_proto::v1::{Point, PointBatch, Quality, point::Value};
+
+/// Subscribes to `subject` and prints each point until `count` were printed (or forever).
+pub async fn tail(url: &str, subject: &str, json: bool, count: Option<usize>) -> anyhow::Result<()> {
+    let client = async_nats::connect(url)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let mut messages = client
+        .subscribe(subject.to_owned())
+        .await
+        .with_context(|| format!("cannot subscribe to {subject}"))?;
+    let mut printed = 0;
+    if !json {
+        println!(
+            "{:<30}  {:<24}  {:<20}  {:<24}  {:<20}  QUALITY",
+            "TIME", "SITE", "SOURCE", "TAG", "VALUE"
+        );
+    }
+    while let Some(message) = messages.next().await {
+        let batch = match PointBatch::decode(message.payload.as_ref()) {
+            Ok(batch) => batch,
+            Err(e) => {
+                eprintln!("{}: not a tagstream.v1.PointBatch: {e}", message.subject);
+                continue;
+            }
+        };
+        for point in &batch.points {
+            println!(
+                "{}",
+                if json {
+                    json_line(&batch, point)
+                } else {
+                    table_line(&batch, point)
+                }
+            );
+            printed += 1;
+            if count.is_some_and(|c| printed >= c) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn value_text(point: &Point) -> String {
+    match &point.value {
+        None => "-".into(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::UintValue(u)) => u.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        Some(Value::StringValue(s)) => format!("{s:?}"),
+    }
+}
+
+fn quality_text(point: &Point) -> String {
+    let level = match point.quality() {
+        Quality::Good => "good",
+        Quality::Uncertain => "uncertain",
+        Quality::Bad => "bad",
+        Quality::Unspecified => "unspecified",
+    };
+    if point.quality_reason.is_empty() {
+        level.into()
+    } else {
+        format!("{level} ({})", point.quality_reason)
+    }
+}
+
+fn time_text(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let nanos = ns.rem_euclid(1_000_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        nanos / 1_000_000
+    )
+}
+
+fn table_line(batch: &PointBatch, point: &Point) -> String {
+    let value = if point.unit.is_empty() {
+        value_text(point)
+    } else {
+        format!("{} {}", value_text(point), point.unit)
+    };
+    format!(
+        "{:<30}  {:<24}  {:<20}  {:<24}  {:<20}  {}",
+        time_text(point.timestamp_ns),
+        format!("{}/{}", batch.namespace, batch.site),
+        batch.source,
+        point.tag,
+        value,
+        quality_text(point)
+    )
+}
+
+fn json_line(batch: &PointBatch, point: &Point) -> String {
+    let value = match &point.value {
+        None => serde_json::Value::Null,
+        Some(Value::BoolValue(b)) => (*b).into(),
+        Some(Value::IntValue(i)) => (*i).into(),
+        Some(Value::UintValue(u)) => (*u).into(),
+        Some(Value::DoubleValue(d)) => (*d).into(),
+        Some(Value::StringValue(s)) => s.clone().into(),
+    };
+    serde_json::json!({
+        "time": time_text(point.timestamp_ns),
+        "namespace": batch.namespace,
+        "site": batch.site,
+        "source": batch.source,
+        "tag": point.tag,
+        "value": value,
+        "unit": point.unit,
+        "quality": quality_text(point),
+        "sequence": batch.sequence,
+        "part": batch.part,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::time_text;
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(time_text(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(time_text(1_795_358_891_640_806_645), "2026-11-22T14:48:11.640Z");
+        assert_eq!(time_text(951_782_400_000_000_000), "2000-02-29T00:00:00.000Z");
+    }
+}
