@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check and test of the workspace, installing the real peers the tests use
-# (helm, socat) when they are missing. Usage: scripts/test.sh
+# (helm, socat, nats-server) when they are missing. Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +32,7 @@ ensure_packages() {
 }
 
 ensure_helm
-ensure_packages socat:socat
+ensure_packages socat:socat nats-server:nats-server
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -4,9 +4,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tracing_subscriber::{EnvFilter, fmt};
 
-/// Logs to stderr, as text or JSON lines, filtered by `RUST_LOG` (default `info`).
-pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs to stderr, as text or JSON lines, filtered by `RUST_LOG` (default `default_level`).
+pub fn init(json: bool, default_level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();

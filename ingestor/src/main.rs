@@ -141,7 +141,16 @@ fn parse_address(text: &str) -> Result<(RegisterKind, u16), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tagstream_ingestor::logging::init(cli.log_json);
+    // Tools that print their own output keep the logs to warnings.
+    let level = if matches!(
+        cli.command,
+        Command::Tail { .. } | Command::Read { .. } | Command::Check { .. }
+    ) {
+        "warn"
+    } else {
+        "info"
+    };
+    tagstream_ingestor::logging::init(cli.log_json, level);
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {

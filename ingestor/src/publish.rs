@@ -130,8 +130,7 @@ pub async fn connect_options(config: &PublisherConfig) -> Result<ConnectOptions,
     }
     Ok(options
         .name(format!("tagstream-ingestor {}/{}", config.namespace, config.site))
-        .connection_timeout(Duration::from_secs(5))
-        .retry_on_initial_connect())
+        .connection_timeout(Duration::from_secs(5)))
 }
 
 /// Whether the subject filter `pattern` covers every subject `filter` covers.
@@ -260,10 +259,14 @@ async fn connect(config: &PublisherConfig) -> Result<jetstream::Context, Publish
             urls: urls.clone(),
             message: e.to_string(),
         })?;
+    // The publisher bounds what it has in flight itself. async-nats holds an ack permit
+    // until the ack future is dropped, and after a lost connection those futures only fail
+    // when polled: with blocking backpressure and no spare permits, the next publish would
+    // wait forever. Spare permits and an error instead of a wait keep failures failures.
     let context = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(5))
-        .max_ack_inflight(config.max_in_flight)
-        .backpressure_on_inflight(true)
+        .max_ack_inflight(config.max_in_flight * 2 + 1)
+        .backpressure_on_inflight(false)
         .build(client);
     ensure_stream(&context, config).await?;
     Ok(context)

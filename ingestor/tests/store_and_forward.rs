@@ -1,0 +1,489 @@
+//! Store and forward against a real `nats-server -js` (Debian's package) on a free
+//! loopback port: broker outages, killed ingestors (SIGKILL), authentication, and reloads.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{SocketAddr, TcpListener as StdListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream;
+use prost::Message as _;
+use tagstream_crds::site::{Broker, BrokerCredentials, CredentialsKind};
+use tagstream_ingestor::{
+    publish::{self, PublisherConfig, PublisherStatus},
+    queue::{Queue, QueueConfig},
+    service::{self, RunOptions},
+};
+use tagstream_proto::v1::{Point, PointBatch, point::Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A nats-server child with JetStream, killed and reaped on drop.
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+    store: tempfile::TempDir,
+    config: Option<PathBuf>,
+}
+
+impl Nats {
+    fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    fn start_with(config: Option<&str>) -> Self {
+        let store = tempfile::tempdir().unwrap();
+        let config = config.map(|text| {
+            let path = store.path().join("nats.conf");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        let mut nats = Self {
+            child: None,
+            port: free_port(),
+            store,
+            config,
+        };
+        nats.restart();
+        nats
+    }
+
+    /// Starts the server (again) on the same port and store.
+    fn restart(&mut self) {
+        let mut command = Command::new("nats-server");
+        command
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.store.path().join("js"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        self.child = Some(
+            command
+                .spawn()
+                .expect("nats-server is needed: run scripts/test.sh, which installs it"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen within 10s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A real outage: the process is killed.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn publisher_config(url: &str, site: &str) -> PublisherConfig {
+    PublisherConfig {
+        broker: Broker {
+            urls: vec![url.to_owned()],
+            credentials: None,
+            tls: None,
+        },
+        stream: tagstream_crds::site::Stream::default(),
+        namespace: "default".into(),
+        site: site.into(),
+        credentials_dir: PathBuf::from("/nonexistent"),
+        tls_dir: PathBuf::from("/nonexistent"),
+        max_in_flight: 64,
+        chunk_records: 16,
+    }
+}
+
+fn counter_batch(n: u64) -> PointBatch {
+    PointBatch {
+        source: "counter".into(),
+        points: vec![Point {
+            tag: "n".into(),
+            timestamp_ns: n as i64,
+            value: Some(Value::UintValue(n)),
+            ..Point::default()
+        }],
+        ..PointBatch::default()
+    }
+}
+
+/// Every message of the stream, decoded, with its message id, in stream order.
+async fn stream_contents(url: &str, connect: async_nats::ConnectOptions) -> Vec<(String, PointBatch)> {
+    let client = connect.connect(url).await.unwrap();
+    let context = jetstream::new(client);
+    let mut stream = context.get_stream("TAGSTREAM").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for sequence in 1..=last {
+        let Ok(message) = stream.get_raw_message(sequence).await else {
+            continue;
+        };
+        let id = message
+            .headers
+            .get("Nats-Msg-Id")
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        out.push((id, PointBatch::decode(message.payload.as_ref()).unwrap()));
+    }
+    out
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const TOTAL: u64 = 3000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_loses_nothing_and_keeps_the_order() {
+    let mut nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("q"));
+    config.flush_interval = Duration::from_millis(2);
+    let queue = Queue::open(config).unwrap().queue;
+    let status = Arc::new(Mutex::new(PublisherStatus::default()));
+    let stop = CancellationToken::new();
+    let publisher = tokio::spawn(publish::run(
+        queue.clone(),
+        publisher_config(&nats.url(), "outage"),
+        Arc::clone(&status),
+        stop.clone(),
+    ));
+
+    let feeder = tokio::spawn({
+        let queue = queue.clone();
+        async move {
+            for n in 0..TOTAL {
+                queue.append(vec![counter_batch(n)]).await.unwrap();
+                if n % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    nats.kill();
+    // Longer than the 5 s ack timeout, so in-flight publishes fail and the publisher
+    // resumes from the queue's head rather than the client quietly re-sending.
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let queued_during_outage = queue.stats().points;
+    nats.restart();
+    feeder.await.unwrap();
+    let q = queue.clone();
+    wait_until("the queue to drain after the outage", Duration::from_secs(60), || {
+        q.stats().records == 0
+    })
+    .await;
+    stop.cancel();
+    publisher.await.unwrap();
+
+    let stored = stream_contents(&nats.url(), async_nats::ConnectOptions::new()).await;
+    let values: Vec<u64> = stored
+        .iter()
+        .flat_map(|(_, b)| &b.points)
+        .map(|p| match p.value {
+            Some(Value::UintValue(n)) => n,
+            ref other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(values, (0..TOTAL).collect::<Vec<_>>(), "every point once, in order");
+    assert!(
+        queued_during_outage > 0,
+        "points were buffered while the broker was down"
+    );
+    let ids: BTreeSet<&String> = stored.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), stored.len(), "message ids are unique");
+    assert!(status.lock().unwrap().failures > 0, "the outage was noticed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_from_the_mounted_secret() {
+    let nats = Nats::start_with(Some("authorization { user: tagstream, password: s3cret }\n"));
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("username"), "tagstream\n").unwrap();
+    std::fs::write(secrets.path().join("password"), "s3cret\n").unwrap();
+    let mut config = publisher_config(&nats.url(), "auth");
+    config.broker.credentials = Some(BrokerCredentials {
+        secret_name: "nats-auth".into(),
+        kind: CredentialsKind::UserPassword,
+    });
+    config.credentials_dir = secrets.path().to_path_buf();
+
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(QueueConfig::new(dir.path().join("q"))).unwrap().queue;
+    queue.append(vec![counter_batch(7)]).await.unwrap();
+
+    // A wrong password: nothing is sent, nothing leaves the queue, the error says why.
+    let wrong = tempfile::tempdir().unwrap();
+    std::fs::write(wrong.path().join("username"), "tagstream").unwrap();
+    std::fs::write(wrong.path().join("password"), "nope").unwrap();
+    let mut wrong_config = config.clone();
+    wrong_config.credentials_dir = wrong.path().to_path_buf();
+    let status = Arc::new(Mutex::new(PublisherStatus::default()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(publish::run(
+        queue.clone(),
+        wrong_config,
+        Arc::clone(&status),
+        stop.clone(),
+    ));
+    let s = Arc::clone(&status);
+    wait_until("the authorization error", Duration::from_secs(15), || {
+        s.lock().unwrap().last_error.is_some()
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let error = status.lock().unwrap().last_error.clone().unwrap();
+    assert!(error.to_lowercase().contains("auth"), "{error}");
+    assert_eq!(queue.stats().points, 1);
+
+    let status = Arc::new(Mutex::new(PublisherStatus::default()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(publish::run(queue.clone(), config, Arc::clone(&status), stop.clone()));
+    let q = queue.clone();
+    wait_until("the point to be published", Duration::from_secs(15), || {
+        q.stats().points == 0
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let stored = stream_contents(
+        &nats.url(),
+        async_nats::ConnectOptions::with_user_and_password("tagstream".into(), "s3cret".into()),
+    )
+    .await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].1.site, "auth");
+}
+
+/// A site with one simulated device on a free port, publishing to `url`.
+fn site_manifests(dir: &Path, url: &str, device_port: u16, extra: &str) {
+    std::fs::write(
+        dir.join("site.yaml"),
+        format!(
+            "apiVersion: tagstream.io/v1alpha1
+kind: Site
+metadata: {{name: crashy}}
+spec:
+  broker: {{urls: [\"{url}\"]}}
+  queue: {{flushInterval: 2ms}}
+---
+apiVersion: tagstream.io/v1alpha1
+kind: Device
+metadata: {{name: pump}}
+spec:
+  site: crashy
+  connection: {{tcp: {{host: 127.0.0.1, port: {device_port}}}}}
+  pollInterval: 10ms
+  tags:
+    - {{name: speed, register: holding, address: 0, type: uint16, simulation: {{waveform: ramp, min: 0, max: 1000, period: 1s}}}}
+    - {{name: temp, register: holding, address: 1, type: int16, simulation: {{waveform: sine, min: 10, max: 90, period: 2s}}}}
+{extra}"
+        ),
+    )
+    .unwrap();
+}
+
+fn ingestor(manifests: &Path, queue: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tagstream-ingestor"))
+        .args([
+            "run",
+            "--simulate",
+            "--http",
+            "127.0.0.1:0",
+            "--reload-interval",
+            "1h",
+            "-f",
+        ])
+        .arg(manifests)
+        .arg("--queue-dir")
+        .arg(queue)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_ingestors_deliver_every_record_exactly_once() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    site_manifests(&manifests, &nats.url(), free_port(), "");
+    let queue = dir.path().join("queue");
+    for round in 0..5u64 {
+        let mut child = ingestor(&manifests, &queue);
+        tokio::time::sleep(Duration::from_millis(700 + round * 150)).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // A last run, stopped with SIGTERM, drains what the killed ones left queued.
+    let mut child = ingestor(&manifests, &queue);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the ingestor did not stop within 30s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let stored = stream_contents(&nats.url(), async_nats::ConnectOptions::new()).await;
+    assert!(stored.len() > 50, "only {} messages", stored.len());
+    let mut parts: BTreeMap<(u64, u64), BTreeSet<u32>> = BTreeMap::new();
+    for (id, batch) in &stored {
+        assert_eq!(id, &publish::message_id(batch));
+        let fresh = parts
+            .entry((batch.epoch, batch.sequence))
+            .or_default()
+            .insert(batch.part);
+        assert!(
+            fresh,
+            "record {} part {} is in the stream twice",
+            batch.sequence, batch.part
+        );
+    }
+    let epochs: BTreeSet<u64> = parts.keys().map(|(e, _)| *e).collect();
+    assert_eq!(epochs.len(), 1, "one queue, one epoch");
+    let sequences: Vec<u64> = parts.keys().map(|(_, s)| *s).collect();
+    let expected: Vec<u64> = (sequences[0]..=*sequences.last().unwrap()).collect();
+    assert_eq!(sequences, expected, "a record is missing from the stream");
+    for ((_, sequence), got) in &parts {
+        let expected: BTreeSet<u32> = (0..=*got.iter().max().unwrap()).collect();
+        assert_eq!(got, &expected, "record {sequence} lost a part");
+    }
+    // In stream order, records appear in queue order.
+    let order: Vec<u64> = stored.iter().map(|(_, b)| b.sequence).collect();
+    assert!(
+        order.windows(2).all(|w| w[0] <= w[1]),
+        "records out of order in the stream"
+    );
+}
+
+async fn http_get(address: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+async fn status(address: SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&http_get(address, "/status").await).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_manifest_is_applied_without_a_restart() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let port = free_port();
+    site_manifests(&manifests, &nats.url(), port, "");
+    let options = RunOptions {
+        paths: vec![manifests.clone()],
+        site: None,
+        queue_dir: dir.path().join("queue"),
+        credentials_dir: PathBuf::from("/nonexistent"),
+        tls_dir: PathBuf::from("/nonexistent"),
+        http: "127.0.0.1:0".parse().unwrap(),
+        simulate: true,
+        nats_url: None,
+        reload_interval: Duration::from_millis(200),
+        drain_deadline: Duration::from_secs(5),
+    };
+    let shutdown = CancellationToken::new();
+    let (bound, address) = tokio::sync::oneshot::channel();
+    let service = tokio::spawn(service::run(options, shutdown.clone(), Some(bound)));
+    let address = address.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(address).await["devices"]["pump"]["polls"].as_u64().unwrap_or(0) < 5 {
+        assert!(Instant::now() < deadline, "the device was never polled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let polls_before = status(address).await["devices"]["pump"]["polls"].as_u64().unwrap();
+
+    // Add a formula and a broken one; the device stays as it was.
+    let formulas = "---
+apiVersion: tagstream.io/v1alpha1
+kind: Formula
+metadata: {name: speed-pct}
+spec: {site: crashy, inputs: {s: pump/speed}, expression: s / 10}
+---
+apiVersion: tagstream.io/v1alpha1
+kind: Formula
+metadata: {name: broken}
+spec: {site: crashy, inputs: {s: pump/speed}, expression: s +}
+";
+    site_manifests(&manifests, &nats.url(), port, formulas);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status(address).await;
+        if s["formulas"]["speed-pct"]["valid"] == true {
+            assert_eq!(s["formulas"]["broken"]["valid"], false);
+            assert!(s["formulas"]["broken"]["error"].as_str().unwrap().contains("operand"));
+            let polls_after = s["devices"]["pump"]["polls"].as_u64().unwrap();
+            assert!(
+                polls_after >= polls_before,
+                "the unchanged device was restarted: polls went {polls_before} -> {polls_after}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reload never happened: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = http_get(address, "/metrics").await;
+    assert!(metrics.contains("tagstream_formulas_invalid{} 1.0"), "{metrics}");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), service)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let derived = stream_contents(&nats.url(), async_nats::ConnectOptions::new())
+        .await
+        .into_iter()
+        .filter(|(_, b)| b.source == "speed-pct")
+        .count();
+    assert!(derived > 0, "the new formula's results reached JetStream");
+}
