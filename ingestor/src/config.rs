@@ -105,6 +105,13 @@ pub fn summary(report: &Report) -> String {
     text
 }
 
+/// A duration argument in the manifests' grammar (`500ms`, `20s`, `1m30s`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    text.parse::<tagstream_crds::Duration>()
+        .map(tagstream_crds::Duration::get)
+        .map_err(|e| e.to_string())
+}
+
 /// Bytes in a Kubernetes quantity (`512Mi`, `2Gi`, `1G`, `1500`), or `None` when it is not
 /// one the Site schema accepts.
 pub fn quantity_bytes(quantity: &str) -> Option<u64> {

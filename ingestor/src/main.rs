@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tagstream_crds::device::RegisterKind;
-use tagstream_ingestor::{simulate::Faults, simulate_cmd::SimulateOptions};
+use tagstream_ingestor::{service::RunOptions, simulate::Faults, simulate_cmd::SimulateOptions};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Polls Modbus devices into NATS JetStream without losing a point")]
@@ -40,39 +40,7 @@ enum Command {
     },
     /// Run the ingestor: poll the site's devices, evaluate its formulas, queue every point
     /// on disk and publish it to JetStream. Reloads the manifests when they change.
-    Run {
-        /// Manifest files or directories (the operator mounts the rendered site here).
-        #[arg(short = 'f', long = "filename", required = true)]
-        paths: Vec<PathBuf>,
-        /// The site to run when the manifests hold several.
-        #[arg(long)]
-        site: Option<String>,
-        /// The queue's directory (the PVC in Kubernetes).
-        #[arg(long, default_value = "/var/lib/tagstream/queue")]
-        queue_dir: PathBuf,
-        /// Where the broker credentials Secret is mounted.
-        #[arg(long, default_value = "/etc/tagstream/credentials")]
-        credentials_dir: PathBuf,
-        /// Where the broker TLS Secret is mounted.
-        #[arg(long, default_value = "/etc/tagstream/tls")]
-        tls_dir: PathBuf,
-        /// Address of /metrics, /healthz, /readyz and /status.
-        #[arg(long, default_value = "0.0.0.0:9464")]
-        http: std::net::SocketAddr,
-        /// Serve the site's devices from an in-process simulator on 127.0.0.1 (their
-        /// manifest ports) and poll that.
-        #[arg(long)]
-        simulate: bool,
-        /// NATS URLs to use instead of the Site's (comma-separated).
-        #[arg(long)]
-        nats_url: Option<String>,
-        /// How often the manifests are checked for changes.
-        #[arg(long, value_parser = parse_duration, default_value = "2s")]
-        reload_interval: Duration,
-        /// On SIGTERM, how long to keep publishing queued points before exiting.
-        #[arg(long, value_parser = parse_duration, default_value = "20s")]
-        drain_deadline: Duration,
-    },
+    Run(RunOptions),
     /// Print the points arriving on a subject, decoded.
     Tail {
         /// NATS server URL.
@@ -101,7 +69,7 @@ enum Command {
         #[arg(long)]
         rtu_path: Option<String>,
         /// Delay every answer by this much (e.g. 50ms).
-        #[arg(long, value_parser = parse_duration, default_value = "0s")]
+        #[arg(long, value_parser = tagstream_ingestor::config::parse_duration, default_value = "0s")]
         latency: Duration,
         /// Refuse reads covering this address with exception 2, as `holding:100`.
         #[arg(long, value_parser = parse_address)]
@@ -110,15 +78,9 @@ enum Command {
         #[arg(long)]
         silent_unit: Vec<u8>,
         /// Close every connection this long after it opened (e.g. 30s).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = tagstream_ingestor::config::parse_duration)]
         drop_after: Option<Duration>,
     },
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    text.parse::<tagstream_crds::Duration>()
-        .map(tagstream_crds::Duration::get)
-        .map_err(|e| e.to_string())
 }
 
 fn parse_address(text: &str) -> Result<(RegisterKind, u16), String> {
@@ -181,30 +143,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run {
-            paths,
-            site,
-            queue_dir,
-            credentials_dir,
-            tls_dir,
-            http,
-            simulate,
-            nats_url,
-            reload_interval,
-            drain_deadline,
-        } => {
-            let options = tagstream_ingestor::service::RunOptions {
-                paths,
-                site,
-                queue_dir,
-                credentials_dir,
-                tls_dir,
-                http,
-                simulate,
-                nats_url,
-                reload_interval,
-                drain_deadline,
-            };
+        Command::Run(options) => {
             runtime.block_on(async {
                 let shutdown = tagstream_ingestor::logging::shutdown_on_signal();
                 tagstream_ingestor::service::run(options, shutdown, None).await

@@ -63,7 +63,8 @@ impl PublisherConfig {
 }
 
 /// What the publisher reports for status and metrics.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PublisherStatus {
     pub connected: bool,
     pub published_batches: u64,
@@ -72,6 +73,7 @@ pub struct PublisherStatus {
     pub failures: u64,
     pub last_error: Option<String>,
     /// Seconds from publish to ack of the latest ack.
+    #[serde(rename = "lastAckLatencySeconds")]
     pub last_ack_latency: Option<f64>,
 }
 

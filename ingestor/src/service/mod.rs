@@ -40,22 +40,39 @@ use crate::{
     simulate::{self, Faults, Framing, Listen, SimulatedEndpoint},
 };
 
-/// How `run` is started.
-#[derive(Clone, Debug)]
+/// How `run` is started (also its command-line arguments).
+#[derive(Clone, Debug, clap::Args)]
 pub struct RunOptions {
-    /// Manifest files or directories (the operator's rendered ConfigMap, or the user's).
+    /// Manifest files or directories (the operator mounts the rendered site here).
+    #[arg(short = 'f', long = "filename", required = true)]
     pub paths: Vec<PathBuf>,
     /// The site to run when the manifests hold several.
+    #[arg(long)]
     pub site: Option<String>,
+    /// The queue's directory (the PVC in Kubernetes).
+    #[arg(long, default_value = "/var/lib/tagstream/queue")]
     pub queue_dir: PathBuf,
+    /// Where the broker credentials Secret is mounted.
+    #[arg(long, default_value = "/etc/tagstream/credentials")]
     pub credentials_dir: PathBuf,
+    /// Where the broker TLS Secret is mounted.
+    #[arg(long, default_value = "/etc/tagstream/tls")]
     pub tls_dir: PathBuf,
+    /// Address of /metrics, /healthz, /readyz and /status.
+    #[arg(long, default_value = "0.0.0.0:9464")]
     pub http: SocketAddr,
-    /// Serve the site's devices from an in-process simulator on 127.0.0.1.
+    /// Serve the site's devices from an in-process simulator on 127.0.0.1 (their manifest
+    /// ports) and poll that.
+    #[arg(long)]
     pub simulate: bool,
-    /// Use these NATS URLs instead of the Site's (local runs).
+    /// NATS URLs to use instead of the Site's (comma-separated; local runs).
+    #[arg(long)]
     pub nats_url: Option<String>,
+    /// How often the manifests are checked for changes.
+    #[arg(long, value_parser = crate::config::parse_duration, default_value = "2s")]
     pub reload_interval: Duration,
+    /// On SIGTERM, how long to keep publishing queued points before exiting.
+    #[arg(long, value_parser = crate::config::parse_duration, default_value = "20s")]
     pub drain_deadline: Duration,
 }
 

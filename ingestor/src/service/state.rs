@@ -128,7 +128,7 @@ impl SiteState {
                 paused: q.paused,
                 moved_aside: self.queue_moved_aside.as_ref().map(|p| p.display().to_string()),
             },
-            publisher: self.publisher.lock().expect("publisher lock").clone().into(),
+            publisher: self.publisher.lock().expect("publisher lock").clone(),
             points_polled: self.points_polled.load(Ordering::Relaxed),
             points_derived: self.points_derived.load(Ordering::Relaxed),
             points_lost: self.points_lost.load(Ordering::Relaxed),
@@ -145,7 +145,7 @@ pub struct Status {
     pub devices: BTreeMap<String, DeviceStatus>,
     pub formulas: BTreeMap<String, FormulaStatus>,
     pub queue: QueueStatus,
-    pub publisher: PublisherReport,
+    pub publisher: PublisherStatus,
     pub points_polled: u64,
     pub points_derived: u64,
     pub points_lost: u64,
@@ -183,32 +183,6 @@ pub struct QueueStatus {
     pub moved_aside: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PublisherReport {
-    pub connected: bool,
-    pub published_batches: u64,
-    pub acked_records: u64,
-    pub duplicates: u64,
-    pub failures: u64,
-    pub last_error: Option<String>,
-    pub last_ack_latency_seconds: Option<f64>,
-}
-
-impl From<PublisherStatus> for PublisherReport {
-    fn from(s: PublisherStatus) -> Self {
-        Self {
-            connected: s.connected,
-            published_batches: s.published_batches,
-            acked_records: s.acked_records,
-            duplicates: s.duplicates,
-            failures: s.failures,
-            last_error: s.last_error,
-            last_ack_latency_seconds: s.last_ack_latency,
-        }
-    }
-}
-
 /// Exposes [`SiteState`] to Prometheus, read at scrape time.
 #[derive(Debug)]
 pub struct Metrics(pub Arc<SiteState>);
@@ -216,6 +190,21 @@ pub struct Metrics(pub Arc<SiteState>);
 /// A family with one unlabelled sample.
 fn one<V>(value: V) -> Vec<(Vec<(&'static str, String)>, V)> {
     vec![(Vec::new(), value)]
+}
+
+fn encode_families<V: Copy, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    families: &[Family<'_, V>],
+    kind: MetricType,
+    metric: fn(V) -> M,
+) -> std::fmt::Result {
+    for (name, help, samples) in families {
+        let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+        for (labels, value) in samples {
+            metric(*value).encode(family.encode_family(labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// One metric family: name, help, and its samples (labels, value).
@@ -329,7 +318,7 @@ impl Collector for Metrics {
             (
                 "tagstream_publish_ack_latency_seconds",
                 "Time from publish to ack of the latest ack",
-                one(status.publisher.last_ack_latency_seconds.unwrap_or(0.0)),
+                one(status.publisher.last_ack_latency.unwrap_or(0.0)),
             ),
             (
                 "tagstream_formulas_invalid",
@@ -337,18 +326,8 @@ impl Collector for Metrics {
                 one(status.formulas.values().filter(|f| !f.valid).count() as f64),
             ),
         ];
-        for (name, help, samples) in &counters {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (labels, value) in samples {
-                ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
-            }
-        }
-        for (name, help, samples) in &gauges {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for (labels, value) in samples {
-                ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
-            }
-        }
+        encode_families(&mut encoder, &counters, MetricType::Counter, ConstCounter::new)?;
+        encode_families(&mut encoder, &gauges, MetricType::Gauge, ConstGauge::new)?;
         Ok(())
     }
 }
