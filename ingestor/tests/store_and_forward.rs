@@ -487,3 +487,118 @@ spec: {site: crashy, inputs: {s: pump/speed}, expression: s +}
         .count();
     assert!(derived > 0, "the new formula's results reached JetStream");
 }
+
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate with openssl.
+fn certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        assert!(
+            status.expect("openssl is needed for the TLS test").success(),
+            "openssl {args:?} failed"
+        );
+    };
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=tagstream-test-ca",
+    ]);
+    for (name, subject) in [("server", "/CN=localhost"), ("tls", "/CN=tagstream-ingestor")] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            subject,
+        ]);
+        let ext = if name == "server" { "server.ext" } else { "client.ext" };
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "1",
+            "-extfile",
+            ext,
+        ]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_client_certificate() {
+    let pki = tempfile::tempdir().unwrap();
+    certificates(pki.path());
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let nats = Nats::start_with(Some(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n}}\n",
+        p("server.crt"),
+        p("server.key"),
+        p("ca.crt")
+    )));
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let mut config = publisher_config(&url, "tls");
+    config.broker.tls = Some(tagstream_crds::site::BrokerTls {
+        secret_name: "nats-tls".into(),
+        client_certificate: true,
+    });
+    config.tls_dir = pki.path().to_path_buf();
+
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(QueueConfig::new(dir.path().join("q"))).unwrap().queue;
+    queue.append(vec![counter_batch(42)]).await.unwrap();
+    let status = Arc::new(Mutex::new(PublisherStatus::default()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(publish::run(
+        queue.clone(),
+        config.clone(),
+        Arc::clone(&status),
+        stop.clone(),
+    ));
+    let q = queue.clone();
+    let s = Arc::clone(&status);
+    wait_until("the point to be published over TLS", Duration::from_secs(20), || {
+        q.stats().points == 0
+            || s.lock()
+                .unwrap()
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("certificate"))
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(queue.stats().points, 0, "{:?}", status.lock().unwrap());
+    let reader = publish::connect_options(&config).await.unwrap();
+    let stored = stream_contents(&url, reader).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].1.site, "tls");
+}
