@@ -283,12 +283,22 @@ async fn publish_backlog(
     shutdown: &CancellationToken,
 ) -> Result<(), PublishError> {
     let epoch = queue.epoch();
-    let mut after: Option<u64> = None;
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    // The next chunk is read (and decoded, on the blocking pool) while this one is sent.
+    let read_after = |after: Option<u64>| {
+        let queue = queue.clone();
+        let max = config.chunk_records;
+        tokio::spawn(async move { queue.read(after, max).await })
+    };
+    let mut next = read_after(None);
     loop {
-        let chunk = queue.read(after, config.chunk_records).await?;
-        if chunk.is_empty() {
-            settle(queue, &mut in_flight, usize::MAX, status).await?;
+        let chunk = next
+            .await
+            .map_err(|e| PublishError::Publish(format!("queue reader failed: {e}")))??;
+        let Some(last) = chunk.last().map(|s| s.sequence) else {
+            if let Some(sequence) = settle(&mut in_flight, 0, status).await? {
+                queue.ack_through(sequence).await?;
+            }
             if shutdown.is_cancelled() {
                 return Ok(());
             }
@@ -296,12 +306,21 @@ async fn publish_backlog(
                 () = shutdown.cancelled() => {}
                 () = queue.wait_for_records(Duration::from_millis(250)) => {}
             }
+            // Everything up to the last sent record is acked and gone: read from the head.
+            next = read_after(None);
             continue;
-        }
-        after = chunk.last().map(|s| s.sequence);
+        };
+        next = read_after(Some(last));
+        // Acked records leave the queue once per chunk: one delete pass, not one per record.
+        let mut acked_through = None;
         for stored in chunk {
             send_record(context, config, epoch, stored, &mut in_flight, status).await?;
-            settle(queue, &mut in_flight, config.max_in_flight, status).await?;
+            acked_through = settle(&mut in_flight, config.max_in_flight, status)
+                .await?
+                .or(acked_through);
+        }
+        if let Some(sequence) = acked_through {
+            queue.ack_through(sequence).await?;
         }
     }
 }
@@ -344,18 +363,16 @@ pub fn message_id(batch: &PointBatch) -> String {
     format!("{:016x}-{}-{}", batch.epoch, batch.sequence, batch.part)
 }
 
-/// Awaits acks in order until at most `keep` are in flight, then removes the fully acked
-/// records from the queue.
+/// Awaits acks in order until at most `keep` are in flight; returns the last record whose
+/// every batch is now acked.
 async fn settle(
-    queue: &Queue,
     in_flight: &mut VecDeque<InFlight>,
     keep: usize,
     status: &Mutex<PublisherStatus>,
-) -> Result<(), PublishError> {
+) -> Result<Option<u64>, PublishError> {
     let mut acked_through = None;
-    let mut records = 0;
-    while in_flight.len() > keep || (keep == usize::MAX && !in_flight.is_empty()) {
-        let next = in_flight.pop_front().expect("checked non-empty");
+    while in_flight.len() > keep {
+        let next = in_flight.pop_front().expect("longer than keep");
         let ack = next.ack.await.map_err(|e| PublishError::Publish(e.to_string()))?;
         let mut s = status.lock().expect("status lock");
         s.connected = true;
@@ -367,14 +384,10 @@ async fn settle(
         }
         if next.last_part {
             acked_through = Some(next.sequence);
-            records += 1;
+            s.acked_records += 1;
         }
     }
-    if let Some(sequence) = acked_through {
-        queue.ack_through(sequence).await?;
-        status.lock().expect("status lock").acked_records += records;
-    }
-    Ok(())
+    Ok(acked_through)
 }
 
 #[cfg(test)]

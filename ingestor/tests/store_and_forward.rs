@@ -1,9 +1,11 @@
 //! Store and forward against a real `nats-server -js` (Debian's package) on a free
 //! loopback port: broker outages, killed ingestors (SIGKILL), authentication, and reloads.
 
+mod support;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{SocketAddr, TcpListener as StdListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -22,81 +24,7 @@ use tagstream_proto::v1::{Point, PointBatch, point::Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A nats-server child with JetStream, killed and reaped on drop.
-struct Nats {
-    child: Option<Child>,
-    port: u16,
-    store: tempfile::TempDir,
-    config: Option<PathBuf>,
-}
-
-impl Nats {
-    fn start() -> Self {
-        Self::start_with(None)
-    }
-
-    fn start_with(config: Option<&str>) -> Self {
-        let store = tempfile::tempdir().unwrap();
-        let config = config.map(|text| {
-            let path = store.path().join("nats.conf");
-            std::fs::write(&path, text).unwrap();
-            path
-        });
-        let mut nats = Self {
-            child: None,
-            port: free_port(),
-            store,
-            config,
-        };
-        nats.restart();
-        nats
-    }
-
-    /// Starts the server (again) on the same port and store.
-    fn restart(&mut self) {
-        let mut command = Command::new("nats-server");
-        command
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(self.store.path().join("js"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(config) = &self.config {
-            command.arg("-c").arg(config);
-        }
-        self.child = Some(
-            command
-                .spawn()
-                .expect("nats-server is needed: run scripts/test.sh, which installs it"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen within 10s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// A real outage: the process is killed.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use support::nats::{Nats, free_port};
 
 fn publisher_config(url: &str, site: &str) -> PublisherConfig {
     PublisherConfig {

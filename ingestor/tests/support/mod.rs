@@ -1,0 +1,3 @@
+//! Real peers shared by the integration tests and the benchmarks.
+
+pub mod nats;
