@@ -205,6 +205,10 @@ struct InFlight {
     ack: PublishAckFuture,
 }
 
+/// How long points may wait in the queue with no ack arriving before the publisher
+/// drops its connection and makes a new one.
+const STALL_LIMIT: Duration = Duration::from_secs(20);
+
 /// The publisher's loop: runs until `shutdown`, then returns once nothing is in flight.
 pub async fn run(
     queue: Queue,
@@ -213,40 +217,81 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(200);
-    let context = loop {
-        match connect(&config).await {
-            Ok(context) => break context,
-            Err(e) => {
-                warn!(error = %e, retry_in = ?delay, "broker not reachable; points stay in the queue");
-                status.lock().expect("status lock").last_error = Some(e.to_string());
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
-    };
-    let mut delay = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
-        match publish_backlog(&queue, &context, &config, &status, &shutdown).await {
-            Ok(()) => delay = Duration::from_millis(100),
-            Err(e) => {
-                {
-                    let mut s = status.lock().expect("status lock");
-                    s.failures += 1;
-                    s.connected = false;
-                    if s.last_error.as_deref() != Some(&e.to_string()) {
-                        warn!(error = %e, "publishing failed; resuming from the first unacknowledged record");
+    loop {
+        let context = tokio::select! {
+            () = shutdown.cancelled() => return,
+            connected = connect(&config) => match connected {
+                Ok(context) => context,
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?delay, "broker not reachable; points stay in the queue");
+                    status.lock().expect("status lock").last_error = Some(e.to_string());
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
                     }
-                    s.last_error = Some(e.to_string());
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                    continue;
                 }
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
+            },
+        };
+        delay = Duration::from_millis(200);
+        if publish_while_connected(&queue, &context, &config, &status, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Publishes on one connection; returns `true` at shutdown and `false` when the
+/// connection looks stuck and a new one should be made.
+async fn publish_while_connected(
+    queue: &Queue,
+    context: &jetstream::Context,
+    config: &PublisherConfig,
+    status: &Mutex<PublisherStatus>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let outcome = tokio::select! {
+            result = publish_backlog(queue, context, config, status, shutdown) => result,
+            () = stalled(queue, status) => {
+                warn!(limit = ?STALL_LIMIT, "points are queued but no ack arrived; reconnecting to the broker");
+                status.lock().expect("status lock").failures += 1;
+                return false;
             }
+        };
+        let Err(e) = outcome else { return true };
+        {
+            let mut s = status.lock().expect("status lock");
+            s.failures += 1;
+            s.connected = false;
+            if s.last_error.as_deref() != Some(&e.to_string()) {
+                warn!(error = %e, "publishing failed; resuming from the first unacknowledged record");
+            }
+            s.last_error = Some(e.to_string());
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return true,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+        // The stream may be what failed (deleted, or lost with the broker's disk).
+        if let Err(e) = ensure_stream(context, config).await {
+            debug!(error = %e, "stream check before retrying failed");
+        }
+    }
+}
+
+/// Resolves when records have waited in the queue for [`STALL_LIMIT`] without any ack.
+async fn stalled(queue: &Queue, status: &Mutex<PublisherStatus>) {
+    let mut last = (status.lock().expect("status lock").acked_records, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let acked = status.lock().expect("status lock").acked_records;
+        if acked != last.0 || queue.stats().records == 0 {
+            last = (acked, Instant::now());
+        } else if last.1.elapsed() >= STALL_LIMIT {
+            return;
         }
     }
 }

@@ -249,3 +249,37 @@ fn nothing_reported_persisted_is_lost_when_the_process_is_killed() {
     );
     assert!(stored.windows(2).all(|w| w[0].sequence < w[1].sequence));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_match_the_records_when_acks_race_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("q"));
+    config.flush_interval = Duration::from_millis(1);
+    let queue = Queue::open(config).unwrap().queue;
+    let appender = tokio::spawn({
+        let queue = queue.clone();
+        async move {
+            for n in 0..3000 {
+                queue.append(vec![batch(n)]).await.unwrap();
+            }
+        }
+    });
+    // Read and acknowledge as fast as possible, as the publisher does: records can be
+    // read and deleted before their group's flush returns.
+    let mut seen = 0;
+    while seen < 3000 {
+        let stored = queue.read(None, 64).await.unwrap();
+        if let Some(last) = stored.last() {
+            seen += numbers(&stored).len();
+            queue.ack_through(last.sequence).await.unwrap();
+        }
+    }
+    appender.await.unwrap();
+    let stats = queue.stats();
+    assert!(everything(&queue).await.is_empty());
+    assert_eq!(
+        (stats.records, stats.points, stats.payload_bytes),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+}

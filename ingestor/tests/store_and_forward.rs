@@ -125,11 +125,18 @@ async fn a_broker_outage_loses_nothing_and_keeps_the_order() {
     let queued_during_outage = queue.stats().points;
     nats.restart();
     feeder.await.unwrap();
-    let q = queue.clone();
-    wait_until("the queue to drain after the outage", Duration::from_secs(60), || {
-        q.stats().records == 0
+    let drained = tokio::time::timeout(Duration::from_secs(60), async {
+        while queue.stats().records > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
+    assert!(
+        drained.is_ok(),
+        "the queue did not drain after the outage: {:?} {:?}",
+        queue.stats(),
+        status.lock().unwrap()
+    );
     stop.cancel();
     publisher.await.unwrap();
 
@@ -150,6 +157,47 @@ async fn a_broker_outage_loses_nothing_and_keeps_the_order() {
     let ids: BTreeSet<&String> = stored.iter().map(|(id, _)| id).collect();
     assert_eq!(ids.len(), stored.len(), "message ids are unique");
     assert!(status.lock().unwrap().failures > 0, "the outage was noticed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_queued_before_any_broker_exists_are_delivered_when_it_appears() {
+    let mut nats = Nats::start();
+    nats.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(QueueConfig::new(dir.path().join("q"))).unwrap().queue;
+    let status = Arc::new(Mutex::new(PublisherStatus::default()));
+    let stop = CancellationToken::new();
+    let publisher = tokio::spawn(publish::run(
+        queue.clone(),
+        publisher_config(&nats.url(), "late"),
+        Arc::clone(&status),
+        stop.clone(),
+    ));
+    for n in 0..50 {
+        queue.append(vec![counter_batch(n)]).await.unwrap();
+    }
+    let s = Arc::clone(&status);
+    wait_until(
+        "the publisher to report the missing broker",
+        Duration::from_secs(15),
+        || s.lock().unwrap().last_error.is_some(),
+    )
+    .await;
+    assert_eq!(queue.stats().points, 50, "everything stays queued");
+    nats.restart();
+    let q = queue.clone();
+    wait_until("the buffered points to be delivered", Duration::from_secs(30), || {
+        q.stats().points == 0
+    })
+    .await;
+    stop.cancel();
+    publisher.await.unwrap();
+    assert_eq!(
+        stream_contents(&nats.url(), async_nats::ConnectOptions::new())
+            .await
+            .len(),
+        50
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -278,10 +278,9 @@ impl Queue {
                     Err(e) => {
                         error!(sequence, error = %e, "skipping a corrupt queue record; its points are lost");
                         shared.records.remove(&key).map_err(storage(&shared.config.dir))?;
-                        let mut stats = shared.stats.lock().expect("stats lock");
-                        stats.corrupt_records += 1;
-                        stats.records = stats.records.saturating_sub(1);
-                        stats.payload_bytes = stats.payload_bytes.saturating_sub(value.len() as u64);
+                        let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
+                        uncount(&shared, 1, points, value.len() as u64);
+                        shared.stats.lock().expect("stats lock").corrupt_records += 1;
                     }
                 }
             }
@@ -370,12 +369,9 @@ fn remove_head(shared: &Shared, take: impl Fn(u64) -> bool, dropped: bool) -> Re
         };
         let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
         freed += value.len() as u64;
-        let mut stats = shared.stats.lock().expect("stats lock");
-        stats.records = stats.records.saturating_sub(1);
-        stats.points = stats.points.saturating_sub(points);
-        stats.payload_bytes = stats.payload_bytes.saturating_sub(value.len() as u64);
+        uncount(shared, 1, points, value.len() as u64);
         if dropped {
-            stats.dropped_points += points;
+            shared.stats.lock().expect("stats lock").dropped_points += points;
         }
     }
     let oldest = shared
@@ -491,18 +487,19 @@ fn write_group(shared: &Shared, batches: impl Iterator<Item = PointBatch>, first
     let mut next = first_seq;
     let mut pending: Vec<PointBatch> = Vec::new();
     let mut pending_bytes = 0;
-    let mut written = (0u64, 0u64, 0u64);
-    let mut flush_record = |pending: &mut Vec<PointBatch>, next: &mut u64| -> Result<(), QueueError> {
+    let write_record = |pending: &mut Vec<PointBatch>, next: &mut u64| -> Result<(), QueueError> {
         if pending.is_empty() {
             return Ok(());
         }
         let value = record::encode(std::mem::take(pending), now);
         let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
-        shared
-            .records
-            .insert(next.to_be_bytes(), value.as_slice())
-            .map_err(&err)?;
-        written = (written.0 + 1, written.1 + points, written.2 + value.len() as u64);
+        // Counted before it is inserted: the publisher may read, send, ack and delete it
+        // before this function returns, and a delete must never find it uncounted.
+        count(shared, 1, points, value.len() as u64, Some(now));
+        if let Err(e) = shared.records.insert(next.to_be_bytes(), value.as_slice()) {
+            uncount(shared, 1, points, value.len() as u64);
+            return Err(err(e));
+        }
         *next += 1;
         Ok(())
     };
@@ -510,17 +507,29 @@ fn write_group(shared: &Shared, batches: impl Iterator<Item = PointBatch>, first
         pending_bytes += record::batch_size(&batch);
         pending.push(batch);
         if pending_bytes >= shared.config.record_bytes {
-            flush_record(&mut pending, &mut next)?;
+            write_record(&mut pending, &mut next)?;
             pending_bytes = 0;
         }
     }
-    flush_record(&mut pending, &mut next)?;
+    write_record(&mut pending, &mut next)?;
     shared.meta.insert("next_seq", &next.to_be_bytes()).map_err(&err)?;
     shared.db.flush().map_err(&err)?;
-    let mut stats = shared.stats.lock().expect("stats lock");
-    stats.records += written.0;
-    stats.points += written.1;
-    stats.payload_bytes += written.2;
-    stats.oldest_enqueued_ns.get_or_insert(now);
     Ok(next)
+}
+
+fn count(shared: &Shared, records: u64, points: u64, bytes: u64, enqueued_ns: Option<i64>) {
+    let mut stats = shared.stats.lock().expect("stats lock");
+    stats.records += records;
+    stats.points += points;
+    stats.payload_bytes += bytes;
+    if let Some(at) = enqueued_ns {
+        stats.oldest_enqueued_ns.get_or_insert(at);
+    }
+}
+
+fn uncount(shared: &Shared, records: u64, points: u64, bytes: u64) {
+    let mut stats = shared.stats.lock().expect("stats lock");
+    stats.records = stats.records.saturating_sub(records);
+    stats.points = stats.points.saturating_sub(points);
+    stats.payload_bytes = stats.payload_bytes.saturating_sub(bytes);
 }

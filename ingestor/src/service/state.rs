@@ -311,6 +311,11 @@ impl Collector for Metrics {
                 one(flag(status.queue.paused)),
             ),
             (
+                "tagstream_queue_recovered_from_corruption",
+                "1 when this run found the queue corrupt, moved it aside and started a fresh one",
+                one(flag(status.queue.moved_aside.is_some())),
+            ),
+            (
                 "tagstream_broker_connected",
                 "1 while acks arrive from JetStream",
                 one(flag(status.publisher.connected)),
