@@ -359,6 +359,8 @@ enum Misbehaviour {
     Silence,
     Slow,
     Exception(u8),
+    /// Exception 6 (server busy) to the first request, then good answers.
+    BusyFirst,
 }
 
 /// A Modbus TCP server that answers every request wrongly, in one chosen way.
@@ -370,7 +372,9 @@ async fn misbehaving_server(how: Misbehaviour) -> u16 {
             return;
         };
         let mut request = [0u8; 12];
+        let mut answered = 0;
         while stream.read_exact(&mut request).await.is_ok() {
+            answered += 1;
             let (transaction, unit, function) = ([request[0], request[1]], request[6], request[7]);
             let answer: Vec<u8> = match how {
                 // Two registers asked, three sent.
@@ -386,6 +390,10 @@ async fn misbehaving_server(how: Misbehaviour) -> u16 {
                 Misbehaviour::Exception(code) => {
                     [&transaction[..], &[0, 0, 0, 3, unit, function | 0x80, code]].concat()
                 }
+                Misbehaviour::BusyFirst if answered == 1 => {
+                    [&transaction[..], &[0, 0, 0, 3, unit, function | 0x80, 6]].concat()
+                }
+                Misbehaviour::BusyFirst => [&transaction[..], &[0, 0, 0, 7, unit, function, 4, 0, 1, 0, 2]].concat(),
             };
             if stream.write_all(&answer).await.is_err() {
                 return;
@@ -459,4 +467,38 @@ async fn the_read_command_prints_raw_registers_and_every_byte_order() {
         "{text}"
     );
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_busy_device_is_asked_again_when_the_manifest_allows_it() {
+    for (retries, expected) in [(0, None), (2, Some(PointValue::UInt(0x0001_0002)))] {
+        let port = misbehaving_server(Misbehaviour::BusyFirst).await;
+        let yaml = GATEWAY
+            .replace("NAME", "busy")
+            .replace("UNIT", "1")
+            .replace("type: uint16", "type: uint32")
+            .replace(
+                "  pollInterval: 100ms",
+                &format!("  pollInterval: 100ms\n  quirks: {{busyRetries: {retries}}}"),
+            );
+        let spec = with_port(&device(&yaml), port).spec;
+        let mut context = connection::connect(&spec.connection, 1, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let mut reads = plan::plan(&spec).remove(0).reads;
+        let readings = poller::poll_reads(&mut context, &spec, &poller::layouts(&spec), &mut reads, 0)
+            .await
+            .unwrap();
+        assert_eq!(
+            readings[0].sample.value, expected,
+            "busyRetries {retries}: {:?}",
+            readings[0].sample
+        );
+        if retries == 0 {
+            assert_eq!(
+                readings[0].sample.quality.reason.as_deref(),
+                Some("exception 6: Server device busy")
+            );
+        }
+    }
 }
