@@ -3,6 +3,7 @@
 
 use std::{
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -500,5 +501,40 @@ async fn a_busy_device_is_asked_again_when_the_manifest_allows_it() {
                 Some("exception 6: Server device busy")
             );
         }
+    }
+}
+
+#[tokio::test]
+async fn close_after_poll_opens_a_connection_per_cycle() {
+    for (close, expect_many) in [(false, false), (true, true)] {
+        let shutdown = CancellationToken::new();
+        let yaml = GATEWAY.replace("NAME", "shy").replace("UNIT", "1").replace(
+            "  pollInterval: 100ms",
+            &format!("  pollInterval: 50ms\n  quirks: {{closeAfterPoll: {close}}}"),
+        );
+        let template = device(&yaml);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let endpoint = SimulatedEndpoint::new(&[&template], Faults::default());
+        tokio::spawn(simulate::serve_tcp(
+            listener,
+            Arc::clone(&endpoint),
+            Framing::Tcp,
+            shutdown.clone(),
+        ));
+        let (tx, mut rx) = mpsc::channel(1024);
+        let _pollers = poller::spawn(&[with_port(&template, port)], &tx, &shutdown);
+        let polls = collect(&mut rx, Duration::from_secs(1)).await.len();
+        shutdown.cancel();
+        let connections = endpoint.connections();
+        if expect_many {
+            assert!(
+                connections as usize + 2 >= polls,
+                "closeAfterPoll: {connections} connections for {polls} polls"
+            );
+        } else {
+            assert_eq!(connections, 1, "{polls} polls on one connection");
+        }
+        assert!(polls >= 10, "{polls} polls in 1s at 50ms");
     }
 }

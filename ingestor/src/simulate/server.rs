@@ -7,7 +7,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -52,6 +55,8 @@ pub struct SimulatedEndpoint {
     devices: BTreeMap<u8, SimulatedDevice>,
     faults: Faults,
     started: Instant,
+    /// Connections accepted so far (TCP endpoints).
+    connections: AtomicU64,
 }
 
 impl SimulatedEndpoint {
@@ -80,7 +85,13 @@ impl SimulatedEndpoint {
             devices,
             faults,
             started: Instant::now(),
+            connections: AtomicU64::new(0),
         })
+    }
+
+    /// Connections this endpoint accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     fn answer(&self, unit: u8, request: &Request<'_>) -> Result<Option<Response>, ExceptionCode> {
@@ -204,6 +215,7 @@ pub async fn serve_tcp(
         let endpoint = Arc::clone(&endpoint);
         async move {
             debug!(%peer, "simulator connection");
+            endpoint.connections.fetch_add(1, Ordering::Relaxed);
             let _ = stream.set_nodelay(true);
             let transport = Dropping {
                 stream,
