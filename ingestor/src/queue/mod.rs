@@ -305,7 +305,10 @@ impl Queue {
         .await
     }
 
-    /// Stops taking appends, writes what was handed over, and flushes.
+    /// Stops taking appends through this handle, flushes, and, when this is the last
+    /// handle, waits (up to a second) for the writer to end so the database's file lock is
+    /// released and the queue can be opened again. Every append already returned after its
+    /// own flush; the final flush covers deletions of acknowledged records.
     pub async fn close(self) -> Result<(), QueueError> {
         let Self { shared, appends } = self;
         drop(appends);
