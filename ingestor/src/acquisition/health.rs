@@ -1,11 +1,13 @@
 //! Per-device health, kept for the status endpoint and metrics.
 
-/// What the ingestor knows of a device's recent polls.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What the ingestor knows of a device's recent polls (also its `/status` entry).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DeviceHealth {
     /// Whether the last poll reached the device.
     pub connected: bool,
     /// Time of the last successful poll, ns since the Unix epoch.
+    #[serde(rename = "lastPollNs")]
     pub last_success_ns: Option<i64>,
     pub polls: u64,
     pub failed_polls: u64,

@@ -17,7 +17,11 @@ use prometheus_client::{
 };
 use serde::Serialize;
 
-use crate::{acquisition::poller::HealthMap, publish::PublisherStatus, queue::Queue};
+use crate::{
+    acquisition::{health::DeviceHealth, poller::HealthMap},
+    publish::PublisherStatus,
+    queue::Queue,
+};
 
 /// Shared state of the running site.
 #[derive(Debug)]
@@ -73,18 +77,7 @@ impl SiteState {
             .lock()
             .expect("devices lock")
             .iter()
-            .map(|(name, health)| {
-                let h = health.lock().expect("health lock").clone();
-                let status = DeviceStatus {
-                    connected: h.connected,
-                    last_poll_ns: h.last_success_ns,
-                    polls: h.polls,
-                    failed_polls: h.failed_polls,
-                    consecutive_failures: h.consecutive_failures,
-                    last_error: h.last_error,
-                };
-                (name.clone(), status)
-            })
+            .map(|(name, health)| (name.clone(), health.lock().expect("health lock").clone()))
             .collect();
         let issues = self.formula_issues.lock().expect("issues lock").clone();
         let mut formulas: BTreeMap<String, FormulaStatus> = self
@@ -142,24 +135,13 @@ impl SiteState {
 pub struct Status {
     pub namespace: String,
     pub site: String,
-    pub devices: BTreeMap<String, DeviceStatus>,
+    pub devices: BTreeMap<String, DeviceHealth>,
     pub formulas: BTreeMap<String, FormulaStatus>,
     pub queue: QueueStatus,
     pub publisher: PublisherStatus,
     pub points_polled: u64,
     pub points_derived: u64,
     pub points_lost: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeviceStatus {
-    pub connected: bool,
-    pub last_poll_ns: Option<i64>,
-    pub polls: u64,
-    pub failed_polls: u64,
-    pub consecutive_failures: u32,
-    pub last_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -214,7 +196,7 @@ impl Collector for Metrics {
     #[allow(clippy::too_many_lines, reason = "a table of metric families, one entry each")]
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let status = self.0.status();
-        let per_device = |f: &dyn Fn(&DeviceStatus) -> u64| -> Vec<(Vec<(&str, String)>, u64)> {
+        let per_device = |f: &dyn Fn(&DeviceHealth) -> u64| -> Vec<(Vec<(&str, String)>, u64)> {
             status
                 .devices
                 .iter()
