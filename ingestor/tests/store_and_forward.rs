@@ -578,3 +578,46 @@ async fn tls_with_a_client_certificate() {
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].1.site, "tls");
 }
+
+/// Publishes one point with `kind` credentials from `files` to a server with `auth`.
+async fn publish_with(auth: &str, kind: CredentialsKind, files: &[(&str, &str)]) {
+    let nats = Nats::start_with(Some(auth));
+    let secrets = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        std::fs::write(secrets.path().join(name), content).unwrap();
+    }
+    let mut config = publisher_config(&nats.url(), "auth");
+    config.broker.credentials = Some(BrokerCredentials {
+        secret_name: "nats-auth".into(),
+        kind,
+    });
+    config.credentials_dir = secrets.path().to_path_buf();
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(QueueConfig::new(dir.path().join("q"))).unwrap().queue;
+    queue.append(vec![counter_batch(1)]).await.unwrap();
+    let status = Arc::new(Mutex::new(PublisherStatus::default()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(publish::run(queue.clone(), config, Arc::clone(&status), stop.clone()));
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        while queue.stats().points > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    assert!(drained.is_ok(), "{kind:?}: not published: {:?}", status.lock().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_nkey_from_the_mounted_secret() {
+    publish_with(
+        "authorization { token: \"t0ken-s3cret\" }\n",
+        CredentialsKind::Token,
+        &[("token", "t0ken-s3cret\n")],
+    )
+    .await;
+    let user = nkeys::KeyPair::new_user();
+    let server = format!("authorization {{ users: [ {{ nkey: {} }} ] }}\n", user.public_key());
+    publish_with(&server, CredentialsKind::Nkey, &[("nkey", &user.seed().unwrap())]).await;
+}
