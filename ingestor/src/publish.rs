@@ -23,6 +23,7 @@ use async_nats::{
     jetstream::{self, context::PublishAckFuture, message::PublishMessage, stream},
 };
 use bytes::Bytes;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prost::Message as _;
 use tagstream_crds::site::{Broker, CredentialsKind, StreamStorage};
 use tagstream_proto::v1::PointBatch;
@@ -63,7 +64,7 @@ impl PublisherConfig {
 }
 
 /// What the publisher reports for status and metrics.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PublisherStatus {
     pub connected: bool,
@@ -75,6 +76,26 @@ pub struct PublisherStatus {
     /// Seconds from publish to ack of the latest ack.
     #[serde(rename = "lastAckLatencySeconds")]
     pub last_ack_latency: Option<f64>,
+    /// Seconds from publish to ack, every ack; clones share it (it is registered once
+    /// with the metrics registry).
+    #[serde(skip)]
+    pub ack_latency: Histogram,
+}
+
+impl Default for PublisherStatus {
+    fn default() -> Self {
+        Self {
+            connected: false,
+            published_batches: 0,
+            acked_records: 0,
+            duplicates: 0,
+            failures: 0,
+            last_error: None,
+            last_ack_latency: None,
+            // 0.5 ms to 4 s.
+            ack_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+        }
+    }
 }
 
 /// Why connecting or publishing failed.
@@ -422,7 +443,9 @@ async fn settle(
         let mut s = status.lock().expect("status lock");
         s.connected = true;
         s.last_error = None;
-        s.last_ack_latency = Some(next.sent.elapsed().as_secs_f64());
+        let latency = next.sent.elapsed().as_secs_f64();
+        s.last_ack_latency = Some(latency);
+        s.ack_latency.observe(latency);
         if ack.duplicate {
             s.duplicates += 1;
             debug!(sequence = next.sequence, "duplicate dropped by JetStream");

@@ -22,6 +22,12 @@ pub async fn serve(
 ) -> anyhow::Result<SocketAddr> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Metrics(Arc::clone(&state))));
+    let ack_latency = state.publisher.lock().expect("publisher lock").ack_latency.clone();
+    registry.register(
+        "tagstream_publish_ack_latency_seconds",
+        "Time from publish to JetStream's ack",
+        ack_latency,
+    );
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))

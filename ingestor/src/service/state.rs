@@ -303,11 +303,6 @@ impl Collector for Metrics {
                 one(flag(status.publisher.connected)),
             ),
             (
-                "tagstream_publish_ack_latency_seconds",
-                "Time from publish to ack of the latest ack",
-                one(status.publisher.last_ack_latency.unwrap_or(0.0)),
-            ),
-            (
                 "tagstream_formulas_invalid",
                 "Formulas not evaluated because they are invalid",
                 one(status.formulas.values().filter(|f| !f.valid).count() as f64),
