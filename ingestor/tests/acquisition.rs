@@ -538,3 +538,43 @@ async fn close_after_poll_opens_a_connection_per_cycle() {
         assert!(polls >= 10, "{polls} polls in 1s at 50ms");
     }
 }
+
+#[tokio::test]
+async fn connect_and_request_delays_are_honoured() {
+    let shutdown = CancellationToken::new();
+    let yaml = r"
+apiVersion: tagstream.io/v1alpha1
+kind: Device
+metadata: {name: slowpoke}
+spec:
+  site: s
+  connection: {tcp: {host: 127.0.0.1, port: 1}}
+  pollInterval: 100ms
+  reads: {requestPerTag: true}
+  quirks: {connectDelay: 300ms, requestDelay: 150ms}
+  tags:
+    - {name: a, register: holding, address: 0, type: uint16}
+    - {name: b, register: holding, address: 1, type: uint16}
+    - {name: c, register: holding, address: 2, type: uint16}
+";
+    let template = device(yaml);
+    let port = simulator(
+        std::slice::from_ref(&template),
+        Faults::default(),
+        Framing::Tcp,
+        &shutdown,
+    )
+    .await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let started = Instant::now();
+    let _pollers = poller::spawn(&[with_port(&template, port)], &tx, &shutdown);
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    assert_eq!(first.points.len(), 3);
+    // 300 ms after connecting, then two 150 ms pauses between the three requests.
+    assert!(elapsed >= Duration::from_millis(600), "first poll after {elapsed:?}");
+}
