@@ -1,0 +1,344 @@
+//! Rendering a site: pure functions, no API calls. The same inputs always give the same
+//! objects, so the controller can compare before it writes and write nothing when nothing
+//! changed.
+//!
+//! Per Site `<name>` (all in the Site's namespace, owned by the Site):
+//! - ConfigMap `tagstream-<name>`: the Site, Device and Formula documents the ingestor reads
+//!   (`site.yaml`, `devices.yaml`, `formulas.yaml`), the same manifests users apply. Invalid
+//!   formulas are left out and reported, so one bad formula never stops a site. The
+//!   ingestor reloads the mounted files itself: no pod restart, no config hash in the pod
+//!   template.
+//! - StatefulSet `tagstream-<name>`: one replica, a `queue` volume claim kept when the Site
+//!   is deleted or scaled (unsent points survive), the Site's placement and resources,
+//!   probes on `/healthz` and `/readyz`, a restricted security context, no service
+//!   account token, the broker Secrets mounted read-only.
+//! - Service `tagstream-<name>`: `/metrics` and `/status` on port 9464.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec},
+        core::v1::{
+            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+            PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+            SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+            VolumeMount, VolumeResourceRequirements,
+        },
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use kube::Resource;
+use serde_json::Value;
+use tagstream_crds::{Device, Formula, Site};
+use tagstream_ingestor::calc::{Calc, FormulaError};
+
+/// Port of the ingestor's `/metrics`, `/healthz`, `/readyz` and `/status`.
+pub const HTTP_PORT: u16 = 9464;
+const CONFIG_DIR: &str = "/etc/tagstream/site";
+const QUEUE_DIR: &str = "/var/lib/tagstream/queue";
+const CREDENTIALS_DIR: &str = "/etc/tagstream/credentials";
+const TLS_DIR: &str = "/etc/tagstream/tls";
+
+/// Operator-wide settings for what it renders.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The ingestor image, e.g. `ghcr.io/tagstream/tagstream-ingestor:0.1.0`.
+    pub ingestor_image: String,
+}
+
+/// Everything one site needs.
+#[derive(Clone, Debug)]
+pub struct Rendered {
+    pub config_map: ConfigMap,
+    pub stateful_set: StatefulSet,
+    pub service: Service,
+    /// Formulas left out of the ConfigMap, and why (for their status).
+    pub formula_issues: BTreeMap<String, FormulaError>,
+}
+
+/// The name of a site's objects.
+pub fn object_name(site: &str) -> String {
+    format!("tagstream-{site}")
+}
+
+fn labels(site: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "tagstream-ingestor".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), site.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "tagstream-operator".to_owned(),
+        ),
+    ])
+}
+
+fn selector(site: &str) -> BTreeMap<String, String> {
+    labels(site)
+        .into_iter()
+        .filter(|(k, _)| k != "app.kubernetes.io/managed-by")
+        .collect()
+}
+
+/// The document a user would apply: apiVersion, kind, name, namespace and spec only.
+fn document<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> Value {
+    let value = serde_json::to_value(object).expect("an API object serialises");
+    let meta = object.meta();
+    serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"name": meta.name, "namespace": meta.namespace},
+        "spec": value["spec"],
+    })
+}
+
+fn documents(values: &[Value]) -> String {
+    values
+        .iter()
+        .map(|v| serde_yaml::to_string(v).expect("JSON values serialise to YAML"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn sorted<K: Resource>(objects: &[K]) -> Vec<&K> {
+    let mut sorted: Vec<&K> = objects.iter().collect();
+    sorted.sort_by(|a, b| a.meta().name.cmp(&b.meta().name));
+    sorted
+}
+
+/// Renders a site from the Devices and Formulas that name it.
+pub fn render(site: &Site, devices: &[Device], formulas: &[Formula], settings: &Settings) -> Rendered {
+    let name = site.meta().name.clone().unwrap_or_default();
+    let namespace = site.meta().namespace.clone();
+    let devices = sorted(devices);
+    let formulas = sorted(formulas);
+
+    let mut calc = Calc::new();
+    let tags: Vec<(&str, &str)> = devices
+        .iter()
+        .flat_map(|d| {
+            let device = d.meta().name.as_deref().unwrap_or_default();
+            d.spec.tags.iter().map(move |t| (device, t.name.as_str()))
+        })
+        .collect();
+    let specs: Vec<(String, tagstream_crds::FormulaSpec)> = formulas
+        .iter()
+        .map(|f| (f.meta().name.clone().unwrap_or_default(), f.spec.clone()))
+        .collect();
+    calc.configure(tags, &specs);
+    let formula_issues = calc.issues().clone();
+    let valid: Vec<Value> = formulas
+        .iter()
+        .filter(|f| !formula_issues.contains_key(f.meta().name.as_deref().unwrap_or_default()))
+        .map(|f| document(*f))
+        .collect();
+
+    let owner = site.controller_owner_ref(&()).map(|o| vec![o]);
+    let meta = |name: &str| ObjectMeta {
+        name: Some(object_name(name)),
+        namespace: namespace.clone(),
+        labels: Some(labels(name)),
+        owner_references: owner.clone(),
+        ..ObjectMeta::default()
+    };
+
+    let config_map = ConfigMap {
+        metadata: meta(&name),
+        data: Some(BTreeMap::from([
+            ("site.yaml".to_owned(), documents(&[document(site)])),
+            (
+                "devices.yaml".to_owned(),
+                documents(&devices.iter().map(|d| document(*d)).collect::<Vec<_>>()),
+            ),
+            ("formulas.yaml".to_owned(), documents(&valid)),
+        ])),
+        ..ConfigMap::default()
+    };
+    Rendered {
+        config_map,
+        stateful_set: stateful_set(site, &name, meta(&name), settings),
+        service: Service {
+            metadata: meta(&name),
+            spec: Some(ServiceSpec {
+                selector: Some(selector(&name)),
+                ports: Some(vec![ServicePort {
+                    name: Some("http".into()),
+                    port: i32::from(HTTP_PORT),
+                    target_port: Some(IntOrString::String("http".into())),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        },
+        formula_issues,
+    }
+}
+
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    }
+}
+
+fn secret_volume(name: &str, secret: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+/// The ingestor container: its command line, port, probes and locked-down context.
+fn ingestor_container(site: &Site, mounts: Vec<VolumeMount>, settings: &Settings) -> Container {
+    let spec = &site.spec;
+    Container {
+        name: "ingestor".into(),
+        image: Some(settings.ingestor_image.clone()),
+        args: Some(
+            [
+                "run",
+                "-f",
+                CONFIG_DIR,
+                "--queue-dir",
+                QUEUE_DIR,
+                "--credentials-dir",
+                CREDENTIALS_DIR,
+                "--tls-dir",
+                TLS_DIR,
+                "--http",
+                &format!("0.0.0.0:{HTTP_PORT}"),
+                "--log-json",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        ),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: i32::from(HTTP_PORT),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(probe("/healthz", 10)),
+        readiness_probe: Some(probe("/readyz", 5)),
+        resources: spec.placement.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    }
+}
+
+fn stateful_set(site: &Site, name: &str, metadata: ObjectMeta, settings: &Settings) -> StatefulSet {
+    let spec = &site.spec;
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: object_name(name),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![mount("config", CONFIG_DIR, true), mount("queue", QUEUE_DIR, false)];
+    if let Some(credentials) = &spec.broker.credentials {
+        volumes.push(secret_volume("credentials", &credentials.secret_name));
+        mounts.push(mount("credentials", CREDENTIALS_DIR, true));
+    }
+    if let Some(tls) = &spec.broker.tls {
+        volumes.push(secret_volume("tls", &tls.secret_name));
+        mounts.push(mount("tls", TLS_DIR, true));
+    }
+    let container = ingestor_container(site, mounts, settings);
+    let pod = PodSpec {
+        automount_service_account_token: Some(false),
+        containers: vec![container],
+        node_selector: Some(spec.placement.node_selector.clone()).filter(|s| !s.is_empty()),
+        tolerations: Some(spec.placement.tolerations.clone()).filter(|t| !t.is_empty()),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65_532),
+            run_as_group: Some(65_532),
+            fs_group: Some(65_532),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        // SIGTERM drains the queue for up to 20 s (the ingestor's --drain-deadline).
+        termination_grace_period_seconds: Some(30),
+        volumes: Some(volumes),
+        ..PodSpec::default()
+    };
+    StatefulSet {
+        metadata,
+        spec: Some(StatefulSetSpec {
+            replicas: Some(1),
+            service_name: Some(object_name(name)),
+            selector: LabelSelector {
+                match_labels: Some(selector(name)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(name)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("queue".into()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    storage_class_name: spec.storage.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([("storage".to_owned(), spec.storage.size.clone())])),
+                        ..VolumeResourceRequirements::default()
+                    }),
+                    ..PersistentVolumeClaimSpec::default()
+                }),
+                ..PersistentVolumeClaim::default()
+            }]),
+            // Unsent points live on the claim: never delete it with the workload.
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some("Retain".into()),
+                when_scaled: Some("Retain".into()),
+            }),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}

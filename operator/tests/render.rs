@@ -1,0 +1,203 @@
+//! Rendering the example plant: a golden file, the ingestor's loader accepting what the
+//! ConfigMap holds, the security context, and a bad formula left out.
+
+use std::path::{Path, PathBuf};
+
+use tagstream_crds::{
+    Device, Formula, Site,
+    manifest::{load, load_report},
+    site::{BrokerCredentials, BrokerTls, CredentialsKind},
+};
+use tagstream_operator::render::{Rendered, Settings, render};
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
+/// The example plant as the API server would hand it to the operator: in a namespace,
+/// with a uid.
+fn plant() -> (Site, Vec<Device>, Vec<Formula>) {
+    let report = load(&[examples()]).unwrap();
+    let place = |meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.namespace = Some("plant".into());
+        meta.uid = Some("0d6b1f0e-0000-4000-8000-000000000001".into());
+    };
+    let mut site = report.sites[0].object.clone();
+    place(&mut site.metadata);
+    let devices = report
+        .devices
+        .into_iter()
+        .map(|d| {
+            let mut d = d.object;
+            place(&mut d.metadata);
+            d
+        })
+        .collect();
+    let formulas = report
+        .formulas
+        .into_iter()
+        .map(|f| {
+            let mut f = f.object;
+            place(&mut f.metadata);
+            f
+        })
+        .collect();
+    (site, devices, formulas)
+}
+
+fn settings() -> Settings {
+    Settings {
+        ingestor_image: "ghcr.io/tagstream/tagstream-ingestor:0.1.0".into(),
+    }
+}
+
+fn yaml(rendered: &Rendered) -> String {
+    [
+        serde_yaml::to_string(&rendered.config_map).unwrap(),
+        serde_yaml::to_string(&rendered.stateful_set).unwrap(),
+        serde_yaml::to_string(&rendered.service).unwrap(),
+    ]
+    .join("---\n")
+}
+
+#[test]
+fn the_example_plant_renders_as_the_golden_file() {
+    let (site, devices, formulas) = plant();
+    let text = yaml(&render(&site, &devices, &formulas, &settings()));
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/plant-a.yaml");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &text).unwrap();
+    }
+    let expected = std::fs::read_to_string(&golden).unwrap_or_default();
+    assert!(
+        text == expected,
+        "rendering changed; review it and run with UPDATE_GOLDEN=1 to accept:\n{text}"
+    );
+    // The same inputs in another order render the same objects: no write when nothing changed.
+    let mut reversed = devices.clone();
+    reversed.reverse();
+    assert_eq!(yaml(&render(&site, &reversed, &formulas, &settings())), text);
+}
+
+#[test]
+fn the_ingestor_loads_what_the_config_map_holds() {
+    let (site, devices, formulas) = plant();
+    let rendered = render(&site, &devices, &formulas, &settings());
+    let dir = tempfile::tempdir().unwrap();
+    for (file, text) in rendered.config_map.data.as_ref().unwrap() {
+        std::fs::write(dir.path().join(file), text).unwrap();
+    }
+    let report = load_report(&[dir.path().to_path_buf()]).unwrap();
+    let shown: Vec<String> = report.diagnostics.iter().map(ToString::to_string).collect();
+    assert!(shown.is_empty(), "{shown:#?}");
+    assert_eq!(
+        (report.sites.len(), report.devices.len(), report.formulas.len()),
+        (1, 3, 5)
+    );
+    assert_eq!(report.devices[0].namespace(), "plant");
+    assert_eq!(
+        report
+            .devices
+            .iter()
+            .find(|d| d.name() == "boiler")
+            .unwrap()
+            .object
+            .spec,
+        devices[0].spec
+    );
+}
+
+#[test]
+fn the_ingestor_pod_is_locked_down_and_keeps_its_queue() {
+    let (site, devices, formulas) = plant();
+    let rendered = render(&site, &devices, &formulas, &settings());
+    let set = rendered.stateful_set.spec.unwrap();
+    assert_eq!(set.replicas, Some(1));
+    let retention = set.persistent_volume_claim_retention_policy.unwrap();
+    assert_eq!(
+        (retention.when_deleted.as_deref(), retention.when_scaled.as_deref()),
+        (Some("Retain"), Some("Retain"))
+    );
+    let claim = &set.volume_claim_templates.unwrap()[0];
+    assert_eq!(
+        claim
+            .spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"]
+            .0,
+        "1Gi"
+    );
+    let pod = set.template.spec.unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let pod_security = pod.security_context.unwrap();
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    assert_eq!(pod_security.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    let container = &pod.containers[0];
+    let security = container.security_context.as_ref().unwrap();
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        security.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_owned()][..])
+    );
+    let owner = &rendered.config_map.metadata.owner_references.unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("Site", "plant-a", Some(true))
+    );
+}
+
+#[test]
+fn broker_secrets_are_mounted_read_only_when_the_site_names_them() {
+    let (mut site, devices, formulas) = plant();
+    site.spec.broker.credentials = Some(BrokerCredentials {
+        secret_name: "nats-user".into(),
+        kind: CredentialsKind::UserPassword,
+    });
+    site.spec.broker.tls = Some(BrokerTls {
+        secret_name: "nats-tls".into(),
+        client_certificate: true,
+    });
+    let pod = render(&site, &devices, &formulas, &settings())
+        .stateful_set
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    let secrets: Vec<String> = pod
+        .volumes
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.secret.as_ref()?.secret_name.clone())
+        .collect();
+    assert_eq!(secrets, ["nats-user", "nats-tls"]);
+    let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+    for path in ["/etc/tagstream/credentials", "/etc/tagstream/tls"] {
+        let mount = mounts
+            .iter()
+            .find(|m| m.mount_path == path)
+            .unwrap_or_else(|| panic!("{path} not mounted"));
+        assert_eq!(mount.read_only, Some(true));
+    }
+}
+
+#[test]
+fn an_invalid_formula_is_left_out_and_reported_while_the_rest_deploy() {
+    let (site, devices, mut formulas) = plant();
+    let mut broken = formulas[0].clone();
+    broken.metadata.name = Some("broken".into());
+    broken.spec.expression = "t_out -".into();
+    formulas.push(broken);
+    let rendered = render(&site, &devices, &formulas, &settings());
+    assert!(rendered.formula_issues["broken"].to_string().contains("operand"));
+    let deployed = &rendered.config_map.data.unwrap()["formulas.yaml"];
+    assert!(!deployed.contains("name: broken"));
+    assert_eq!(deployed.matches("kind: Formula").count(), 5);
+}
