@@ -309,8 +309,7 @@ impl Runtime {
         let restarted = self.pollers.apply(&next.devices, &self.polled, &self.state);
         let reconfigured = {
             let mut derivation = self.derivation.lock().await;
-            let outcome = derivation.calc.configure(next.tags(), &next.formula_specs());
-            derivation.signals = Derivation::new(&next).signals;
+            let outcome = derivation.reconfigure(&next);
             record_formulas(&self.state, &derivation);
             outcome
         };

@@ -27,17 +27,28 @@ pub struct Derivation {
 impl Derivation {
     pub fn new(site: &crate::config::SiteConfig) -> Self {
         let calc = site.calc();
-        let signals = site
-            .devices
-            .iter()
-            .map(|d| {
-                let name = d.metadata.name.clone().unwrap_or_default();
-                let ids = d.spec.tags.iter().map(|t| calc.tag_signal(&name, &t.name)).collect();
-                (name, ids)
-            })
-            .collect();
+        let signals = signals(&calc, site);
         Self { calc, signals }
     }
+
+    /// Applies a reloaded site. Signal ids belong to one `Calc`, so the map is rebuilt from
+    /// this one, never from another instance.
+    pub fn reconfigure(&mut self, site: &crate::config::SiteConfig) -> crate::calc::Reconfigured {
+        let outcome = self.calc.configure(site.tags(), &site.formula_specs());
+        self.signals = signals(&self.calc, site);
+        outcome
+    }
+}
+
+fn signals(calc: &Calc, site: &crate::config::SiteConfig) -> HashMap<String, Vec<Option<SignalId>>> {
+    site.devices
+        .iter()
+        .map(|d| {
+            let name = d.metadata.name.clone().unwrap_or_default();
+            let ids = d.spec.tags.iter().map(|t| calc.tag_signal(&name, &t.name)).collect();
+            (name, ids)
+        })
+        .collect()
 }
 
 fn wire_point(tag: &str, sample: &Sample, unit: Option<&str>) -> wire::Point {
@@ -148,5 +159,52 @@ pub async fn flush_reconfigured(derivation: &Mutex<Derivation>, queue: &Queue) {
     };
     if let Err(e) = queue.append(batches).await {
         error!(error = %e, "re-evaluated formula results could not be persisted");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Write as _;
+
+    use super::Derivation;
+    use crate::config::{SiteConfig, sites};
+
+    fn site(devices: usize) -> SiteConfig {
+        let mut text = String::new();
+        for d in 0..devices {
+            let _ = write!(
+                text,
+                "---\napiVersion: tagstream.io/v1alpha1\nkind: Device\nmetadata: {{name: d{d}}}\nspec:\n  site: s\n  connection: {{tcp: {{host: h, port: {}}}}}\n  tags:\n",
+                1000 + d
+            );
+            for t in 0..20 {
+                let _ = writeln!(
+                    text,
+                    "    - {{name: t{t}, register: holding, address: {t}, type: uint16}}"
+                );
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("site.yaml"), text).unwrap();
+        let report = tagstream_crds::manifest::load(&[dir.path().to_path_buf()]).unwrap();
+        sites(&report).remove(0)
+    }
+
+    #[test]
+    fn after_a_reload_every_tag_maps_to_its_own_signal() {
+        let mut derivation = Derivation::new(&site(2));
+        let bigger = site(5);
+        derivation.reconfigure(&bigger);
+        for device in &bigger.devices {
+            let name = device.metadata.name.as_deref().unwrap();
+            for (index, tag) in device.spec.tags.iter().enumerate() {
+                assert_eq!(
+                    derivation.signals[name][index],
+                    derivation.calc.tag_signal(name, &tag.name),
+                    "{name}/{}",
+                    tag.name
+                );
+            }
+        }
     }
 }
