@@ -269,7 +269,7 @@ async fn end_to_end(devices: usize, tags: usize, interval_ms: u64) {
             break;
         }
         let batch = PointBatch::decode(message.payload.as_ref()).expect("batch");
-        let wall = tagstream_ingestor::acquisition::poller::now_ns();
+        let wall = tagstream_ingestor::point::now_ns();
         for point in &batch.points {
             latencies.push((wall - point.timestamp_ns) as f64 / 1e6);
         }

@@ -1,6 +1,9 @@
 //! A point: one value of one tag at one time, with its quality.
 
-use std::fmt;
+use std::{
+    fmt,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 /// A decoded or computed value.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,4 +107,11 @@ impl Sample {
             quality: Quality::bad(reason),
         }
     }
+}
+
+/// Nanoseconds since the Unix epoch, now: the clock every point's timestamp comes from.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }

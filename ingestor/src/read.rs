@@ -46,7 +46,8 @@ pub async fn read(paths: &[PathBuf], only: Option<&str>, all_orders: bool) -> an
     Ok(text)
 }
 
-async fn read_device(device: &Device) -> anyhow::Result<Vec<TagReading>> {
+/// Polls every tag of one device once, in tag order.
+pub async fn read_device(device: &Device) -> anyhow::Result<Vec<TagReading>> {
     let spec = &device.spec;
     let mut context = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get()).await?;
     if let Some(pause) = spec.quirks.connect_delay {
@@ -55,7 +56,7 @@ async fn read_device(device: &Device) -> anyhow::Result<Vec<TagReading>> {
     let layouts = poller::layouts(spec);
     let mut readings = Vec::new();
     for mut group in plan::plan(spec) {
-        let at = poller::now_ns();
+        let at = crate::point::now_ns();
         readings.extend(poller::poll_reads(&mut context, spec, &layouts, &mut group.reads, at).await?);
     }
     readings.sort_by_key(|r| r.tag);

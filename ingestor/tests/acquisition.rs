@@ -10,7 +10,7 @@ use std::{
 use tagstream_crds::{Device, device::RegisterKind};
 use tagstream_ingestor::{
     acquisition::{
-        connection::{self, ReadError},
+        connection,
         plan::{self, Read, TagSlot},
         poller::{self, PolledBatch, TagReading},
     },
@@ -50,19 +50,6 @@ fn with_port(device: &Device, port: u16) -> Device {
         endpoint.port = port;
     }
     device
-}
-
-/// Reads every tag once, as the `read` command does.
-async fn read_once(device: &Device) -> Result<Vec<TagReading>, ReadError> {
-    let spec = &device.spec;
-    let mut context = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get()).await?;
-    let layouts = poller::layouts(spec);
-    let mut readings = Vec::new();
-    for mut group in plan::plan(spec) {
-        readings.extend(poller::poll_reads(&mut context, spec, &layouts, &mut group.reads, 0).await?);
-    }
-    readings.sort_by_key(|r| r.tag);
-    Ok(readings)
 }
 
 fn values(readings: &[TagReading]) -> Vec<Option<PointValue>> {
@@ -109,7 +96,7 @@ async fn simulated_panel(shutdown: &CancellationToken) -> Device {
 async fn every_type_and_order_decodes_as_the_manifest_says() {
     let shutdown = CancellationToken::new();
     let panel = simulated_panel(&shutdown).await;
-    let readings = read_once(&panel).await.unwrap();
+    let readings = tagstream_ingestor::read::read_device(&panel).await.unwrap();
     assert_eq!(
         values(&readings),
         [
@@ -287,7 +274,9 @@ async fn rtu_framing_over_tcp() {
         &shutdown,
     )
     .await;
-    let readings = read_once(&with_port(&template, port)).await.unwrap();
+    let readings = tagstream_ingestor::read::read_device(&with_port(&template, port))
+        .await
+        .unwrap();
     assert_eq!(readings[0].sample.value, Some(PointValue::Double(61.5)));
     assert_eq!(readings[7].sample.value, Some(PointValue::String("CODE".into())));
     shutdown.cancel();
@@ -344,7 +333,7 @@ async fn rtu_over_a_pty_pair() {
         let (path, shutdown) = (pty.a.clone(), shutdown.clone());
         async move { simulate::serve_rtu(&path, 115_200, endpoint, shutdown).await }
     });
-    let readings = read_once(&panel).await.unwrap();
+    let readings = tagstream_ingestor::read::read_device(&panel).await.unwrap();
     assert_eq!(readings[0].sample.value, Some(PointValue::Double(61.5)));
     assert_eq!(readings[1].sample.value, Some(PointValue::Double(230.5)));
     assert_eq!(readings[9].sample.value, Some(PointValue::Bool(true)));

@@ -34,7 +34,7 @@ use k8s_openapi::{
 use kube::Resource;
 use serde_json::Value;
 use tagstream_crds::{Device, Formula, Site};
-use tagstream_ingestor::calc::{Calc, FormulaError};
+use tagstream_ingestor::{calc::FormulaError, config::SiteConfig};
 
 /// Port of the ingestor's `/metrics`, `/healthz`, `/readyz` and `/status`.
 pub const HTTP_PORT: u16 = 9464;
@@ -116,19 +116,16 @@ pub fn render(site: &Site, devices: &[Device], formulas: &[Formula], settings: &
     let devices = sorted(devices);
     let formulas = sorted(formulas);
 
-    let mut calc = Calc::new();
-    let tags: Vec<(&str, &str)> = devices
-        .iter()
-        .flat_map(|d| {
-            let device = d.meta().name.as_deref().unwrap_or_default();
-            d.spec.tags.iter().map(move |t| (device, t.name.as_str()))
-        })
-        .collect();
-    let specs: Vec<(String, tagstream_crds::FormulaSpec)> = formulas
-        .iter()
-        .map(|f| (f.meta().name.clone().unwrap_or_default(), f.spec.clone()))
-        .collect();
-    calc.configure(tags, &specs);
+    // The same DAG the site's ingestor will build, to know which formulas it can run.
+    let calc = SiteConfig {
+        namespace: namespace.clone().unwrap_or_default(),
+        name: name.clone(),
+        spec: site.spec.clone(),
+        defined: true,
+        devices: devices.iter().map(|d| (*d).clone()).collect(),
+        formulas: formulas.iter().map(|f| (*f).clone()).collect(),
+    }
+    .calc();
     let formula_issues = calc.issues().clone();
     let valid: Vec<Value> = formulas
         .iter()

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use tagstream_crds::{Device, DeviceSpec};
@@ -23,7 +23,7 @@ use super::{
     health::DeviceHealth,
     plan::{self, PollGroup, Read, TagSlot},
 };
-use crate::point::{PointValue, Sample};
+use crate::point::{PointValue, Sample, now_ns};
 
 /// A device as the rest of the ingestor sees it.
 #[derive(Debug)]
@@ -46,13 +46,6 @@ pub struct TagReading {
     pub tag: usize,
     pub raw: Option<Data>,
     pub sample: Sample,
-}
-
-/// Nanoseconds since the Unix epoch, now.
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// Decodes one tag of a successful read.

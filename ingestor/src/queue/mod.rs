@@ -41,7 +41,7 @@ pub mod record;
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use tagstream_crds::site::FullPolicy;
@@ -50,6 +50,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 pub use record::Record;
+
+use crate::point::now_ns;
 
 /// sled's bytes on disk per byte of payload, measured on this machine (DESIGN.md).
 pub const DISK_AMPLIFICATION: f64 = 1.6;
@@ -161,12 +163,6 @@ impl std::fmt::Debug for Append {
             .field("batches", &self.batches.len())
             .finish_non_exhaustive()
     }
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 fn storage(path: &Path) -> impl Fn(sled::Error) -> QueueError + '_ {

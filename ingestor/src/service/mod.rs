@@ -24,7 +24,6 @@ use std::{
 use anyhow::Context as _;
 use tagstream_crds::{Device, manifest::load_report};
 use tokio::{
-    net::TcpListener,
     sync::{Mutex, mpsc},
     task::JoinHandle,
 };
@@ -37,7 +36,7 @@ use crate::{
     config::{self, SiteConfig, quantity_bytes},
     publish::{self, PublisherConfig},
     queue::{Queue, QueueConfig},
-    simulate::{self, Faults, Framing, Listen, SimulatedEndpoint},
+    simulate::{self, Faults},
 };
 
 /// How `run` is started (also its command-line arguments).
@@ -135,18 +134,21 @@ fn local(mut devices: Vec<Device>) -> Vec<Device> {
 }
 
 async fn start_simulator(devices: &[Device], shutdown: &CancellationToken) -> anyhow::Result<()> {
-    for (listen, group) in simulate::endpoints(devices) {
-        let Listen::Tcp { port, rtu_framing } = listen else {
-            warn!("RTU devices cannot be simulated in-process without a serial port; use `simulate --rtu-path`");
-            continue;
-        };
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .with_context(|| format!("the simulator cannot listen on 127.0.0.1:{port}"))?;
-        let framing = if rtu_framing { Framing::RtuOverTcp } else { Framing::Tcp };
-        let endpoint = SimulatedEndpoint::new(&group, Faults::default());
-        tokio::spawn(simulate::serve_tcp(listener, endpoint, framing, shutdown.clone()));
+    // A serial device in-process would be the very port the poller opens.
+    let (serial, tcp): (Vec<Device>, Vec<Device>) =
+        devices.iter().cloned().partition(|d| d.spec.connection.rtu.is_some());
+    if !serial.is_empty() {
+        warn!(
+            devices = serial.len(),
+            "RTU devices cannot be simulated in-process; use `simulate --rtu-path`"
+        );
     }
+    let localhost = std::net::Ipv4Addr::LOCALHOST.into();
+    let mut tasks = simulate::serve_all(&tcp, localhost, None, &Faults::default(), shutdown)
+        .await
+        .context("starting the in-process simulator")?;
+    // The endpoints run until `shutdown`; nothing waits for them.
+    tasks.detach_all();
     Ok(())
 }
 

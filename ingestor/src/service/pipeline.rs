@@ -10,9 +10,9 @@ use tracing::error;
 
 use super::state::SiteState;
 use crate::{
-    acquisition::poller::{PolledBatch, now_ns},
+    acquisition::poller::PolledBatch,
     calc::{Calc, Derived, SignalId},
-    point::{PointValue, QualityLevel, Sample},
+    point::{PointValue, QualityLevel, Sample, now_ns},
     queue::Queue,
 };
 

@@ -71,7 +71,7 @@ impl SiteState {
 
     /// The JSON document behind `/status`.
     pub fn status(&self) -> Status {
-        let now = crate::acquisition::poller::now_ns();
+        let now = crate::point::now_ns();
         let devices = self
             .devices
             .lock()
