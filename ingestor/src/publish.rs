@@ -64,7 +64,7 @@ impl PublisherConfig {
 }
 
 /// What the publisher reports for status and metrics.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PublisherStatus {
     pub connected: bool,
@@ -78,7 +78,7 @@ pub struct PublisherStatus {
     pub last_ack_latency: Option<f64>,
     /// Seconds from publish to ack, every ack; clones share it (it is registered once
     /// with the metrics registry).
-    #[serde(skip)]
+    #[serde(skip, default = "ack_latency_histogram")]
     pub ack_latency: Histogram,
 }
 
@@ -92,10 +92,14 @@ impl Default for PublisherStatus {
             failures: 0,
             last_error: None,
             last_ack_latency: None,
-            // 0.5 ms to 4 s.
-            ack_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            ack_latency: ack_latency_histogram(),
         }
     }
+}
+
+fn ack_latency_histogram() -> Histogram {
+    // 0.5 ms to 4 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
 }
 
 /// Why connecting or publishing failed.

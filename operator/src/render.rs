@@ -58,6 +58,8 @@ pub struct Rendered {
     pub service: Service,
     /// Formulas left out of the ConfigMap, and why (for their status).
     pub formula_issues: BTreeMap<String, FormulaError>,
+    /// For each valid formula, the formulas it reads, in evaluation order.
+    pub dependency_order: BTreeMap<String, Vec<String>>,
 }
 
 /// The name of a site's objects.
@@ -127,6 +129,7 @@ pub fn render(site: &Site, devices: &[Device], formulas: &[Formula], settings: &
     }
     .calc();
     let formula_issues = calc.issues().clone();
+    let dependency_order = calc.dependency_order();
     let valid: Vec<Value> = formulas
         .iter()
         .filter(|f| !formula_issues.contains_key(f.meta().name.as_deref().unwrap_or_default()))
@@ -172,6 +175,7 @@ pub fn render(site: &Site, devices: &[Device], formulas: &[Formula], settings: &
             ..Service::default()
         },
         formula_issues,
+        dependency_order,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Per-device health, kept for the status endpoint and metrics.
 
 /// What the ingestor knows of a device's recent polls (also its `/status` entry).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceHealth {
     /// Whether the last poll reached the device.

@@ -2,7 +2,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -232,6 +232,37 @@ impl Calc {
     /// The valid formulas in evaluation order.
     pub fn order(&self) -> impl Iterator<Item = &CompiledFormula> {
         self.nodes.iter().map(|n| n.compiled.as_ref())
+    }
+
+    /// For each valid formula, the formulas it reads directly or through others, in
+    /// evaluation order (what the operator shows in a Formula's status).
+    pub fn dependency_order(&self) -> BTreeMap<String, Vec<String>> {
+        let mut rank_of: HashMap<&str, usize> = HashMap::new();
+        let mut closure: Vec<BTreeSet<usize>> = Vec::with_capacity(self.nodes.len());
+        for (rank, formula) in self.order().enumerate() {
+            let mut reads = BTreeSet::new();
+            for (_, input) in &formula.variables {
+                if let Input::Formula(name) = input
+                    && let Some(&dependency) = rank_of.get(name.as_str())
+                {
+                    reads.insert(dependency);
+                    reads.extend(closure[dependency].iter().copied());
+                }
+            }
+            rank_of.insert(&formula.name, rank);
+            closure.push(reads);
+        }
+        let names: Vec<&str> = self.order().map(|f| f.name.as_str()).collect();
+        names
+            .iter()
+            .zip(closure)
+            .map(|(name, reads)| {
+                (
+                    (*name).to_owned(),
+                    reads.into_iter().map(|r| names[r].to_owned()).collect(),
+                )
+            })
+            .collect()
     }
 
     /// A formula by its id.

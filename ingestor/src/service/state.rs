@@ -15,7 +15,7 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     acquisition::{health::DeviceHealth, poller::HealthMap},
@@ -130,7 +130,7 @@ impl SiteState {
 }
 
 /// `/status`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     pub namespace: String,
@@ -144,14 +144,14 @@ pub struct Status {
     pub points_lost: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FormulaStatus {
     pub valid: bool,
     pub error: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueStatus {
     pub points: u64,

@@ -1,0 +1,109 @@
+//! What the reconciler and the status loop share: the client, the watched objects, the
+//! settings, events and metrics.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use kube::{
+    Client, Resource, ResourceExt,
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store},
+    },
+};
+use tagstream_crds::{Device, Formula, Site, SiteSpec};
+
+use crate::{membership::SiteMember, metrics::Metrics, render::Settings};
+
+/// The operator's shared state.
+#[derive(Clone)]
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    /// The spec of a Site the operator creates for a Device or Formula naming a missing one.
+    pub default_site: SiteSpec,
+    pub sites: Store<Site>,
+    pub devices: Store<Device>,
+    pub formulas: Store<Formula>,
+    pub metrics: Arc<Metrics>,
+    recorder: Recorder,
+    /// Consecutive failed reconciles per site, for the retry backoff.
+    pub failures: Arc<Mutex<HashMap<ObjectRef<Site>, u32>>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .field("default_site", &self.default_site)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stores the watchers fill.
+#[derive(Clone, Debug)]
+pub struct Stores {
+    pub sites: Store<Site>,
+    pub devices: Store<Device>,
+    pub formulas: Store<Formula>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        default_site: SiteSpec,
+        stores: Stores,
+        instance: Option<String>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: crate::apply::FIELD_MANAGER.into(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            default_site,
+            sites: stores.sites,
+            devices: stores.devices,
+            formulas: stores.formulas,
+            metrics,
+            failures: Arc::default(),
+        }
+    }
+
+    /// The Devices and Formulas that name `site`, sorted by name.
+    pub fn members(&self, site: &Site) -> (Vec<Device>, Vec<Formula>) {
+        (members_of(&self.devices, site), members_of(&self.formulas, site))
+    }
+
+    /// Publishes an event on `object`; a failure is logged, never fatal: events are a
+    /// courtesy to the user, the status is the record.
+    pub async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(object = %object.name_any(), reason, %error, "cannot publish an event");
+        }
+    }
+}
+
+fn members_of<K: SiteMember>(store: &Store<K>, site: &Site) -> Vec<K> {
+    let mut members: Vec<K> = store
+        .state()
+        .iter()
+        .filter(|m| m.site() == site.name_any() && m.namespace() == site.namespace())
+        .map(|m| (**m).clone())
+        .collect();
+    members.sort_by_key(ResourceExt::name_any);
+    members
+}

@@ -1,0 +1,153 @@
+//! `tagstream-operator`: runs in the cluster from the Helm chart, or on a developer's
+//! machine against the cluster of the current kubeconfig (`cargo run -p tagstream-operator`).
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+use prometheus_client::registry::Registry;
+use tagstream_crds::SiteSpec;
+use tagstream_ingestor::config::parse_duration;
+use tagstream_operator::{
+    controller::{OperatorSettings, run},
+    render::Settings,
+    report::ReportSource,
+    status_loop::StatusSettings,
+};
+use tokio_util::sync::CancellationToken;
+
+/// tagstream's Kubernetes operator: one ingestor per Site, with status from the ingestors.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Image of the per-site ingestor.
+    #[arg(long, env = "TAGSTREAM_INGESTOR_IMAGE")]
+    ingestor_image: String,
+    /// YAML file with the spec of the Site created for a Device or Formula naming a missing
+    /// one (a Site's `spec`); without it, the Site API's defaults.
+    #[arg(long)]
+    default_site: Option<PathBuf>,
+    /// URL template of the ingestors' `/status` with `{service}`, `{namespace}`, `{site}`
+    /// and `{port}`, e.g. `http://{service}.{namespace}.svc:{port}/status`. Without it the
+    /// operator goes through the API server's service proxy, which also works from outside
+    /// the cluster.
+    #[arg(long)]
+    status_endpoint: Option<String>,
+    /// How often the ingestors are asked for their status.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    status_period: Duration,
+    /// Poll counters and queue figures that only moved are written at most this often.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    status_heartbeat: Duration,
+    /// Sites reconciled, and ingestors asked, at the same time.
+    #[arg(long, default_value_t = 8)]
+    concurrency: u16,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http: SocketAddr,
+    /// Hold a Lease before acting, so that replicas take turns; off for a single developer
+    /// run.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease and in events (in a pod: its name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+const LEASE_NAME: &str = "tagstream-operator";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tagstream_ingestor::logging::init(args.log_json, "info,kube=warn");
+    let default_site = match &args.default_site {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            serde_yaml::from_str::<SiteSpec>(&text).with_context(|| format!("{}: not a Site spec", path.display()))?
+        }
+        None => SiteSpec::default(),
+    };
+    let client = Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("tagstream-operator-{}", std::process::id()))
+    });
+    let source = match &args.status_endpoint {
+        Some(template) => ReportSource::direct(template),
+        None => ReportSource::ApiServerProxy(client.clone()),
+    };
+    let settings = OperatorSettings {
+        render: Settings {
+            ingestor_image: args.ingestor_image.clone(),
+        },
+        default_site,
+        status: StatusSettings {
+            source,
+            period: args.status_period,
+            timeout: args.status_period.min(Duration::from_secs(5)),
+            heartbeat: args.status_heartbeat,
+            concurrency: usize::from(args.concurrency),
+        },
+        instance: Some(identity.clone()),
+        concurrency: args.concurrency,
+    };
+
+    let shutdown = tagstream_ingestor::logging::shutdown_on_signal();
+    let ready = Arc::new(AtomicBool::new(true));
+    let mut registry = Registry::default();
+    let metrics = Arc::new(tagstream_operator::metrics::Metrics::default());
+    metrics.register(&mut registry);
+    let bound = tagstream_operator::http::serve(args.http, registry, ready, shutdown.clone())
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http))?;
+    tracing::info!(http = %bound, identity, "tagstream-operator starting");
+
+    if !args.leader_election {
+        run(client, settings, metrics, shutdown).await;
+        return Ok(());
+    }
+    let lease = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+        .with_namespace(&args.lease_namespace)
+        .with_identity(&identity)
+        .build()
+        .await
+        .context("cannot set up leader election")?;
+    let (mut leader, lease_task) = lease.watch().await;
+    tracing::info!(lease = LEASE_NAME, namespace = %args.lease_namespace, "waiting to lead");
+    tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        changed = leader.wait_for(|leading| *leading) => {
+            changed.context("leader election stopped")?;
+        }
+    }
+    tracing::info!("leading");
+    let running = CancellationToken::new();
+    let operator = tokio::spawn(run(client, settings, metrics, running.clone()));
+    let lost = tokio::select! {
+        () = shutdown.cancelled() => false,
+        _ = leader.wait_for(|leading| !*leading) => true,
+    };
+    running.cancel();
+    operator.await.context("the operator task failed")?;
+    drop(leader);
+    let _ = lease_task.await;
+    if lost {
+        // Another replica may already act; exiting (and restarting) is the safe way back.
+        bail!("lost the leader lease");
+    }
+    Ok(())
+}

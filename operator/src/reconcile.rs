@@ -1,0 +1,220 @@
+//! Reconciling one Site: render its objects, apply those that changed, and record what was
+//! deployed in the status of the Site, its Devices and its Formulas.
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    api::{apps::v1::StatefulSet, core::v1::ConfigMap, core::v1::Service},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{controller::Action, events::EventType, reflector::ObjectRef},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use tagstream_crds::Site;
+
+use crate::{
+    apply::{Outcome, apply_if_changed},
+    context::Context,
+    metrics::WriteLabels,
+    render::render,
+    status::{device_deployed_patch, formula_patch, site_deployed_patch},
+};
+
+/// A reconcile is repeated this often even without a change, so that a rendered object
+/// deleted or edited behind the operator's back is put back.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// First retry after a failed reconcile; doubles per failure up to [`RESYNC`].
+pub const RETRY: Duration = Duration::from_secs(5);
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Site {0} has no namespace")]
+    NoNamespace(String),
+    #[error("cannot apply {kind} {namespace}/{name}: {source}")]
+    Apply {
+        kind: String,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot write the status of {kind} {namespace}/{name}: {source}")]
+    Status {
+        kind: String,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Renders `site` and brings the cluster in line with it.
+pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = Box::pin(reconcile_site(&site, &ctx)).await;
+    ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .expect("failures lock")
+            .remove(&ObjectRef::from(&*site));
+    }
+    result
+}
+
+/// Retries a failed reconcile with a backoff per site: 5 s, 10 s, 20 s ... up to 5 min.
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the signature kube-runtime's Controller::run asks for"
+)]
+pub fn error_policy(site: Arc<Site>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_errors.inc();
+    let failures = {
+        let mut failures = ctx.failures.lock().expect("failures lock");
+        let count = failures.entry(ObjectRef::from(&*site)).or_default();
+        *count = count.saturating_add(1);
+        *count
+    };
+    let delay = RETRY.saturating_mul(1 << failures.min(6).saturating_sub(1)).min(RESYNC);
+    tracing::warn!(site = %site.name_any(), %error, failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
+    if site.meta().deletion_timestamp.is_some() {
+        // The rendered objects are owned by the Site: the garbage collector removes them,
+        // and the queue's volume claim, owned by nobody, stays.
+        return Ok(Action::await_change());
+    }
+    let name = site.name_any();
+    let namespace = site.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let (devices, formulas) = ctx.members(site);
+    let rendered = render(site, &devices, &formulas, &ctx.settings);
+
+    let mut written = Vec::new();
+    let client = &ctx.client;
+    let applied = [
+        apply(
+            ctx,
+            &Api::<ConfigMap>::namespaced(client.clone(), &namespace),
+            rendered.config_map,
+        )
+        .await?,
+        apply(
+            ctx,
+            &Api::<StatefulSet>::namespaced(client.clone(), &namespace),
+            rendered.stateful_set,
+        )
+        .await?,
+        apply(
+            ctx,
+            &Api::<Service>::namespaced(client.clone(), &namespace),
+            rendered.service,
+        )
+        .await?,
+    ];
+    for (kind, outcome) in applied {
+        if outcome == Outcome::Written {
+            written.push(kind);
+        }
+    }
+    if !written.is_empty() {
+        tracing::info!(%namespace, site = %name, written = ?written, "applied the site's ingestor");
+        let note = format!("applied {}", written.join(", "));
+        ctx.event(site, EventType::Normal, "Applied", note).await;
+    }
+
+    let now = Timestamp::now();
+    for formula in &formulas {
+        let issue = rendered.formula_issues.get(&formula.name_any());
+        let order = rendered
+            .dependency_order
+            .get(&formula.name_any())
+            .cloned()
+            .unwrap_or_default();
+        if let Some(patch) = formula_patch(formula, issue, &order, now) {
+            write_status(ctx, formula, &patch).await?;
+            let was_invalid = formula.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == tagstream_crds::condition_types::VALID && c.status == "False")
+            });
+            if let Some(issue) = issue.filter(|_| !was_invalid) {
+                ctx.event(
+                    formula,
+                    EventType::Warning,
+                    issue.reason(),
+                    format!("left out of site {name}: {issue}"),
+                )
+                .await;
+            }
+        }
+    }
+    for device in &devices {
+        if let Some(patch) = device_deployed_patch(device) {
+            write_status(ctx, device, &patch).await?;
+        }
+    }
+    let valid_formulas = formulas.len() - rendered.formula_issues.len();
+    if let Some(patch) = site_deployed_patch(site, devices.len() as u32, valid_formulas as u32) {
+        write_status(ctx, site, &patch).await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+async fn apply<K>(ctx: &Context, api: &Api<K>, object: K) -> Result<(String, Outcome), Error>
+where
+    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
+{
+    let kind = K::kind(&()).into_owned();
+    let name = object.name_any();
+    let namespace = object.namespace().unwrap_or_default();
+    let outcome = apply_if_changed(api, object).await.map_err(|source| Error::Apply {
+        kind: kind.clone(),
+        namespace,
+        name,
+        source,
+    })?;
+    let outcome_label = if outcome == Outcome::Written {
+        "written"
+    } else {
+        "unchanged"
+    };
+    ctx.metrics
+        .applies
+        .get_or_create(&WriteLabels {
+            kind: kind.clone(),
+            outcome: outcome_label,
+        })
+        .inc();
+    Ok((kind, outcome))
+}
+
+/// Merge-patches the status subresource of `object`.
+pub async fn write_status<K>(ctx: &Context, object: &K, patch: &Value) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let namespace = object.namespace().unwrap_or_default();
+    let name = object.name_any();
+    let api = Api::<K>::namespaced(ctx.client.clone(), &namespace);
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(|source| Error::Status {
+            kind: K::kind(&()).into_owned(),
+            namespace,
+            name,
+            source,
+        })?;
+    ctx.metrics.count_status_write(&K::kind(&()));
+    Ok(())
+}

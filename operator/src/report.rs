@@ -1,0 +1,108 @@
+//! Reading an ingestor's `/status`.
+//!
+//! In the cluster the operator can call the site's Service directly. A developer running
+//! the operator on a laptop against a remote cluster cannot resolve `*.svc` names, so the
+//! default goes through the API server's service proxy, which works from anywhere the
+//! kubeconfig works (at the price of one API request per site per period).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::{
+    client::legacy::{Client as HttpClient, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use kube::Client;
+use tagstream_ingestor::service::state::Status as Report;
+
+use crate::render::{HTTP_PORT, object_name};
+
+/// Why a report could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("cannot reach the ingestor through the API server: {0}")]
+    Proxy(#[source] kube::Error),
+    #[error("cannot reach the ingestor at {url}: {message}")]
+    Direct { url: String, message: String },
+    #[error("the ingestor's /status is not understood: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("no answer from the ingestor within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Where the operator reads the ingestors' reports.
+#[derive(Clone)]
+pub enum ReportSource {
+    /// `GET /api/v1/namespaces/<ns>/services/tagstream-<site>:http/proxy/status`.
+    ApiServerProxy(Client),
+    /// A URL template with `{namespace}`, `{service}`, `{site}` and `{port}`, e.g.
+    /// `http://{service}.{namespace}.svc:{port}/status`.
+    Direct {
+        template: String,
+        http: HttpClient<HttpConnector, Empty<Bytes>>,
+    },
+}
+
+impl std::fmt::Debug for ReportSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ApiServerProxy(_) => f.write_str("ApiServerProxy"),
+            Self::Direct { template, .. } => f.debug_struct("Direct").field("template", template).finish(),
+        }
+    }
+}
+
+impl ReportSource {
+    pub fn direct(template: &str) -> Self {
+        Self::Direct {
+            template: template.to_owned(),
+            http: HttpClient::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// The report of one site's ingestor, given up after `timeout`.
+    pub async fn fetch(&self, namespace: &str, site: &str, timeout: Duration) -> Result<Report, ReportError> {
+        let body = tokio::time::timeout(timeout, self.body(namespace, site))
+            .await
+            .map_err(|_| ReportError::Timeout(timeout))??;
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    async fn body(&self, namespace: &str, site: &str) -> Result<Vec<u8>, ReportError> {
+        let service = object_name(site);
+        match self {
+            Self::ApiServerProxy(client) => {
+                let request = http::Request::get(format!(
+                    "/api/v1/namespaces/{namespace}/services/{service}:http/proxy/status"
+                ))
+                .body(Vec::new())
+                .expect("a valid request");
+                let text = client.request_text(request).await.map_err(ReportError::Proxy)?;
+                Ok(text.into_bytes())
+            }
+            Self::Direct { template, http } => {
+                let url = template
+                    .replace("{namespace}", namespace)
+                    .replace("{service}", &service)
+                    .replace("{site}", site)
+                    .replace("{port}", &HTTP_PORT.to_string());
+                let failed = |message: String| ReportError::Direct {
+                    url: url.clone(),
+                    message,
+                };
+                let uri = url.parse().map_err(|e: http::uri::InvalidUri| failed(e.to_string()))?;
+                let response = http.get(uri).await.map_err(|e| failed(e.to_string()))?;
+                if !response.status().is_success() {
+                    return Err(failed(format!("HTTP {}", response.status())));
+                }
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                Ok(body.to_bytes().to_vec())
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! What the operator writes into `status`: pure functions from the objects and the
+//! ingestor's report, and the rule for when a write is worth making.
+//!
+//! Two writers share each object's status, on disjoint fields (JSON merge patches):
+//! - the reconcile of a Site writes what it deployed: `observedGeneration`, Device
+//!   `tagCount`, Site `devices`/`formulas`, and the Formula `Valid` condition;
+//! - the status loop writes what the ingestor reports: Device and Site conditions, poll
+//!   and queue figures.
+//!
+//! Counters and timestamps change on every poll; writing them every period would load the
+//! API server with a write per device every few seconds. They are written when something a
+//! user acts on changed (a condition, an error), or when the object's last report write is
+//! older than the heartbeat (`heartbeat_due`, kept by the caller), as the kubelet does with
+//! node status.
+
+use std::time::Duration;
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::ResourceExt;
+use serde_json::{Value, json};
+use tagstream_crds::{
+    Device, Site,
+    condition_types::{CONNECTED, QUEUE_HEALTHY, READY, VALID},
+    site::QueueStatus,
+};
+use tagstream_ingestor::{calc::FormulaError, service::state::Status as Report};
+
+/// The oldest queued point may be this old before the queue is reported unhealthy.
+pub const QUEUE_BACKLOG_LIMIT: Duration = Duration::from_secs(300);
+
+/// A condition's state: `True`, `False` or `Unknown` with a reason and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct State {
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl State {
+    fn new(status: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The condition `type_` in `state`, keeping its transition time when the status did not
+/// change (Kubernetes conventions).
+pub fn condition(
+    existing: &[Condition],
+    type_: &str,
+    state: &State,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let previous = existing.iter().find(|c| c.type_ == type_);
+    let last_transition_time = match previous {
+        Some(c) if c.status == state.status => c.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    Condition {
+        last_transition_time,
+        message: state.message.clone(),
+        observed_generation: generation,
+        reason: state.reason.into(),
+        status: state.status.into(),
+        type_: type_.into(),
+    }
+}
+
+/// Whether two condition lists say the same thing (times aside).
+pub fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
+    let key = |c: &Condition| (c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone());
+    let mut a: Vec<_> = a.iter().map(key).collect();
+    let mut b: Vec<_> = b.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    a == b
+}
+
+/// The `Valid` condition of a formula.
+pub fn formula_validity(issue: Option<&FormulaError>) -> State {
+    match issue {
+        None => State::new(
+            "True",
+            "Compiled",
+            "the formula compiles, its inputs exist and it is on no cycle",
+        ),
+        Some(error) => State::new("False", error.reason(), error.to_string()),
+    }
+}
+
+/// The merge patch of a Formula's status written by the reconcile, or `None` when the
+/// stored status already says it.
+pub fn formula_patch(
+    formula: &tagstream_crds::Formula,
+    issue: Option<&FormulaError>,
+    dependency_order: &[String],
+    now: Timestamp,
+) -> Option<Value> {
+    let current = formula.status.clone().unwrap_or_default();
+    let generation = formula.metadata.generation;
+    let valid = condition(&current.conditions, VALID, &formula_validity(issue), generation, now);
+    let unchanged = current.observed_generation == generation
+        && current.dependency_order == dependency_order
+        && same_conditions(&current.conditions, std::slice::from_ref(&valid));
+    (!unchanged).then(|| {
+        json!({"status": {
+            "conditions": [valid],
+            "observedGeneration": generation,
+            "dependencyOrder": dependency_order,
+        }})
+    })
+}
+
+/// The merge patch of what the reconcile deployed for a Device, or `None` when stored.
+pub fn device_deployed_patch(device: &Device) -> Option<Value> {
+    let current = device.status.clone().unwrap_or_default();
+    let generation = device.metadata.generation;
+    let tags = device.spec.tags.len() as u32;
+    (current.observed_generation != generation || current.tag_count != Some(tags))
+        .then(|| json!({"status": {"observedGeneration": generation, "tagCount": tags}}))
+}
+
+/// The merge patch of what the reconcile deployed for a Site, or `None` when stored.
+pub fn site_deployed_patch(site: &Site, devices: u32, formulas: u32) -> Option<Value> {
+    let current = site.status.clone().unwrap_or_default();
+    let generation = site.metadata.generation;
+    (current.observed_generation != generation || current.devices != devices || current.formulas != formulas)
+        .then(|| json!({"status": {"observedGeneration": generation, "devices": devices, "formulas": formulas}}))
+}
+
+fn time_from_ns(ns: i64) -> Option<Time> {
+    Timestamp::from_nanosecond(i128::from(ns)).ok().map(Time)
+}
+
+/// How the ingestor of a device's site answered.
+pub type Reached<'a> = Result<&'a Report, &'a str>;
+
+/// The merge patch of a Device's status from its ingestor's report, or `None` when the
+/// stored status says the same and is fresh enough.
+pub fn device_report_patch(device: &Device, report: Reached<'_>, now: Timestamp, heartbeat_due: bool) -> Option<Value> {
+    let current = device.status.clone().unwrap_or_default();
+    let generation = device.metadata.generation;
+    let health = report.ok().and_then(|r| r.devices.get(&device.name_any()));
+    let (connected, ready) = match (report, health) {
+        (Err(why), _) => (
+            State::new("Unknown", "IngestorUnreachable", why),
+            State::new("False", "IngestorUnreachable", why),
+        ),
+        (Ok(_), None) => (
+            State::new(
+                "Unknown",
+                "NotPolled",
+                "the site's ingestor does not poll this device yet",
+            ),
+            State::new(
+                "False",
+                "NotDeployed",
+                "the site's ingestor does not run this device yet",
+            ),
+        ),
+        (Ok(_), Some(h)) => {
+            let connected = if h.connected {
+                State::new("True", "Polling", "the last poll reached the device")
+            } else if h.polls == 0 {
+                State::new("Unknown", "NotPolled", "not polled yet")
+            } else {
+                State::new("False", "PollFailed", h.last_error.clone().unwrap_or_default())
+            };
+            let ready = if current.observed_generation == generation {
+                State::new(
+                    "True",
+                    "Deployed",
+                    "the site's ingestor runs this device's current spec",
+                )
+            } else {
+                State::new("False", "Deploying", "the current spec is not deployed yet")
+            };
+            (connected, ready)
+        }
+    };
+    let conditions = vec![
+        condition(&current.conditions, CONNECTED, &connected, generation, now),
+        condition(&current.conditions, READY, &ready, generation, now),
+    ];
+    let last_poll_time = health.and_then(|h| h.last_success_ns).and_then(time_from_ns);
+    let last_error = health.and_then(|h| h.last_error.clone());
+    let (polls, failed_polls) = health.map_or((0, 0), |h| (h.polls, h.failed_polls));
+    let significant = !same_conditions(&current.conditions, &conditions) || current.last_error != last_error;
+    let moved =
+        current.polls != polls || current.failed_polls != failed_polls || current.last_poll_time != last_poll_time;
+    let write = significant || (moved && heartbeat_due);
+    write.then(|| {
+        json!({"status": {
+            "conditions": conditions,
+            "lastPollTime": last_poll_time,
+            "polls": polls,
+            "failedPolls": failed_polls,
+            "lastError": last_error,
+        }})
+    })
+}
+
+/// The `QueueHealthy` condition from the ingestor's report.
+fn queue_health(report: &Report) -> State {
+    let queue = &report.queue;
+    if let Some(path) = &queue.moved_aside {
+        return State::new(
+            "False",
+            "QueueCorrupt",
+            format!("the queue was corrupt and moved aside to {path}"),
+        );
+    }
+    if queue.paused {
+        return State::new("False", "QueueFull", "the queue is full and polling is paused");
+    }
+    if !report.publisher.connected {
+        let why = report
+            .publisher
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "not connected".into());
+        return State::new("False", "BrokerUnreachable", why);
+    }
+    match queue.oldest_age_seconds {
+        Some(age) if age > QUEUE_BACKLOG_LIMIT.as_secs_f64() => {
+            State::new("False", "Backlog", format!("the oldest queued point is {age:.0} s old"))
+        }
+        _ => State::new("True", "Publishing", "points are published as they are polled"),
+    }
+}
+
+/// The merge patch of a Site's status from its ingestor's report, or `None`.
+pub fn site_report_patch(site: &Site, report: Reached<'_>, now: Timestamp, heartbeat_due: bool) -> Option<Value> {
+    let current = site.status.clone().unwrap_or_default();
+    let generation = site.metadata.generation;
+    let (ready, queue_state, queue) = match report {
+        Err(why) => (
+            State::new("False", "IngestorUnreachable", why),
+            State::new("Unknown", "IngestorUnreachable", why),
+            current.queue.clone(),
+        ),
+        Ok(report) => (
+            State::new("True", "IngestorRunning", "the site's ingestor is running"),
+            queue_health(report),
+            Some(QueueStatus {
+                depth: report.queue.points,
+                bytes: report.queue.disk_bytes,
+                oldest_age_seconds: report.queue.oldest_age_seconds,
+                dropped: report.queue.dropped_points,
+            }),
+        ),
+    };
+    let conditions = vec![
+        condition(&current.conditions, READY, &ready, generation, now),
+        condition(&current.conditions, QUEUE_HEALTHY, &queue_state, generation, now),
+    ];
+    let significant = !same_conditions(&current.conditions, &conditions);
+    let write = significant || (current.queue != queue && heartbeat_due);
+    write.then(|| json!({"status": {"conditions": conditions, "queue": queue}}))
+}
+
+/// Whether a condition of `type_` turns to `False` between two lists (for events).
+pub fn turned_false(before: &[Condition], after: &[Condition], type_: &str) -> bool {
+    let status = |list: &[Condition]| list.iter().find(|c| c.type_ == type_).map(|c| c.status.clone());
+    status(after).as_deref() == Some("False") && status(before).as_deref() != Some("False")
+}

@@ -1,0 +1,164 @@
+//! The status loop: every period, read each site's ingestor report and write what changed
+//! into the Site's and its Devices' status. Status writes keep the generation, so they
+//! never trigger a reconcile of the spec.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    ResourceExt,
+    runtime::{events::EventType, reflector::ObjectRef},
+};
+use serde_json::Value;
+use tagstream_crds::{
+    Device, Site,
+    condition_types::{CONNECTED, READY},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    context::Context,
+    reconcile::write_status,
+    report::ReportSource,
+    status::{Reached, device_report_patch, site_report_patch, turned_false},
+};
+
+/// How the status loop runs.
+#[derive(Clone, Debug)]
+pub struct StatusSettings {
+    pub source: ReportSource,
+    /// How often every ingestor is asked.
+    pub period: Duration,
+    /// How long a report may wait for its ingestor.
+    pub timeout: Duration,
+    /// Figures that only moved (counters, queue depth) are written at most this often.
+    pub heartbeat: Duration,
+    /// Sites whose ingestors are asked at the same time.
+    pub concurrency: usize,
+}
+
+/// The status loop's memory: when each object's report was last written.
+#[derive(Debug)]
+pub struct StatusLoop {
+    ctx: Arc<Context>,
+    settings: StatusSettings,
+    written: HashMap<(String, Option<String>, String), Instant>,
+}
+
+impl StatusLoop {
+    pub fn new(ctx: Arc<Context>, settings: StatusSettings) -> Self {
+        Self {
+            ctx,
+            settings,
+            written: HashMap::new(),
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(self.settings.period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => self.pass().await,
+            }
+        }
+    }
+
+    /// One pass over every site.
+    pub async fn pass(&mut self) {
+        let sites = self.ctx.sites.state();
+        let source = &self.settings.source;
+        let timeout = self.settings.timeout;
+        let reports: Vec<_> = futures::stream::iter(sites)
+            .map(|site| async move {
+                let namespace = site.namespace().unwrap_or_default();
+                let report = source.fetch(&namespace, &site.name_any(), timeout).await;
+                (site, report)
+            })
+            .buffer_unordered(self.settings.concurrency.max(1))
+            .collect()
+            .await;
+        for (site, report) in reports {
+            let reached = match &report {
+                Ok(report) => Ok(report),
+                Err(error) => {
+                    self.ctx.metrics.report_failures.inc();
+                    tracing::debug!(site = %site.name_any(), %error, "no report from the ingestor");
+                    Err(error.to_string())
+                }
+            };
+            let reached: Reached<'_> = reached.as_ref().map_err(String::as_str).copied();
+            if let Err(error) = self.write_site(&site, reached).await {
+                tracing::warn!(site = %site.name_any(), %error, "cannot write status");
+            }
+        }
+    }
+
+    async fn write_site(&mut self, site: &Site, report: Reached<'_>) -> Result<(), crate::reconcile::Error> {
+        let now = Timestamp::now();
+        let (devices, _) = self.ctx.members(site);
+        for device in &devices {
+            let due = self.heartbeat_due(device);
+            if let Some(patch) = device_report_patch(device, report, now, due) {
+                self.write(device, &patch).await?;
+                if turned_false(&conditions_of_device(device), &patched_conditions(&patch), CONNECTED) {
+                    let why = patch["status"]["lastError"].as_str().unwrap_or_default();
+                    let note = format!("the last poll failed: {why}");
+                    self.ctx
+                        .event(device, EventType::Warning, "DeviceUnreachable", note)
+                        .await;
+                }
+            }
+        }
+        let due = self.heartbeat_due(site);
+        if let Some(patch) = site_report_patch(site, report, now, due) {
+            self.write(site, &patch).await?;
+            let before = site.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+            if turned_false(&before, &patched_conditions(&patch), READY) {
+                let why = report.err().unwrap_or_default();
+                self.ctx
+                    .event(site, EventType::Warning, "IngestorNotReady", why.to_owned())
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    fn heartbeat_due<K: kube::Resource<DynamicType = ()>>(&self, object: &K) -> bool {
+        self.written
+            .get(&key(object))
+            .is_none_or(|at| at.elapsed() >= self.settings.heartbeat)
+    }
+
+    async fn write<K>(&mut self, object: &K, patch: &Value) -> Result<(), crate::reconcile::Error>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + serde::de::DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+    {
+        write_status(&self.ctx, object, patch).await?;
+        self.written.insert(key(object), Instant::now());
+        Ok(())
+    }
+}
+
+fn key<K: kube::Resource<DynamicType = ()>>(object: &K) -> (String, Option<String>, String) {
+    let reference = ObjectRef::from(object);
+    (K::kind(&()).into_owned(), reference.namespace, reference.name)
+}
+
+fn conditions_of_device(device: &Device) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    device.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default()
+}
+
+fn patched_conditions(patch: &Value) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    serde_json::from_value(patch["status"]["conditions"].clone()).unwrap_or_default()
+}
