@@ -1,55 +1,17 @@
 //! Rendering the example plant: a golden file, the ingestor's loader accepting what the
 //! ConfigMap holds, the security context, and a bad formula left out.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+#[path = "support/plant.rs"]
+mod plant;
+
+use plant::{plant, settings};
 use tagstream_crds::{
-    Device, Formula, Site,
-    manifest::{load, load_report},
+    manifest::load_report,
     site::{BrokerCredentials, BrokerTls, CredentialsKind},
 };
-use tagstream_operator::render::{Rendered, Settings, render};
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
-}
-
-/// The example plant as the API server would hand it to the operator: in a namespace,
-/// with a uid.
-fn plant() -> (Site, Vec<Device>, Vec<Formula>) {
-    let report = load(&[examples()]).unwrap();
-    let place = |meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        meta.namespace = Some("plant".into());
-        meta.uid = Some("0d6b1f0e-0000-4000-8000-000000000001".into());
-    };
-    let mut site = report.sites[0].object.clone();
-    place(&mut site.metadata);
-    let devices = report
-        .devices
-        .into_iter()
-        .map(|d| {
-            let mut d = d.object;
-            place(&mut d.metadata);
-            d
-        })
-        .collect();
-    let formulas = report
-        .formulas
-        .into_iter()
-        .map(|f| {
-            let mut f = f.object;
-            place(&mut f.metadata);
-            f
-        })
-        .collect();
-    (site, devices, formulas)
-}
-
-fn settings() -> Settings {
-    Settings {
-        ingestor_image: "ghcr.io/tagstream/tagstream-ingestor:0.1.0".into(),
-    }
-}
+use tagstream_operator::render::{Rendered, render};
 
 fn yaml(rendered: &Rendered) -> String {
     [

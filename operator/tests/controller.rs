@@ -1,0 +1,495 @@
+//! The reconciler, the Site creation and the status loop against a mocked API server
+//! (tower-test): each test asserts the exact requests the operator makes.
+
+#[path = "support/api.rs"]
+mod api;
+#[path = "support/plant.rs"]
+mod plant;
+
+use std::{sync::Arc, time::Duration};
+
+use api::{ApiServer, Recorded};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    Resource, ResourceExt,
+    runtime::{
+        reflector::{self, store::Writer},
+        watcher::Event,
+    },
+};
+use plant::{plant, settings};
+use serde_json::{Value, json};
+use tagstream_crds::{Device, Formula, Site, SiteSpec};
+use tagstream_operator::{
+    context::{Context, Stores},
+    reconcile::reconcile,
+    report::ReportSource,
+    site_creation::create_missing_site,
+    status_loop::{StatusLoop, StatusSettings},
+};
+
+const GROUP: &str = "/apis/tagstream.io/v1alpha1/namespaces/plant";
+const CONFIG_MAP: &str = "/api/v1/namespaces/plant/configmaps/tagstream-plant-a";
+const STATEFUL_SET: &str = "/apis/apps/v1/namespaces/plant/statefulsets/tagstream-plant-a";
+const SERVICE: &str = "/api/v1/namespaces/plant/services/tagstream-plant-a";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/plant/events";
+
+fn path<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!("{GROUP}/{}/{}", K::plural(&()), object.name_any())
+}
+
+/// The operator's view of a fake cluster: the API server and the stores its watches fill.
+struct World {
+    server: ApiServer,
+    ctx: Arc<Context>,
+    sites: Writer<Site>,
+    devices: Writer<Device>,
+    formulas: Writer<Formula>,
+}
+
+impl World {
+    fn new(site: Option<&Site>, devices: &[Device], formulas: &[Formula]) -> Self {
+        let server = ApiServer::default();
+        if let Some(object) = site {
+            server.insert(&path(object), object);
+        }
+        for object in devices {
+            server.insert(&path(object), object);
+        }
+        for object in formulas {
+            server.insert(&path(object), object);
+        }
+        let (site_store, sites) = reflector::store();
+        let (device_store, devices) = reflector::store();
+        let (formula_store, formulas) = reflector::store();
+        let ctx = Arc::new(Context::new(
+            server.client(),
+            settings(),
+            SiteSpec::default(),
+            Stores {
+                sites: site_store,
+                devices: device_store,
+                formulas: formula_store,
+            },
+            Some("test".into()),
+            Arc::default(),
+        ));
+        let mut world = Self {
+            server,
+            ctx,
+            sites,
+            devices,
+            formulas,
+        };
+        world.watch();
+        world
+    }
+
+    /// What the watches would deliver: every tagstream object as the server holds it now.
+    fn watch(&mut self) {
+        fn relist<K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned>(
+            writer: &mut Writer<K>,
+            server: &ApiServer,
+            names: &[String],
+        ) {
+            writer.apply_watcher_event(&Event::Init);
+            for name in names {
+                let path = format!("{GROUP}/{}/{name}", K::plural(&()));
+                if let Some(object) = server.get(&path) {
+                    writer.apply_watcher_event(&Event::InitApply(serde_json::from_value(object).unwrap()));
+                }
+            }
+            writer.apply_watcher_event(&Event::InitDone);
+        }
+        let names = |plural: &str| self.server.names(&format!("{GROUP}/{plural}/"));
+        let (sites, devices, formulas) = (names("sites"), names("devices"), names("formulas"));
+        relist(&mut self.sites, &self.server, &sites);
+        relist(&mut self.devices, &self.server, &devices);
+        relist(&mut self.formulas, &self.server, &formulas);
+    }
+
+    fn site(&self, name: &str) -> Arc<Site> {
+        let site = self.server.get(&format!("{GROUP}/sites/{name}")).unwrap();
+        Arc::new(serde_json::from_value(site).unwrap())
+    }
+
+    async fn reconcile(&mut self, site: &str) -> Vec<Recorded> {
+        reconcile(self.site(site), Arc::clone(&self.ctx)).await.unwrap();
+        self.watch();
+        self.server.take_requests()
+    }
+}
+
+fn lines(requests: &[Recorded]) -> Vec<String> {
+    requests.iter().map(Recorded::line).collect()
+}
+
+fn status_patch(plural: &str, name: &str) -> String {
+    format!("PATCH {GROUP}/{plural}/{name}/status")
+}
+
+#[tokio::test]
+async fn the_first_reconcile_applies_the_site_and_records_what_it_deployed() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    let requests = world.reconcile("plant-a").await;
+
+    let mut expected = vec![
+        format!("GET {CONFIG_MAP}"),
+        format!("PATCH {CONFIG_MAP}"),
+        format!("GET {STATEFUL_SET}"),
+        format!("PATCH {STATEFUL_SET}"),
+        format!("GET {SERVICE}"),
+        format!("PATCH {SERVICE}"),
+        format!("POST {EVENTS}"),
+    ];
+    for formula in [
+        "boiler-delta-t",
+        "boiler-efficiency",
+        "boiler-heat-output",
+        "line-ready",
+        "meter-apparent-power",
+    ] {
+        expected.push(status_patch("formulas", formula));
+    }
+    for device in ["boiler", "line", "meter"] {
+        expected.push(status_patch("devices", device));
+    }
+    expected.push(status_patch("sites", "plant-a"));
+    assert_eq!(lines(&requests), expected);
+
+    // Server-side apply, forced, under the operator's field manager, with the hash.
+    let apply = &requests[1];
+    assert_eq!(apply.content_type, "application/apply-patch+yaml");
+    let query = apply.uri.split_once('?').unwrap().1;
+    let mut query: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+    query.sort_unstable();
+    assert_eq!(query, ["fieldManager=tagstream-operator", "force=true"]);
+    assert!(apply.body["metadata"]["annotations"]["tagstream.io/rendered-hash"].is_string());
+    assert_eq!(apply.body["metadata"]["ownerReferences"][0]["kind"], "Site");
+    assert_eq!(requests[6].body["reason"], "Applied");
+
+    let efficiency = world
+        .server
+        .get(&format!("{GROUP}/formulas/boiler-efficiency"))
+        .unwrap();
+    assert_eq!(efficiency["status"]["conditions"][0]["type"], "Valid");
+    assert_eq!(efficiency["status"]["conditions"][0]["status"], "True");
+    assert_eq!(efficiency["status"]["observedGeneration"], 1);
+    assert_eq!(
+        efficiency["status"]["dependencyOrder"],
+        json!(["boiler-delta-t", "boiler-heat-output"])
+    );
+    let boiler = world.server.get(&format!("{GROUP}/devices/boiler")).unwrap();
+    assert_eq!(boiler["status"]["tagCount"], 6);
+    let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+    assert_eq!(
+        (&site["status"]["devices"], &site["status"]["formulas"]),
+        (&json!(3), &json!(5))
+    );
+}
+
+#[tokio::test]
+async fn a_second_identical_reconcile_only_reads() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.reconcile("plant-a").await;
+    let requests = world.reconcile("plant-a").await;
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("GET {CONFIG_MAP}"),
+            format!("GET {STATEFUL_SET}"),
+            format!("GET {SERVICE}"),
+        ]
+    );
+    let applies = world
+        .ctx
+        .metrics
+        .applies
+        .get_or_create(&tagstream_operator::metrics::WriteLabels {
+            kind: "ConfigMap".into(),
+            outcome: "unchanged",
+        });
+    assert_eq!(applies.get(), 1);
+}
+
+#[tokio::test]
+async fn a_device_moved_between_sites_leaves_one_config_and_joins_the_other() {
+    let (site, devices, formulas) = plant();
+    let mut other = site.clone();
+    other.metadata.name = Some("plant-b".into());
+    other.metadata.uid = Some("0d6b1f0e-0000-4000-8000-00000000000b".into());
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.server.insert(&path(&other), &other);
+    world.reconcile("plant-a").await;
+    world.reconcile("plant-b").await;
+
+    let mut line: Device = serde_json::from_value(world.server.get(&format!("{GROUP}/devices/line")).unwrap()).unwrap();
+    line.spec.site = "plant-b".into();
+    line.metadata.generation = Some(2);
+    world.server.insert(&path(&line), &line);
+    world.watch();
+
+    // Site A: only its ConfigMap and its device count change. The line-ready formula
+    // reads the line and becomes invalid.
+    let requests = world.reconcile("plant-a").await;
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("GET {CONFIG_MAP}"),
+            format!("PATCH {CONFIG_MAP}"),
+            format!("GET {STATEFUL_SET}"),
+            format!("GET {SERVICE}"),
+            // The second "Applied" event of the site: kube's recorder counts it in a series.
+            format!("PATCH {EVENTS}/<event>"),
+            status_patch("formulas", "line-ready"),
+            format!("POST {EVENTS}"),
+            status_patch("sites", "plant-a"),
+        ]
+    );
+    let config = &requests[1].body["data"]["devices.yaml"];
+    assert!(!config.as_str().unwrap().contains("name: line\n"), "{config}");
+    assert_eq!(requests[5].body["status"]["conditions"][0]["reason"], "UnknownInput");
+
+    // Site B: its ConfigMap gains the device, which records the new generation.
+    let requests = world.reconcile("plant-b").await;
+    let b = |p: &str| p.replace("plant-a", "plant-b");
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("GET {}", b(CONFIG_MAP)),
+            format!("PATCH {}", b(CONFIG_MAP)),
+            format!("GET {}", b(STATEFUL_SET)),
+            format!("GET {}", b(SERVICE)),
+            format!("PATCH {EVENTS}/<event>"),
+            status_patch("devices", "line"),
+            status_patch("sites", "plant-b"),
+        ]
+    );
+    assert!(
+        requests[1].body["data"]["devices.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("name: line\n")
+    );
+    assert_eq!(requests[5].body["status"]["observedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn an_invalid_formula_is_reported_on_its_status_once_and_left_out() {
+    let (site, devices, mut formulas) = plant();
+    let mut broken = formulas[0].clone();
+    broken.metadata.name = Some("broken".into());
+    broken.spec.expression = "t_out -".into();
+    formulas.push(broken);
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    let requests = world.reconcile("plant-a").await;
+
+    let patch = requests
+        .iter()
+        .find(|r| r.line() == status_patch("formulas", "broken"))
+        .expect("the broken formula's status is written");
+    let valid = &patch.body["status"]["conditions"][0];
+    assert_eq!((&valid["type"], &valid["status"]), (&json!("Valid"), &json!("False")));
+    assert_eq!(valid["reason"], "ParseError");
+    assert!(valid["message"].as_str().unwrap().contains("operand"), "{valid}");
+    let warnings: Vec<&Value> = requests
+        .iter()
+        .filter(|r| r.line() == format!("POST {EVENTS}") && r.body["type"] == "Warning")
+        .map(|r| &r.body)
+        .collect();
+    assert_eq!(warnings.len(), 1);
+    assert_eq!(warnings[0]["regarding"]["name"], "broken");
+    let config = world.server.get(CONFIG_MAP).unwrap();
+    assert!(
+        !config["data"]["formulas.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("name: broken")
+    );
+    let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+    assert_eq!(site["status"]["formulas"], 5);
+
+    // Reported once: the next reconcile writes nothing.
+    assert_eq!(world.reconcile("plant-a").await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_deleted_site_is_left_to_the_garbage_collector_and_not_recreated() {
+    let (mut site, devices, formulas) = plant();
+    site.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    // Its objects are owned by the Site, so the garbage collector removes them; the
+    // queue's claim is owned by nobody and stays (Retain, in the rendering test).
+    assert_eq!(lines(&world.reconcile("plant-a").await), Vec::<String>::new());
+
+    // Once gone, Devices whose spec the operator already processed do not bring it back.
+    let mut world = World::new(None, &[], &[]);
+    let mut processed = devices[0].clone();
+    processed.status = Some(tagstream_crds::DeviceStatus {
+        observed_generation: Some(1),
+        ..Default::default()
+    });
+    assert!(create_missing_site(&world.ctx, &processed).await.unwrap().is_none());
+    assert_eq!(lines(&world.server.take_requests()), Vec::<String>::new());
+    world.watch();
+}
+
+#[tokio::test]
+async fn a_device_naming_a_missing_site_creates_it_with_the_defaults() {
+    let (_, devices, _) = plant();
+    let world = World::new(None, &devices, &[]);
+    let created = create_missing_site(&world.ctx, &devices[0])
+        .await
+        .unwrap()
+        .expect("a Site");
+    assert_eq!(created.spec, SiteSpec::default());
+    let requests = world.server.take_requests();
+    assert_eq!(
+        lines(&requests),
+        [format!("POST {GROUP}/sites"), format!("POST {EVENTS}")]
+    );
+    assert_eq!(requests[0].body["metadata"]["name"], "plant-a");
+    assert!(requests[0].uri.contains("fieldManager=tagstream-operator"));
+    assert_eq!(requests[1].body["reason"], "SiteCreated");
+    // A second member of the same site, before the watch shows the Site: a conflict,
+    // nothing more.
+    assert!(create_missing_site(&world.ctx, &devices[1]).await.unwrap().is_none());
+    assert_eq!(lines(&world.server.take_requests()), [format!("POST {GROUP}/sites")]);
+}
+
+fn report(connected: bool) -> String {
+    let now = tagstream_ingestor::point::now_ns();
+    let device = |name: &str| {
+        (
+            name.to_owned(),
+            json!({"connected": connected, "lastPollNs": now, "polls": 10, "failedPolls": u64::from(!connected),
+                   "consecutiveFailures": u32::from(!connected),
+                   "lastError": if connected { Value::Null } else { json!("connection refused") }}),
+        )
+    };
+    json!({
+        "namespace": "plant", "site": "plant-a",
+        "devices": serde_json::Map::from_iter([device("boiler"), device("line"), device("meter")]),
+        "formulas": {},
+        "queue": {"points": 12, "records": 2, "diskBytes": 4096, "payloadBytes": 900, "oldestAgeSeconds": 0.2,
+                  "droppedPoints": 0, "corruptRecords": 0, "paused": false, "movedAside": null},
+        "publisher": {"connected": true, "publishedBatches": 5, "ackedRecords": 5, "duplicates": 0,
+                      "failures": 0, "lastError": null, "lastAckLatencySeconds": 0.001},
+        "pointsPolled": 30, "pointsDerived": 10, "pointsLost": 0,
+    })
+    .to_string()
+}
+
+fn status_loop(world: &World, heartbeat: Duration) -> StatusLoop {
+    StatusLoop::new(
+        Arc::clone(&world.ctx),
+        StatusSettings {
+            source: ReportSource::ApiServerProxy(world.ctx.client.clone()),
+            period: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            heartbeat,
+            concurrency: 4,
+        },
+    )
+}
+
+const PROXY: &str = "/api/v1/namespaces/plant/services/tagstream-plant-a:http/proxy/status";
+
+#[tokio::test]
+async fn the_status_loop_writes_reports_when_they_change_and_not_otherwise() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.reconcile("plant-a").await;
+    world.server.proxy(PROXY, 200, report(true));
+    let mut loop_ = status_loop(&world, Duration::from_secs(3600));
+
+    loop_.pass().await;
+    world.watch();
+    let requests = world.server.take_requests();
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("GET {PROXY}"),
+            status_patch("devices", "boiler"),
+            status_patch("devices", "line"),
+            status_patch("devices", "meter"),
+            status_patch("sites", "plant-a"),
+        ]
+    );
+    let boiler = world.server.get(&format!("{GROUP}/devices/boiler")).unwrap();
+    let conditions = &boiler["status"]["conditions"];
+    assert_eq!(conditions[0]["type"], "Connected");
+    assert_eq!(conditions[0]["status"], "True");
+    assert_eq!(conditions[1]["type"], "Ready");
+    assert_eq!(conditions[1]["status"], "True");
+    assert_eq!(boiler["status"]["polls"], 10);
+    assert!(boiler["status"]["lastPollTime"].is_string());
+    let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+    assert_eq!(site["status"]["queue"]["depth"], 12);
+    assert_eq!(site["status"]["conditions"][1]["status"], "True");
+
+    // Counters moved, nothing a user acts on changed, heartbeat not due: read only.
+    world
+        .server
+        .proxy(PROXY, 200, report(true).replace("\"polls\":10", "\"polls\":11"));
+    loop_.pass().await;
+    world.watch();
+    assert_eq!(lines(&world.server.take_requests()), [format!("GET {PROXY}")]);
+
+    // The devices stop answering: written at once, with a warning each.
+    world.server.proxy(PROXY, 200, report(false));
+    loop_.pass().await;
+    world.watch();
+    let requests = world.server.take_requests();
+    let writes: Vec<String> = lines(&requests)
+        .into_iter()
+        .filter(|l| l.starts_with("PATCH"))
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            status_patch("devices", "boiler"),
+            status_patch("devices", "line"),
+            status_patch("devices", "meter")
+        ]
+    );
+    let warnings = requests
+        .iter()
+        .filter(|r| r.body["reason"] == "DeviceUnreachable")
+        .count();
+    assert_eq!(warnings, 3);
+    let line = world.server.get(&format!("{GROUP}/devices/line")).unwrap();
+    assert_eq!(line["status"]["conditions"][0]["reason"], "PollFailed");
+    assert_eq!(line["status"]["lastError"], "connection refused");
+}
+
+#[tokio::test]
+async fn an_unreachable_ingestor_makes_the_site_not_ready_with_one_event() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.reconcile("plant-a").await;
+    world.server.proxy(PROXY, 503, "no endpoints available".into());
+    let mut loop_ = status_loop(&world, Duration::from_secs(3600));
+    loop_.pass().await;
+    world.watch();
+    let requests = world.server.take_requests();
+    let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+    let ready = &site["status"]["conditions"][0];
+    assert_eq!((&ready["type"], &ready["status"]), (&json!("Ready"), &json!("False")));
+    assert_eq!(ready["reason"], "IngestorUnreachable");
+    let events: Vec<&Value> = requests
+        .iter()
+        .filter(|r| r.body["reason"] == "IngestorNotReady")
+        .map(|r| &r.body)
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["regarding"]["kind"], "Site");
+    let boiler = world.server.get(&format!("{GROUP}/devices/boiler")).unwrap();
+    assert_eq!(boiler["status"]["conditions"][0]["status"], "Unknown");
+
+    // Still unreachable: nothing new to say.
+    loop_.pass().await;
+    assert_eq!(lines(&world.server.take_requests()), [format!("GET {PROXY}")]);
+}
