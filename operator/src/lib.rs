@@ -12,6 +12,7 @@
 pub mod apply;
 pub mod context;
 pub mod controller;
+pub mod default_site;
 pub mod http;
 pub mod membership;
 pub mod metrics;

@@ -74,10 +74,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tagstream_ingestor::logging::init(args.log_json, "info,kube=warn");
     let default_site = match &args.default_site {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            serde_yaml::from_str::<SiteSpec>(&text).with_context(|| format!("{}: not a Site spec", path.display()))?
-        }
+        Some(path) => tagstream_operator::default_site::load(path)?,
         None => SiteSpec::default(),
     };
     let client = Client::try_default()
