@@ -98,10 +98,12 @@ impl Context {
 }
 
 fn members_of<K: SiteMember>(store: &Store<K>, site: &Site) -> Vec<K> {
+    let name = site.meta().name.as_deref().unwrap_or_default();
+    let namespace = site.meta().namespace.as_deref();
     let mut members: Vec<K> = store
         .state()
         .iter()
-        .filter(|m| m.site() == site.name_any() && m.namespace() == site.namespace())
+        .filter(|m| m.site() == name && m.meta().namespace.as_deref() == namespace)
         .map(|m| (**m).clone())
         .collect();
     members.sort_by_key(ResourceExt::name_any);

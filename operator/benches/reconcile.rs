@@ -1,0 +1,242 @@
+//! Reconcile throughput and memory for many sites, against the mocked API server of the
+//! tests (no cluster): `cargo bench -p tagstream-operator --bench reconcile`
+//! (`-- --sites N --devices-per-site M`, default 100 x 100 = 10,000 Devices).
+//!
+//! Three passes over every site, each the operator's real reconcile:
+//! 1. first apply: every site's ConfigMap, StatefulSet and Service written, every status;
+//! 2. steady state: nothing changed, so only reads (the compare-before-write path);
+//! 3. one device changed in every site: one ConfigMap write and one status per site.
+//!
+//! The baseline, in the same process, is the same reconcile with compare-before-write
+//! defeated (every object applied every time), which is what a controller without it
+//! costs on every resync.
+
+#[path = "../tests/support/api.rs"]
+#[allow(dead_code, reason = "shared with the tests, which use more of it")]
+mod api;
+#[path = "../tests/support/plant.rs"]
+#[allow(dead_code, reason = "shared with the tests, which use more of it")]
+mod plant;
+
+use std::{sync::Arc, time::Instant};
+
+use api::ApiServer;
+use kube::{
+    Resource, ResourceExt,
+    runtime::{reflector, watcher::Event},
+};
+use tagstream_crds::{Device, Formula, Site, SiteSpec};
+use tagstream_operator::{
+    context::{Context, Stores},
+    reconcile::reconcile,
+};
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| v.parse().expect("a number"))
+}
+
+struct Fleet {
+    sites: Vec<Site>,
+    devices: Vec<Device>,
+    formulas: Vec<Formula>,
+}
+
+/// `sites` copies of the example plant's site, each with `per_site` copies of its boiler
+/// and a formula per device.
+fn fleet(sites: usize, per_site: usize) -> Fleet {
+    let (site, devices, formulas) = plant::plant();
+    let boiler = devices.iter().find(|d| d.name_any() == "boiler").unwrap();
+    let delta = formulas.iter().find(|f| f.name_any() == "boiler-delta-t").unwrap();
+    let mut fleet = Fleet {
+        sites: Vec::new(),
+        devices: Vec::new(),
+        formulas: Vec::new(),
+    };
+    for s in 0..sites {
+        let name = format!("site-{s:03}");
+        let mut site = site.clone();
+        site.metadata.name = Some(name.clone());
+        site.metadata.uid = Some(format!("0d6b1f0e-0000-4000-8000-{s:012}"));
+        fleet.sites.push(site);
+        for d in 0..per_site {
+            let device_name = format!("{name}-dev-{d:03}");
+            let mut device = boiler.clone();
+            device.metadata.name = Some(device_name.clone());
+            device.spec.site.clone_from(&name);
+            fleet.devices.push(device);
+            let mut formula = delta.clone();
+            formula.metadata.name = Some(format!("{device_name}-delta-t"));
+            formula.spec.site.clone_from(&name);
+            for input in formula.spec.inputs.values_mut() {
+                *input = input.replace("boiler/", &format!("{device_name}/"));
+            }
+            fleet.formulas.push(formula);
+        }
+    }
+    fleet
+}
+
+fn path<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!(
+        "/apis/tagstream.io/v1alpha1/namespaces/plant/{}/{}",
+        K::plural(&()),
+        object.name_any()
+    )
+}
+
+fn store<K>(server: &ApiServer, objects: &[K]) -> (reflector::Store<K>, reflector::store::Writer<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize,
+{
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&Event::Init);
+    for object in objects {
+        let live = server.get(&path(object)).unwrap();
+        writer.apply_watcher_event(&Event::InitApply(serde_json::from_value(live).unwrap()));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    (reader, writer)
+}
+
+struct Pass {
+    seconds: f64,
+    requests: usize,
+    writes: usize,
+}
+
+async fn pass(server: &ApiServer, ctx: &Arc<Context>, sites: &[Site]) -> Pass {
+    let started = Instant::now();
+    for site in sites {
+        let live: Site = serde_json::from_value(server.get(&path(site)).unwrap()).unwrap();
+        reconcile(Arc::new(live), Arc::clone(ctx)).await.unwrap();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let requests = server.take_requests();
+    let writes = requests.iter().filter(|r| r.method != "GET").count();
+    Pass {
+        seconds,
+        requests: requests.len(),
+        writes,
+    }
+}
+
+fn context(server: &ApiServer, fleet: &Fleet) -> Arc<Context> {
+    Arc::new(Context::new(
+        server.client(),
+        plant::settings(),
+        SiteSpec::default(),
+        Stores {
+            sites: store(server, &fleet.sites).0,
+            devices: store(server, &fleet.devices).0,
+            formulas: store(server, &fleet.formulas).0,
+        },
+        None,
+        Arc::default(),
+    ))
+}
+
+fn insert_all(server: &ApiServer, fleet: &Fleet) {
+    for site in &fleet.sites {
+        server.insert(&path(site), site);
+    }
+    for device in &fleet.devices {
+        server.insert(&path(device), device);
+    }
+    for formula in &fleet.formulas {
+        server.insert(&path(formula), formula);
+    }
+}
+
+fn row(name: &str, sites: usize, devices: usize, pass: &Pass) {
+    println!(
+        "| {name} | {:.2} s | {:.0} sites/s | {:.0} devices/s | {} | {} |",
+        pass.seconds,
+        sites as f64 / pass.seconds,
+        devices as f64 / pass.seconds,
+        pass.requests,
+        pass.writes
+    );
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let sites = arg("--sites", 100);
+    let per_site = arg("--devices-per-site", 100);
+    let devices = sites * per_site;
+    let rss_start = rss_mib();
+    let fleet = fleet(sites, per_site);
+    let server = ApiServer::default();
+    insert_all(&server, &fleet);
+    let rss_loaded = rss_mib();
+    let ctx = context(&server, &fleet);
+    let rss_stores = rss_mib();
+
+    println!("{sites} sites x {per_site} devices (+1 formula each) = {devices} Devices, mocked API server");
+    println!("| pass | time | sites/s | devices/s | requests | writes |");
+    println!("|---|---|---|---|---|---|");
+    let first = pass(&server, &ctx, &fleet.sites).await;
+    row("first apply", sites, devices, &first);
+
+    // What the watches would show after the first pass: the statuses it wrote.
+    let ctx = context(&server, &fleet);
+    let steady = pass(&server, &ctx, &fleet.sites).await;
+    row("steady state (nothing changed)", sites, devices, &steady);
+
+    // One device per site gets a new spec.
+    let mut changed = fleet.devices.clone();
+    for device in changed.iter_mut().step_by(per_site) {
+        device.spec.tags.pop();
+        device.metadata.generation = Some(2);
+        server.insert(&path(device), device);
+    }
+    let ctx = context(&server, &fleet);
+    let one = pass(&server, &ctx, &fleet.sites).await;
+    row("one device changed per site", sites, devices, &one);
+
+    // Baseline: the same reconcile writing every object every time (no rendered hash on
+    // the live objects, so every comparison fails).
+    for site in &fleet.sites {
+        for prefix in [
+            "/api/v1/namespaces/plant/configmaps",
+            "/apis/apps/v1/namespaces/plant/statefulsets",
+            "/api/v1/namespaces/plant/services",
+        ] {
+            let key = format!("{prefix}/tagstream-{}", site.name_any());
+            if let Some(mut object) = server.get(&key) {
+                object["metadata"]["annotations"] = serde_json::json!({});
+                server.insert(&key, &object);
+            }
+        }
+    }
+    let ctx = context(&server, &fleet);
+    let baseline = pass(&server, &ctx, &fleet.sites).await;
+    row("baseline: apply everything (no compare)", sites, devices, &baseline);
+    let rss_end = rss_mib();
+
+    println!();
+    println!(
+        "steady state vs baseline: {:.1}x faster, {} vs {} writes",
+        baseline.seconds / steady.seconds,
+        steady.writes,
+        baseline.writes
+    );
+    println!(
+        "RSS: {rss_start:.0} MiB at start, {rss_loaded:.0} MiB with the fake API server's objects, \
+         {rss_stores:.0} MiB with the operator's stores ({:.0} MiB for the stores), {rss_end:.0} MiB at the end",
+        rss_stores - rss_loaded
+    );
+}
