@@ -4,7 +4,7 @@
 mod support;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -12,8 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_nats::jetstream;
-use prost::Message as _;
 use tagstream_crds::site::{Broker, BrokerCredentials, CredentialsKind};
 use tagstream_ingestor::{
     publish::{self, PublisherConfig, PublisherStatus},
@@ -24,7 +22,10 @@ use tagstream_proto::v1::{Point, PointBatch, point::Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use support::nats::{Nats, free_port};
+use support::{
+    nats::{Nats, free_port},
+    stream::{assert_exactly_once_in_order, stream_contents},
+};
 
 fn publisher_config(url: &str, site: &str) -> PublisherConfig {
     PublisherConfig {
@@ -57,24 +58,8 @@ fn counter_batch(n: u64) -> PointBatch {
 }
 
 /// Every message of the stream, decoded, with its message id, in stream order.
-async fn stream_contents(url: &str, connect: async_nats::ConnectOptions) -> Vec<(String, PointBatch)> {
-    let client = connect.connect(url).await.unwrap();
-    let context = jetstream::new(client);
-    let mut stream = context.get_stream("TAGSTREAM").await.unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let mut out = Vec::new();
-    for sequence in 1..=last {
-        let Ok(message) = stream.get_raw_message(sequence).await else {
-            continue;
-        };
-        let id = message
-            .headers
-            .get("Nats-Msg-Id")
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        out.push((id, PointBatch::decode(message.payload.as_ref()).unwrap()));
-    }
-    out
+async fn read_stream(url: &str, options: async_nats::ConnectOptions) -> Vec<(String, PointBatch)> {
+    stream_contents(options.connect(url).await.unwrap(), "TAGSTREAM").await
 }
 
 async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
@@ -140,7 +125,7 @@ async fn a_broker_outage_loses_nothing_and_keeps_the_order() {
     stop.cancel();
     publisher.await.unwrap();
 
-    let stored = stream_contents(&nats.url(), async_nats::ConnectOptions::new()).await;
+    let stored = read_stream(&nats.url(), async_nats::ConnectOptions::new()).await;
     let values: Vec<u64> = stored
         .iter()
         .flat_map(|(_, b)| &b.points)
@@ -193,9 +178,7 @@ async fn points_queued_before_any_broker_exists_are_delivered_when_it_appears() 
     stop.cancel();
     publisher.await.unwrap();
     assert_eq!(
-        stream_contents(&nats.url(), async_nats::ConnectOptions::new())
-            .await
-            .len(),
+        read_stream(&nats.url(), async_nats::ConnectOptions::new()).await.len(),
         50
     );
 }
@@ -252,7 +235,7 @@ async fn user_and_password_from_the_mounted_secret() {
     .await;
     stop.cancel();
     task.await.unwrap();
-    let stored = stream_contents(
+    let stored = read_stream(
         &nats.url(),
         async_nats::ConnectOptions::with_user_and_password("tagstream".into(), "s3cret".into()),
     )
@@ -339,36 +322,9 @@ async fn killed_ingestors_deliver_every_record_exactly_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let stored = stream_contents(&nats.url(), async_nats::ConnectOptions::new()).await;
+    let stored = read_stream(&nats.url(), async_nats::ConnectOptions::new()).await;
     assert!(stored.len() > 50, "only {} messages", stored.len());
-    let mut parts: BTreeMap<(u64, u64), BTreeSet<u32>> = BTreeMap::new();
-    for (id, batch) in &stored {
-        assert_eq!(id, &publish::message_id(batch));
-        let fresh = parts
-            .entry((batch.epoch, batch.sequence))
-            .or_default()
-            .insert(batch.part);
-        assert!(
-            fresh,
-            "record {} part {} is in the stream twice",
-            batch.sequence, batch.part
-        );
-    }
-    let epochs: BTreeSet<u64> = parts.keys().map(|(e, _)| *e).collect();
-    assert_eq!(epochs.len(), 1, "one queue, one epoch");
-    let sequences: Vec<u64> = parts.keys().map(|(_, s)| *s).collect();
-    let expected: Vec<u64> = (sequences[0]..=*sequences.last().unwrap()).collect();
-    assert_eq!(sequences, expected, "a record is missing from the stream");
-    for ((_, sequence), got) in &parts {
-        let expected: BTreeSet<u32> = (0..=*got.iter().max().unwrap()).collect();
-        assert_eq!(got, &expected, "record {sequence} lost a part");
-    }
-    // In stream order, records appear in queue order.
-    let order: Vec<u64> = stored.iter().map(|(_, b)| b.sequence).collect();
-    assert!(
-        order.windows(2).all(|w| w[0] <= w[1]),
-        "records out of order in the stream"
-    );
+    assert_exactly_once_in_order(&stored);
 }
 
 async fn http_get(address: SocketAddr, path: &str) -> String {
@@ -456,7 +412,7 @@ spec: {site: crashy, inputs: {s: pump/speed}, expression: s +}
         .unwrap()
         .unwrap()
         .unwrap();
-    let derived = stream_contents(&nats.url(), async_nats::ConnectOptions::new())
+    let derived = read_stream(&nats.url(), async_nats::ConnectOptions::new())
         .await
         .into_iter()
         .filter(|(_, b)| b.source == "speed-pct")
@@ -574,7 +530,7 @@ async fn tls_with_a_client_certificate() {
     task.await.unwrap();
     assert_eq!(queue.stats().points, 0, "{:?}", status.lock().unwrap());
     let reader = publish::connect_options(&config).await.unwrap();
-    let stored = stream_contents(&url, reader).await;
+    let stored = read_stream(&url, reader).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].1.site, "tls");
 }

@@ -1,3 +1,4 @@
 //! Real peers shared by the integration tests and the benchmarks.
 
 pub mod nats;
+pub mod stream;
