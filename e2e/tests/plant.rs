@@ -1,0 +1,394 @@
+//! The example plant on a real cluster, with the tagstream chart and NATS installed (see
+//! e2e/README.md; `e2e/run.sh` does it all on kind). Skipped, with one line saying so,
+//! only when no cluster is configured.
+//!
+//! 1. applies the simulator and the example plant into a fresh namespace;
+//! 2. waits for every Device to report `Connected`;
+//! 3. reads the stream and checks raw and derived values against the simulated
+//!    waveforms;
+//! 4. deletes the ingestor pod and restarts the NATS pod while points flow, then checks
+//!    that every queue record is in the stream exactly once, in order;
+//! 5. deletes the Site and checks that its workload goes and its queue's claim stays.
+
+#[path = "../../ingestor/tests/support/stream.rs"]
+mod stream;
+
+use std::{collections::BTreeMap, io::Write as _, path::PathBuf, time::Duration};
+
+use k8s_openapi::api::{
+    apps::v1::{Deployment, StatefulSet},
+    core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Pod, Service},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use serde::de::DeserializeOwned;
+use stream::{assert_exactly_once_in_order, stream_contents};
+use tagstream_crds::{Device, Formula, Site, device::Waveform, manifest::load};
+use tagstream_e2e::{Diagnostics, configured_client, port_forward};
+use tagstream_ingestor::service::state::Status as Report;
+use tagstream_proto::v1::{PointBatch, Quality, point::Value};
+
+const MANAGER: &str = "tagstream-e2e";
+const SITE: &str = "plant-a";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+async fn apply<K>(client: &Client, namespace: &str, object: &K)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    api.patch(
+        &object.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot apply {} {}: {e}", K::kind(&()), object.name_any()));
+}
+
+/// Namespace, simulator (its Device manifests in a ConfigMap, as kustomize packs them)
+/// and the example plant.
+async fn apply_plant(client: &Client, namespace: &str) -> (Vec<Device>, Vec<Formula>) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(namespace.into());
+    namespaces
+        .patch(namespace, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&ns))
+        .await
+        .expect("cannot create the test namespace");
+
+    let plant = repo().join("deploy/examples/plant");
+    let mut devices = ConfigMap::default();
+    devices.metadata.name = Some("tagstream-example-devices".into());
+    devices.data = Some(
+        ["boiler.yaml", "meter.yaml", "line.yaml"]
+            .iter()
+            .map(|f| ((*f).to_owned(), std::fs::read_to_string(plant.join(f)).unwrap()))
+            .collect(),
+    );
+    apply(client, namespace, &devices).await;
+    let text = std::fs::read_to_string(repo().join("deploy/simulator.yaml")).unwrap();
+    let mut documents = serde_yaml::Deserializer::from_str(&text);
+    let deployment: Deployment = serde::Deserialize::deserialize(documents.next().unwrap()).unwrap();
+    let service: Service = serde::Deserialize::deserialize(documents.next().unwrap()).unwrap();
+    apply(client, namespace, &deployment).await;
+    apply(client, namespace, &service).await;
+
+    let report = load(&[plant]).expect("the example plant loads");
+    let place = |meta: &mut kube::api::ObjectMeta| {
+        meta.namespace = Some(namespace.into());
+    };
+    let mut site = report.sites[0].object.clone();
+    place(&mut site.metadata);
+    apply(client, namespace, &site).await;
+    let mut devices = Vec::new();
+    for loaded in report.devices {
+        let mut device = loaded.object;
+        place(&mut device.metadata);
+        apply(client, namespace, &device).await;
+        devices.push(device);
+    }
+    let mut formulas = Vec::new();
+    for loaded in report.formulas {
+        let mut formula = loaded.object;
+        place(&mut formula.metadata);
+        apply(client, namespace, &formula).await;
+        formulas.push(formula);
+    }
+    (devices, formulas)
+}
+
+async fn every_device_connected(client: &Client, namespace: &str) -> Result<Option<()>, String> {
+    let devices: Api<Device> = Api::namespaced(client.clone(), namespace);
+    let list = devices.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+    let waiting: Vec<String> = list
+        .items
+        .iter()
+        .filter(|d| {
+            !d.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Connected" && c.status == "True")
+            })
+        })
+        .map(ResourceExt::name_any)
+        .collect();
+    if list.items.is_empty() || !waiting.is_empty() {
+        return Err(format!("not connected: {waiting:?}"));
+    }
+    Ok(Some(()))
+}
+
+/// The ingestor's own report, through the API server (as the operator reads it).
+async fn ingestor_report(client: &Client, namespace: &str) -> Result<Report, String> {
+    let request = http_request(&format!(
+        "/api/v1/namespaces/{namespace}/services/tagstream-{SITE}:http/proxy/status"
+    ));
+    let text = client.request_text(request).await.map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| e.to_string())
+}
+
+fn http_request(path: &str) -> http::Request<Vec<u8>> {
+    http::Request::get(path).body(Vec::new()).unwrap()
+}
+
+/// The range each raw tag and the boiler's temperature difference may take.
+fn envelopes(devices: &[Device]) -> BTreeMap<(String, String), (f64, f64)> {
+    let mut out = BTreeMap::new();
+    for device in devices {
+        for tag in &device.spec.tags {
+            if let Some(sim) = &tag.simulation {
+                let (low, high) = if sim.waveform == Waveform::Constant {
+                    (sim.min, sim.min)
+                } else {
+                    (sim.min, sim.max)
+                };
+                // Register quantisation of scaled integers.
+                let step = tag.scale.unwrap_or(0.0).abs();
+                out.insert((device.name_any(), tag.name.clone()), (low - step, high + step));
+            }
+        }
+    }
+    let t = |tag: &str| out[&("boiler".to_owned(), tag.to_owned())];
+    let (t_in, t_out) = (t("temperature_in"), t("temperature_out"));
+    out.insert(
+        ("boiler-delta-t".into(), "boiler-delta-t".into()),
+        (t_out.0 - t_in.1, t_out.1 - t_in.0),
+    );
+    out
+}
+
+fn number(value: Option<&Value>) -> Option<f64> {
+    match value? {
+        Value::DoubleValue(v) => Some(*v),
+        Value::IntValue(v) => Some(*v as f64),
+        Value::UintValue(v) => Some(*v as f64),
+        Value::BoolValue(v) => Some(f64::from(u8::from(*v))),
+        Value::StringValue(_) => None,
+    }
+}
+
+/// Every good numeric point lies in its simulated envelope; every device and formula
+/// of the plant sent good points.
+fn check_values(batches: &[&PointBatch], devices: &[Device], formulas: &[Formula]) {
+    let envelopes = envelopes(devices);
+    let mut good: BTreeMap<String, usize> = BTreeMap::new();
+    for batch in batches {
+        for point in &batch.points {
+            if point.quality != Quality::Good as i32 {
+                continue;
+            }
+            *good.entry(batch.source.clone()).or_default() += 1;
+            let key = (batch.source.clone(), point.tag.clone());
+            if let (Some(value), Some((low, high))) = (number(point.value.as_ref()), envelopes.get(&key)) {
+                let slack = 1e-6 * (high - low).abs().max(1.0);
+                assert!(
+                    value >= low - slack && value <= high + slack,
+                    "{}/{} = {value} is outside the simulated range [{low}, {high}]",
+                    batch.source,
+                    point.tag
+                );
+            }
+        }
+    }
+    for source in devices
+        .iter()
+        .map(ResourceExt::name_any)
+        .chain(formulas.iter().map(ResourceExt::name_any))
+    {
+        assert!(
+            good.get(&source).copied().unwrap_or(0) > 0,
+            "no good point from {source}: {good:?}"
+        );
+    }
+}
+
+async fn pod_ready(pods: &Api<Pod>, name: &str, not_uid: Option<&str>) -> Result<Option<String>, String> {
+    let pod = pods
+        .get_opt(name)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no pod yet")?;
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let uid = pod.uid().unwrap_or_default();
+    Ok((ready && Some(uid.as_str()) != not_uid).then_some(uid))
+}
+
+/// Deletes the ingestor pod, then the NATS pod, while points flow; waits until both are
+/// back and the ingestor's queue is empty again.
+async fn restart_ingestor_and_broker(client: &Client, namespace: &str, nats_namespace: &str, diag: &Diagnostics) {
+    let long = Duration::from_secs(300);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let ingestor_pod = format!("tagstream-{SITE}-0");
+    let old = pods.get(&ingestor_pod).await.unwrap().uid();
+    pods.delete(&ingestor_pod, &DeleteParams::default()).await.unwrap();
+    diag.wait_for("the ingestor pod to be replaced and ready", long, || {
+        pod_ready(&pods, &ingestor_pod, old.as_deref())
+    })
+    .await;
+    let nats_pods: Api<Pod> = Api::namespaced(client.clone(), nats_namespace);
+    let nats_pod = env("TAGSTREAM_E2E_NATS_POD", "nats-0");
+    let old = nats_pods.get(&nats_pod).await.unwrap().uid();
+    nats_pods.delete(&nats_pod, &DeleteParams::default()).await.unwrap();
+    diag.wait_for("the NATS pod to be replaced and ready", long, || {
+        pod_ready(&nats_pods, &nats_pod, old.as_deref())
+    })
+    .await;
+    diag.wait_for(
+        "the ingestor to publish its backlog (queue empty, broker connected)",
+        long,
+        || async {
+            let report = ingestor_report(client, namespace).await?;
+            Ok((report.publisher.connected && report.queue.points == 0).then_some(()))
+        },
+    )
+    .await;
+}
+
+/// Deletes the Site: its workload goes (owner references), its queue's claim stays.
+async fn delete_site_and_keep_its_claim(client: &Client, namespace: &str, diag: &Diagnostics) {
+    let short = Duration::from_secs(120);
+    println!("e2e: deleting the Site");
+    let sites: Api<Site> = Api::namespaced(client.clone(), namespace);
+    sites.delete(SITE, &DeleteParams::default()).await.unwrap();
+    let name = format!("tagstream-{SITE}");
+    diag.wait_for(
+        "the Site's StatefulSet, ConfigMap and Service to be removed",
+        short,
+        || async {
+            let left = [
+                Api::<StatefulSet>::namespaced(client.clone(), namespace)
+                    .get_opt(&name)
+                    .await
+                    .map(|o| o.is_some()),
+                Api::<ConfigMap>::namespaced(client.clone(), namespace)
+                    .get_opt(&name)
+                    .await
+                    .map(|o| o.is_some()),
+                Api::<Service>::namespaced(client.clone(), namespace)
+                    .get_opt(&name)
+                    .await
+                    .map(|o| o.is_some()),
+            ];
+            let left: Vec<bool> = left.into_iter().collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+            Ok(left.iter().all(|present| !present).then_some(()))
+        },
+    )
+    .await;
+    let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
+        .get_opt(&format!("queue-{name}-0"))
+        .await
+        .unwrap();
+    assert!(
+        claim.is_some_and(|c| c.metadata.deletion_timestamp.is_none()),
+        "the queue's claim must outlive the Site"
+    );
+    println!("e2e: workload removed, queue claim kept");
+}
+
+#[tokio::test]
+async fn the_example_plant_survives_an_ingestor_kill_and_a_broker_restart() {
+    let Some(client) = configured_client().await else {
+        // Straight to stderr, past the test harness's capture, so the skip is always seen.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED e2e: no cluster configured (KUBECONFIG, ~/.kube/config or in-cluster); e2e/run.sh makes one with kind"
+        );
+        return;
+    };
+    let namespace = env("TAGSTREAM_E2E_NAMESPACE", "tagstream-e2e");
+    let nats_namespace = env("TAGSTREAM_E2E_NATS_NAMESPACE", "nats");
+    let operator_namespace = env("TAGSTREAM_E2E_OPERATOR_NAMESPACE", "tagstream");
+    let diag = Diagnostics {
+        client: client.clone(),
+        namespaces: vec![namespace.clone(), operator_namespace.clone(), nats_namespace.clone()],
+    };
+    let long = Duration::from_secs(300);
+    let short = Duration::from_secs(120);
+
+    println!("e2e: applying the simulator and the example plant to namespace {namespace}");
+    let (devices, formulas) = apply_plant(&client, &namespace).await;
+    diag.wait_for("every Device to report Connected", long, || {
+        every_device_connected(&client, &namespace)
+    })
+    .await;
+
+    let nats = port_forward(
+        client.clone(),
+        &nats_namespace,
+        &env(
+            "TAGSTREAM_E2E_NATS_SELECTOR",
+            "app.kubernetes.io/name=nats,app.kubernetes.io/component=nats",
+        ),
+        4222,
+    )
+    .await
+    .unwrap();
+    let nats_url = format!("nats://{nats}");
+    println!("e2e: reading JetStream through a port-forward at {nats_url}");
+    let ours = |stored: &[(String, PointBatch)]| -> Vec<(String, PointBatch)> {
+        stored
+            .iter()
+            .filter(|(_, b)| b.namespace == namespace && b.site == SITE)
+            .cloned()
+            .collect()
+    };
+    let stream_name = "TAGSTREAM";
+    let read = || async {
+        let client = async_nats::ConnectOptions::new()
+            .connect(&nats_url)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(stream_contents(client, stream_name).await)
+    };
+    let first = diag
+        .wait_for("points of every device and formula in the stream", short, || async {
+            let stored = ours(&read().await?);
+            let sources: std::collections::BTreeSet<&str> = stored.iter().map(|(_, b)| b.source.as_str()).collect();
+            Ok((sources.len() == devices.len() + formulas.len()).then_some(stored))
+        })
+        .await;
+    let batches: Vec<&PointBatch> = first.iter().map(|(_, b)| b).collect();
+    check_values(&batches, &devices, &formulas);
+    println!(
+        "e2e: {} batches, raw and derived values inside their simulated ranges",
+        first.len()
+    );
+
+    println!("e2e: deleting the ingestor pod and restarting the NATS pod while points flow");
+    restart_ingestor_and_broker(&client, &namespace, &nats_namespace, &diag).await;
+
+    let after = ours(&read().await.expect("the stream is readable after the restarts"));
+    assert!(after.len() > first.len(), "nothing published after the restarts");
+    assert_exactly_once_in_order(&after);
+    let batches: Vec<&PointBatch> = after.iter().map(|(_, b)| b).collect();
+    check_values(&batches, &devices, &formulas);
+    println!(
+        "e2e: {} batches, every queue record exactly once and in order",
+        after.len()
+    );
+
+    delete_site_and_keep_its_claim(&client, &namespace, &diag).await;
+
+    if std::env::var_os("TAGSTREAM_E2E_KEEP").is_none() {
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let _ = namespaces.delete(&namespace, &DeleteParams::default()).await;
+    }
+}
