@@ -68,24 +68,24 @@ fn template(values: &[&Path]) -> Rendered {
         }
         let kind = value["kind"].as_str().unwrap().to_owned();
         match kind.as_str() {
-            "Deployment" => rendered.deployment = Some(serde_yaml::from_value(value.clone()).unwrap()),
-            "ConfigMap" => rendered.config_map = Some(serde_yaml::from_value(value.clone()).unwrap()),
-            "ClusterRole" => rendered.cluster_role = Some(serde_yaml::from_value(value.clone()).unwrap()),
-            "Role" => rendered.role = Some(serde_yaml::from_value(value.clone()).unwrap()),
+            "Deployment" => rendered.deployment = Some(typed(&value)),
+            "ConfigMap" => rendered.config_map = Some(typed(&value)),
+            "ClusterRole" => rendered.cluster_role = Some(typed(&value)),
+            "Role" => rendered.role = Some(typed(&value)),
             "ClusterRoleBinding" => {
-                let _: ClusterRoleBinding = serde_yaml::from_value(value.clone()).unwrap();
+                let _: ClusterRoleBinding = typed(&value);
                 rendered.bindings += 1;
             }
             "RoleBinding" => {
-                let _: RoleBinding = serde_yaml::from_value(value.clone()).unwrap();
+                let _: RoleBinding = typed(&value);
                 rendered.bindings += 1;
             }
             "ServiceAccount" => {
-                let _: ServiceAccount = serde_yaml::from_value(value.clone()).unwrap();
+                let _: ServiceAccount = typed(&value);
                 rendered.service_accounts += 1;
             }
             "Service" => {
-                let _: Service = serde_yaml::from_value(value.clone()).unwrap();
+                let _: Service = typed(&value);
                 rendered.services += 1;
             }
             "CustomResourceDefinition" => rendered
@@ -95,6 +95,20 @@ fn template(values: &[&Path]) -> Rendered {
         }
     }
     rendered
+}
+
+/// Parses a rendered object as its Kubernetes type and back: a field the type does not
+/// know (a typo in a template) is dropped by the parse and fails the comparison.
+fn typed<K: serde::de::DeserializeOwned + serde::Serialize>(value: &serde_yaml::Value) -> K {
+    let object: K = serde_yaml::from_value(value.clone()).unwrap();
+    let original: serde_json::Value = serde_yaml::from_value(value.clone()).unwrap();
+    assert_eq!(
+        serde_json::to_value(&object).unwrap(),
+        original,
+        "a rendered {} has fields its type does not know",
+        value["kind"].as_str().unwrap_or_default()
+    );
+    object
 }
 
 fn examples() -> Vec<PathBuf> {
