@@ -88,27 +88,28 @@ async fn apply_plant(client: &Client, namespace: &str) -> (Vec<Device>, Vec<Form
     apply(client, namespace, &service).await;
 
     let report = load(&[plant]).expect("the example plant loads");
-    let place = |meta: &mut kube::api::ObjectMeta| {
-        meta.namespace = Some(namespace.into());
-    };
-    let mut site = report.sites[0].object.clone();
-    place(&mut site.metadata);
-    apply(client, namespace, &site).await;
-    let mut devices = Vec::new();
-    for loaded in report.devices {
-        let mut device = loaded.object;
-        place(&mut device.metadata);
-        apply(client, namespace, &device).await;
-        devices.push(device);
-    }
-    let mut formulas = Vec::new();
-    for loaded in report.formulas {
-        let mut formula = loaded.object;
-        place(&mut formula.metadata);
-        apply(client, namespace, &formula).await;
-        formulas.push(formula);
-    }
+    apply_placed(client, namespace, report.sites.into_iter().map(|l| l.object)).await;
+    let devices = apply_placed(client, namespace, report.devices.into_iter().map(|l| l.object)).await;
+    let formulas = apply_placed(client, namespace, report.formulas.into_iter().map(|l| l.object)).await;
     (devices, formulas)
+}
+
+/// Applies loaded objects in `namespace`; returns them as applied.
+async fn apply_placed<K>(client: &Client, namespace: &str, objects: impl Iterator<Item = K>) -> Vec<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + DeserializeOwned,
+{
+    let mut applied = Vec::new();
+    for mut object in objects {
+        object.meta_mut().namespace = Some(namespace.into());
+        apply(client, namespace, &object).await;
+        applied.push(object);
+    }
+    applied
 }
 
 async fn every_device_connected(client: &Client, namespace: &str) -> Result<Option<()>, String> {

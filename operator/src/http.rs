@@ -10,6 +10,7 @@ use std::{
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::registry::Registry;
+use tagstream_ingestor::service::http::{metrics_response, spawn_server};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug)]
@@ -35,33 +36,11 @@ pub async fn serve(
             registry: Arc::new(registry),
             ready,
         });
-    let listener = tokio::net::TcpListener::bind(address).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-    });
-    Ok(bound)
+    spawn_server(address, app, shutdown).await
 }
 
 async fn metrics(State(http): State<Http>) -> impl IntoResponse {
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &http.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        ),
-        Err(error) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("content-type", "text/plain")],
-            error.to_string(),
-        ),
-    }
+    metrics_response(&http.registry)
 }
 
 async fn readyz(State(http): State<Http>) -> impl IntoResponse {

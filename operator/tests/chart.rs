@@ -9,7 +9,7 @@ use std::{
 
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{ConfigMap, Service, ServiceAccount},
+    core::v1::{ConfigMap, PodSpec, Service, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
 };
 use serde::Deserialize;
@@ -120,19 +120,13 @@ fn examples() -> Vec<PathBuf> {
     files
 }
 
+fn pod(rendered: &Rendered) -> PodSpec {
+    let deployment = rendered.deployment.as_ref().unwrap();
+    deployment.spec.as_ref().unwrap().template.spec.clone().unwrap()
+}
+
 fn args(rendered: &Rendered) -> Vec<String> {
-    let pod = rendered
-        .deployment
-        .as_ref()
-        .unwrap()
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .clone()
-        .unwrap();
-    pod.containers[0].args.clone().unwrap()
+    pod(rendered).containers[0].args.clone().unwrap()
 }
 
 fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
@@ -163,17 +157,7 @@ fn the_default_install_has_the_crds_a_locked_down_operator_and_least_privilege()
         (1, 2, 1)
     );
 
-    let pod = rendered
-        .deployment
-        .as_ref()
-        .unwrap()
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .clone()
-        .unwrap();
+    let pod = pod(&rendered);
     let pod_security = pod.security_context.unwrap();
     assert_eq!(pod_security.run_as_non_root, Some(true));
     assert_eq!(pod_security.seccomp_profile.unwrap().type_, "RuntimeDefault");

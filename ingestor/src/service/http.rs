@@ -37,6 +37,16 @@ pub async fn serve(
             state,
             registry: Arc::new(registry),
         });
+    Ok(spawn_server(address, app, shutdown).await?)
+}
+
+/// Binds `address` and serves `app` in a task until `shutdown`; returns the bound address
+/// (port 0 picks one). Shared with the operator's endpoints.
+pub async fn spawn_server(
+    address: SocketAddr,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
@@ -48,8 +58,13 @@ pub async fn serve(
 }
 
 async fn metrics(State(http): State<Http>) -> impl IntoResponse {
+    metrics_response(&http.registry)
+}
+
+/// A registry in the `OpenMetrics` text format, as `/metrics` answers it.
+pub fn metrics_response(registry: &Registry) -> impl IntoResponse + use<> {
     let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &http.registry) {
+    match prometheus_client::encoding::text::encode(&mut text, registry) {
         Ok(()) => (
             StatusCode::OK,
             [(

@@ -8,7 +8,7 @@
 //! Shutdown (SIGTERM): stop polling, persist what was polled, publish what is queued
 //! until the queue is empty or the drain deadline passes, close the queue.
 
-mod http;
+pub mod http;
 mod pipeline;
 pub mod state;
 
