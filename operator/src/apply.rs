@@ -11,7 +11,7 @@ use std::fmt::{Debug, Write};
 
 use kube::{
     Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams, PropagationPolicy},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
@@ -62,4 +62,32 @@ where
     )
     .await?;
     Ok(Outcome::Written)
+}
+
+/// What the API server says when a change touches a StatefulSet's immutable fields (its
+/// claim templates, selector or service name).
+const IMMUTABLE_STATEFUL_SET: &str = "updates to statefulset spec for fields other than";
+
+/// [`apply_if_changed`] for a StatefulSet: when the API server refuses the change because
+/// it touches immutable fields (a Site's new storage size or class), the StatefulSet is
+/// deleted with its pod and claim orphaned, and applied again; the new one adopts the
+/// running pod and its claim, so no point is lost. The claim keeps its old size: growing
+/// it is the storage class's business (see docs/k3s.md).
+pub async fn apply_or_recreate<K>(api: &Api<K>, object: K) -> Result<Outcome, kube::Error>
+where
+    K: Resource + Serialize + DeserializeOwned + Clone + Debug,
+{
+    let name = object.name_any();
+    match apply_if_changed(api, object.clone()).await {
+        Err(kube::Error::Api(status)) if status.code == 422 && status.message.contains(IMMUTABLE_STATEFUL_SET) => {
+            tracing::warn!(%name, reason = %status.message, "immutable fields changed: recreating, pods and claims orphaned");
+            let orphan = DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Orphan),
+                ..DeleteParams::default()
+            };
+            api.delete(&name, &orphan).await?;
+            apply_if_changed(api, object).await
+        }
+        outcome => outcome,
+    }
 }

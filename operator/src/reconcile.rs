@@ -17,7 +17,7 @@ use serde_json::Value;
 use tagstream_crds::Site;
 
 use crate::{
-    apply::{Outcome, apply_if_changed},
+    apply::{Outcome, apply_if_changed, apply_or_recreate},
     context::Context,
     metrics::WriteLabels,
     render::render,
@@ -59,6 +59,12 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     ctx.metrics.reconciles.inc();
     let result = Box::pin(reconcile_site(&site, &ctx)).await;
     ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    if let Err(error) = &result {
+        // Where a user looks first (`kubectl describe site`); kube's recorder folds the
+        // repeats of a retried failure into one event with a count.
+        ctx.event(&*site, EventType::Warning, "ReconcileFailed", error.to_string())
+            .await;
+    }
     if result.is_ok() {
         ctx.failures
             .lock()
@@ -106,11 +112,11 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
             rendered.config_map,
         )
         .await?,
-        apply(
+        Box::pin(apply(
             ctx,
             &Api::<StatefulSet>::namespaced(client.clone(), &namespace),
             rendered.stateful_set,
-        )
+        ))
         .await?,
         apply(
             ctx,
@@ -175,7 +181,12 @@ where
     let kind = K::kind(&()).into_owned();
     let name = object.name_any();
     let namespace = object.namespace().unwrap_or_default();
-    let outcome = apply_if_changed(api, object).await.map_err(|source| Error::Apply {
+    let written = if kind == "StatefulSet" {
+        apply_or_recreate(api, object).await
+    } else {
+        apply_if_changed(api, object).await
+    };
+    let outcome = written.map_err(|source| Error::Apply {
         kind: kind.clone(),
         namespace,
         name,

@@ -190,7 +190,7 @@ fn the_default_install_has_the_crds_a_locked_down_operator_and_least_privilege()
             rule(
                 &["apps"],
                 &["statefulsets"],
-                &["get", "list", "watch", "create", "patch"]
+                &["get", "list", "watch", "create", "patch", "delete"]
             ),
             rule(&[""], &["services/proxy"], &["get"]),
             rule(&["events.k8s.io"], &["events"], &["create", "patch"]),

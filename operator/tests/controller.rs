@@ -493,3 +493,76 @@ async fn an_unreachable_ingestor_makes_the_site_not_ready_with_one_event() {
     loop_.pass().await;
     assert_eq!(lines(&world.server.take_requests()), [format!("GET {PROXY}")]);
 }
+
+#[tokio::test]
+async fn a_new_storage_size_recreates_the_stateful_set_keeping_pod_and_claim() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.reconcile("plant-a").await;
+    let mut site: Site = serde_json::from_value(world.server.get(&path(&site)).unwrap()).unwrap();
+    site.spec.storage.size = k8s_openapi::apimachinery::pkg::api::resource::Quantity("4Gi".into());
+    site.metadata.generation = Some(2);
+    world.server.insert(&path(&site), &site);
+    world.watch();
+    world.server.refuse_next(
+        "PATCH",
+        STATEFUL_SET,
+        422,
+        "StatefulSet.apps \"tagstream-plant-a\" is invalid: spec: Forbidden: updates to statefulset spec \
+         for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', \
+         'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden",
+    );
+    let requests = world.reconcile("plant-a").await;
+    assert_eq!(
+        lines(&requests)[..8],
+        [
+            format!("GET {CONFIG_MAP}"),
+            format!("PATCH {CONFIG_MAP}"),
+            format!("GET {STATEFUL_SET}"),
+            format!("PATCH {STATEFUL_SET}"),
+            format!("DELETE {STATEFUL_SET}"),
+            format!("GET {STATEFUL_SET}"),
+            format!("PATCH {STATEFUL_SET}"),
+            format!("GET {SERVICE}"),
+        ]
+    );
+    assert_eq!(requests[4].body["propagationPolicy"], "Orphan");
+    let set = world.server.get(STATEFUL_SET).unwrap();
+    assert_eq!(
+        set["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "4Gi"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_apply_fails_the_reconcile_with_an_event_on_the_site() {
+    let (site, devices, formulas) = plant();
+    let world = World::new(Some(&site), &devices, &formulas);
+    world.server.refuse_next(
+        "PATCH",
+        CONFIG_MAP,
+        403,
+        "configmaps \"tagstream-plant-a\" is forbidden: User \"system:serviceaccount:tagstream:tagstream-operator\" cannot patch",
+    );
+    let error = reconcile(world.site("plant-a"), Arc::clone(&world.ctx))
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("cannot apply ConfigMap plant/tagstream-plant-a"),
+        "{error}"
+    );
+    let requests = world.server.take_requests();
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("GET {CONFIG_MAP}"),
+            format!("PATCH {CONFIG_MAP}"),
+            format!("POST {EVENTS}"),
+        ]
+    );
+    assert_eq!(requests[2].body["reason"], "ReconcileFailed");
+    assert_eq!(requests[2].body["type"], "Warning");
+    assert!(requests[2].body["note"].as_str().unwrap().contains("forbidden"));
+}

@@ -41,6 +41,8 @@ struct State {
     objects: BTreeMap<String, Value>,
     /// Answers to `GET .../proxy/...` paths: (status code, body).
     proxied: BTreeMap<String, (u16, String)>,
+    /// One-shot refusals: (method, path) -> (status code, message).
+    refusals: BTreeMap<(String, String), (u16, String)>,
     requests: Vec<Recorded>,
     resource_version: u64,
 }
@@ -95,6 +97,15 @@ impl ApiServer {
         self.state.lock().unwrap().proxied.insert(path.to_owned(), (code, body));
     }
 
+    /// Refuses the next `method` request on `path` with `code` and `message`, as an API
+    /// server refusing a change (403 forbidden, 422 invalid, ...).
+    pub fn refuse_next(&self, method: &str, path: &str, code: u16, message: &str) {
+        let mut state = self.state.lock().unwrap();
+        state
+            .refusals
+            .insert((method.to_owned(), path.to_owned()), (code, message.to_owned()));
+    }
+
     /// The requests recorded since the last call.
     pub fn take_requests(&self) -> Vec<Recorded> {
         std::mem::take(&mut self.state.lock().unwrap().requests)
@@ -122,6 +133,11 @@ impl ApiServer {
             content_type: content_type.clone(),
             body: body.clone(),
         });
+        if let Some((code, message)) = state.refusals.remove(&(parts.method.to_string(), path.clone())) {
+            let mut refusal = status(code, "Refused");
+            refusal["message"] = json!(message);
+            return respond(code, refusal.to_string());
+        }
         let (code, answer) = match parts.method.as_str() {
             "GET" if path.contains("/proxy/") => match state.proxied.get(&path) {
                 Some((code, text)) => return respond(*code, text.clone()),
@@ -160,6 +176,7 @@ impl ApiServer {
                     None => not_found(),
                 }
             }
+            "DELETE" => state.objects.remove(&path).map_or_else(not_found, |o| (200, o)),
             _ => (405, status(405, "MethodNotAllowed")),
         };
         respond(code, answer.to_string())
