@@ -404,6 +404,20 @@ spec: {site: crashy, inputs: {s: pump/speed}, expression: s +}
         assert!(Instant::now() < deadline, "the reload never happened: {s}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The new formula's latest result shows in /status (the operator's Last Value).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status(address).await;
+        let speed = &s["formulas"]["speed-pct"];
+        if let Some(value) = speed["lastValue"].as_str() {
+            assert!(value.parse::<f64>().is_ok(), "{speed}");
+            assert!(speed["lastValueNs"].as_i64().unwrap() > 0, "{speed}");
+            assert!(s["formulas"]["broken"]["lastValue"].is_null());
+            break;
+        }
+        assert!(Instant::now() < deadline, "no result in /status: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let metrics = http_get(address, "/metrics").await;
     assert!(metrics.contains("tagstream_formulas_invalid{} 1.0"), "{metrics}");
     shutdown.cancel();

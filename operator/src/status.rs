@@ -22,7 +22,7 @@ use k8s_openapi::{
 use kube::ResourceExt;
 use serde_json::{Value, json};
 use tagstream_crds::{
-    Device, Site,
+    Device, Formula, Site,
     condition_types::{CONNECTED, QUEUE_HEALTHY, READY, VALID},
     site::QueueStatus,
 };
@@ -98,7 +98,7 @@ pub fn formula_validity(issue: Option<&FormulaError>) -> State {
 /// The merge patch of a Formula's status written by the reconcile, or `None` when the
 /// stored status already says it.
 pub fn formula_patch(
-    formula: &tagstream_crds::Formula,
+    formula: &Formula,
     issue: Option<&FormulaError>,
     dependency_order: &[String],
     now: Timestamp,
@@ -205,6 +205,17 @@ pub fn device_report_patch(device: &Device, report: Reached<'_>, now: Timestamp,
             "lastError": last_error,
         }})
     })
+}
+
+/// The merge patch of a Formula's latest result from its ingestor's report, or `None`.
+/// Results change every cycle: they are written once per heartbeat at most.
+pub fn formula_report_patch(formula: &Formula, report: Reached<'_>, heartbeat_due: bool) -> Option<Value> {
+    let reported = report.ok()?.formulas.get(&formula.name_any())?;
+    let current = formula.status.clone().unwrap_or_default();
+    let time = reported.last_value_ns.and_then(time_from_ns);
+    let moved = current.last_value != reported.last_value || current.last_value_time != time;
+    (moved && heartbeat_due && reported.last_value.is_some())
+        .then(|| json!({"status": {"lastValue": reported.last_value, "lastValueTime": time}}))
 }
 
 /// The `QueueHealthy` condition from the ingestor's report.

@@ -25,7 +25,7 @@ use crate::{
     context::Context,
     reconcile::write_status,
     report::ReportSource,
-    status::{Reached, device_report_patch, site_report_patch, turned_false},
+    status::{Reached, device_report_patch, formula_report_patch, site_report_patch, turned_false},
 };
 
 /// How the status loop runs.
@@ -103,7 +103,13 @@ impl StatusLoop {
 
     async fn write_site(&mut self, site: &Site, report: Reached<'_>) -> Result<(), crate::reconcile::Error> {
         let now = Timestamp::now();
-        let (devices, _) = self.ctx.members(site);
+        let (devices, formulas) = self.ctx.members(site);
+        for formula in &formulas {
+            let due = self.heartbeat_due(formula);
+            if let Some(patch) = formula_report_patch(formula, report, due) {
+                self.write(formula, &patch).await?;
+            }
+        }
         for device in &devices {
             let due = self.heartbeat_due(device);
             if let Some(patch) = device_report_patch(device, report, now, due) {

@@ -372,7 +372,7 @@ fn report(connected: bool) -> String {
     json!({
         "namespace": "plant", "site": "plant-a",
         "devices": serde_json::Map::from_iter([device("boiler"), device("line"), device("meter")]),
-        "formulas": {},
+        "formulas": {"boiler-delta-t": {"valid": true, "error": null, "lastValue": "20.5", "lastValueNs": now}},
         "queue": {"points": 12, "records": 2, "diskBytes": 4096, "payloadBytes": 900, "oldestAgeSeconds": 0.2,
                   "droppedPoints": 0, "corruptRecords": 0, "paused": false, "movedAside": null},
         "publisher": {"connected": true, "publishedBatches": 5, "ackedRecords": 5, "duplicates": 0,
@@ -412,11 +412,19 @@ async fn the_status_loop_writes_reports_when_they_change_and_not_otherwise() {
         lines(&requests),
         [
             format!("GET {PROXY}"),
+            status_patch("formulas", "boiler-delta-t"),
             status_patch("devices", "boiler"),
             status_patch("devices", "line"),
             status_patch("devices", "meter"),
             status_patch("sites", "plant-a"),
         ]
+    );
+    let delta = world.server.get(&format!("{GROUP}/formulas/boiler-delta-t")).unwrap();
+    assert_eq!(delta["status"]["lastValue"], "20.5");
+    assert!(delta["status"]["lastValueTime"].is_string());
+    assert_eq!(
+        delta["status"]["conditions"][0]["type"], "Valid",
+        "the reconcile's fields stay"
     );
     let boiler = world.server.get(&format!("{GROUP}/devices/boiler")).unwrap();
     let conditions = &boiler["status"]["conditions"];
@@ -430,10 +438,13 @@ async fn the_status_loop_writes_reports_when_they_change_and_not_otherwise() {
     assert_eq!(site["status"]["queue"]["depth"], 12);
     assert_eq!(site["status"]["conditions"][1]["status"], "True");
 
-    // Counters moved, nothing a user acts on changed, heartbeat not due: read only.
-    world
-        .server
-        .proxy(PROXY, 200, report(true).replace("\"polls\":10", "\"polls\":11"));
+    // Counters and results moved, nothing a user acts on changed, heartbeat not due:
+    // read only.
+    let moved = report(true)
+        .replace("\"polls\":10", "\"polls\":11")
+        .replace("\"20.5\"", "\"20.6\"");
+    assert!(moved.contains("\"polls\":11") && moved.contains("\"20.6\""));
+    world.server.proxy(PROXY, 200, moved);
     loop_.pass().await;
     world.watch();
     assert_eq!(lines(&world.server.take_requests()), [format!("GET {PROXY}")]);

@@ -135,6 +135,16 @@ pub async fn run(
                 calc.update(changes, now_ns(), &mut derived);
             }
             batches.extend(formula_batches(calc, &derived));
+            let mut values = state.formula_values.lock().expect("values lock");
+            for d in &derived {
+                let name = &calc.formula(d.formula).name;
+                match values.get_mut(name) {
+                    Some(last) => last.clone_from(&d.sample),
+                    None => {
+                        values.insert(name.clone(), d.sample.clone());
+                    }
+                }
+            }
         }
         let points: u64 = batches.iter().map(|b| b.points.len() as u64).sum();
         let derived_points = derived.len() as u64;

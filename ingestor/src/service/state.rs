@@ -2,7 +2,7 @@
 //! `/metrics` (scraped by Prometheus).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     acquisition::{health::DeviceHealth, poller::HealthMap},
+    point::Sample,
     publish::PublisherStatus,
     queue::Queue,
 };
@@ -34,6 +35,8 @@ pub struct SiteState {
     pub devices: Mutex<HealthMap>,
     pub formula_issues: Mutex<BTreeMap<String, String>>,
     pub formulas: Mutex<Vec<String>>,
+    /// The latest result of each formula, for `/status`.
+    pub formula_values: Mutex<HashMap<String, Sample>>,
     pub ready: AtomicBool,
     points_polled: AtomicU64,
     points_derived: AtomicU64,
@@ -52,6 +55,7 @@ impl SiteState {
             devices: Mutex::default(),
             formula_issues: Mutex::default(),
             formulas: Mutex::default(),
+            formula_values: Mutex::default(),
             ready: AtomicBool::new(false),
             points_polled: AtomicU64::new(0),
             points_derived: AtomicU64::new(0),
@@ -80,19 +84,25 @@ impl SiteState {
             .map(|(name, health)| (name.clone(), health.lock().expect("health lock").clone()))
             .collect();
         let issues = self.formula_issues.lock().expect("issues lock").clone();
+        let values = self.formula_values.lock().expect("values lock").clone();
         let mut formulas: BTreeMap<String, FormulaStatus> = self
             .formulas
             .lock()
             .expect("formulas lock")
             .iter()
             .map(|name| {
-                (
-                    name.clone(),
-                    FormulaStatus {
-                        valid: true,
-                        error: None,
-                    },
-                )
+                let last = values.get(name);
+                let status = FormulaStatus {
+                    valid: true,
+                    error: None,
+                    last_value: last.map(|s| {
+                        s.value
+                            .as_ref()
+                            .map_or_else(|| s.quality.to_string(), ToString::to_string)
+                    }),
+                    last_value_ns: last.map(|s| s.timestamp_ns),
+                };
+                (name.clone(), status)
             })
             .collect();
         for (name, error) in issues {
@@ -101,6 +111,8 @@ impl SiteState {
                 FormulaStatus {
                     valid: false,
                     error: Some(error),
+                    last_value: None,
+                    last_value_ns: None,
                 },
             );
         }
@@ -149,6 +161,12 @@ pub struct Status {
 pub struct FormulaStatus {
     pub valid: bool,
     pub error: Option<String>,
+    /// The latest result as text (its quality when it has no value).
+    #[serde(default)]
+    pub last_value: Option<String>,
+    /// When the latest result was computed, ns since the Unix epoch.
+    #[serde(default)]
+    pub last_value_ns: Option<i64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
