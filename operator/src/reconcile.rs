@@ -207,8 +207,8 @@ where
     Ok((kind, outcome))
 }
 
-/// Merge-patches the status subresource of `object`.
-pub async fn write_status<K>(ctx: &Context, object: &K, patch: &Value) -> Result<(), Error>
+/// Merge-patches the status subresource of `object`; returns the object as written.
+pub async fn write_status<K>(ctx: &Context, object: &K, patch: &Value) -> Result<K, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + DeserializeOwned
@@ -218,7 +218,8 @@ where
     let namespace = object.namespace().unwrap_or_default();
     let name = object.name_any();
     let api = Api::<K>::namespaced(ctx.client.clone(), &namespace);
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+    let written = api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .map_err(|source| Error::Status {
             kind: K::kind(&()).into_owned(),
@@ -227,5 +228,5 @@ where
             source,
         })?;
     ctx.metrics.count_status_write(&K::kind(&()));
-    Ok(())
+    Ok(written)
 }

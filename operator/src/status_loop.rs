@@ -42,12 +42,25 @@ pub struct StatusSettings {
     pub concurrency: usize,
 }
 
-/// The status loop's memory: when each object's report was last written.
+/// The status loop's memory of its last write to an object.
+#[derive(Debug)]
+struct Written {
+    at: Instant,
+    /// The store's `resourceVersion` when the write was computed.
+    from_version: Option<String>,
+    /// The object as the API server returned it.
+    object: Value,
+}
+
+/// The status loop's memory: its last write to each object. While the watch has not yet
+/// delivered that write (the store still holds the version the write was computed
+/// from), the written object stands in for the stored one; without this a slow watch
+/// makes every period write the same status again.
 #[derive(Debug)]
 pub struct StatusLoop {
     ctx: Arc<Context>,
     settings: StatusSettings,
-    written: HashMap<(String, Option<String>, String), Instant>,
+    written: HashMap<(String, Option<String>, String), Written>,
 }
 
 impl StatusLoop {
@@ -101,31 +114,34 @@ impl StatusLoop {
         }
     }
 
-    async fn write_site(&mut self, site: &Site, report: Reached<'_>) -> Result<(), crate::reconcile::Error> {
+    async fn write_site(&mut self, stored_site: &Site, report: Reached<'_>) -> Result<(), crate::reconcile::Error> {
         let now = Timestamp::now();
-        let (devices, formulas) = self.ctx.members(site);
-        for formula in &formulas {
-            let due = self.heartbeat_due(formula);
-            if let Some(patch) = formula_report_patch(formula, report, due) {
-                self.write(formula, &patch).await?;
+        let (devices, formulas) = self.ctx.members(stored_site);
+        for stored in &formulas {
+            let formula = self.current(stored);
+            let due = self.heartbeat_due(stored);
+            if let Some(patch) = formula_report_patch(&formula, report, due) {
+                self.write(stored, &patch).await?;
             }
         }
-        for device in &devices {
-            let due = self.heartbeat_due(device);
-            if let Some(patch) = device_report_patch(device, report, now, due) {
-                self.write(device, &patch).await?;
-                if turned_false(&conditions_of_device(device), &patched_conditions(&patch), CONNECTED) {
+        for stored in &devices {
+            let device = self.current(stored);
+            let due = self.heartbeat_due(stored);
+            if let Some(patch) = device_report_patch(&device, report, now, due) {
+                self.write(stored, &patch).await?;
+                if turned_false(&conditions_of_device(&device), &patched_conditions(&patch), CONNECTED) {
                     let why = patch["status"]["lastError"].as_str().unwrap_or_default();
                     let note = format!("the last poll failed: {why}");
                     self.ctx
-                        .event(device, EventType::Warning, "DeviceUnreachable", note)
+                        .event(&device, EventType::Warning, "DeviceUnreachable", note)
                         .await;
                 }
             }
         }
-        let due = self.heartbeat_due(site);
+        let site = &self.current(stored_site);
+        let due = self.heartbeat_due(stored_site);
         if let Some(patch) = site_report_patch(site, report, now, due) {
-            self.write(site, &patch).await?;
+            self.write(stored_site, &patch).await?;
             let before = site.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
             if turned_false(&before, &patched_conditions(&patch), READY) {
                 let why = report.err().unwrap_or_default();
@@ -140,18 +156,39 @@ impl StatusLoop {
     fn heartbeat_due<K: kube::Resource<DynamicType = ()>>(&self, object: &K) -> bool {
         self.written
             .get(&key(object))
-            .is_none_or(|at| at.elapsed() >= self.settings.heartbeat)
+            .is_none_or(|w| w.at.elapsed() >= self.settings.heartbeat)
     }
 
-    async fn write<K>(&mut self, object: &K, patch: &Value) -> Result<(), crate::reconcile::Error>
+    /// The object as last known: the stored one, or the loop's own newer write of it.
+    fn current<K>(&self, stored: &K) -> K
+    where
+        K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Clone,
+    {
+        self.written
+            .get(&key(stored))
+            .filter(|w| w.from_version == stored.meta().resource_version)
+            .and_then(|w| serde_json::from_value(w.object.clone()).ok())
+            .unwrap_or_else(|| stored.clone())
+    }
+
+    /// Writes `patch` to the status of `stored` (the store's version of the object).
+    async fn write<K>(&mut self, stored: &K, patch: &Value) -> Result<(), crate::reconcile::Error>
     where
         K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
             + serde::de::DeserializeOwned
+            + serde::Serialize
             + Clone
             + std::fmt::Debug,
     {
-        write_status(&self.ctx, object, patch).await?;
-        self.written.insert(key(object), Instant::now());
+        let written = write_status(&self.ctx, stored, patch).await?;
+        self.written.insert(
+            key(stored),
+            Written {
+                at: Instant::now(),
+                from_version: stored.meta().resource_version.clone(),
+                object: serde_json::to_value(&written).unwrap_or_default(),
+            },
+        );
         Ok(())
     }
 }

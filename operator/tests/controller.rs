@@ -22,11 +22,13 @@ use serde_json::{Value, json};
 use tagstream_crds::{Device, Formula, Site, SiteSpec};
 use tagstream_operator::{
     context::{Context, Stores},
+    controller::{OperatorSettings, run},
     reconcile::reconcile,
     report::ReportSource,
     site_creation::create_missing_site,
     status_loop::{StatusLoop, StatusSettings},
 };
+use tokio_util::sync::CancellationToken;
 
 const GROUP: &str = "/apis/tagstream.io/v1alpha1/namespaces/plant";
 const CONFIG_MAP: &str = "/api/v1/namespaces/plant/configmaps/tagstream-plant-a";
@@ -576,4 +578,74 @@ async fn a_refused_apply_fails_the_reconcile_with_an_event_on_the_site() {
     assert_eq!(requests[2].body["reason"], "ReconcileFailed");
     assert_eq!(requests[2].body["type"], "Warning");
     assert!(requests[2].body["note"].as_str().unwrap().contains("forbidden"));
+}
+
+/// The whole operator (`controller::run`: watches, controller, status loop) against the
+/// fake API server, whose lists hold the example plant and whose watches stay open
+/// without events.
+#[tokio::test]
+async fn the_running_operator_deploys_a_listed_site_once_and_reports_its_health() {
+    let (site, devices, formulas) = plant();
+    let world = World::new(Some(&site), &devices, &formulas);
+    world.server.proxy(PROXY, 200, report(true));
+    let settings = OperatorSettings {
+        render: settings(),
+        default_site: SiteSpec::default(),
+        status: StatusSettings {
+            source: ReportSource::ApiServerProxy(world.ctx.client.clone()),
+            period: Duration::from_millis(100),
+            timeout: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(3600),
+            concurrency: 4,
+        },
+        instance: Some("test".into()),
+        concurrency: 4,
+    };
+    let shutdown = CancellationToken::new();
+    let operator = tokio::spawn(run(
+        world.ctx.client.clone(),
+        settings,
+        Arc::default(),
+        shutdown.clone(),
+    ));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+        let boiler = world.server.get(&format!("{GROUP}/devices/boiler")).unwrap();
+        let deployed = world.server.get(STATEFUL_SET).is_some() && site["status"]["devices"] == 3;
+        let reported = site["status"]["conditions"][0]["status"] == "True"
+            && boiler["status"]["conditions"][0]["status"] == "True";
+        if deployed && reported {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not deployed and reported: {site}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let it run a few more status periods: nothing is written again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), operator)
+        .await
+        .expect("the operator stops on shutdown")
+        .unwrap();
+
+    let requests = world.server.take_requests();
+    let count = |line: &str| requests.iter().filter(|r| r.line() == line).count();
+    assert_eq!(count(&format!("PATCH {CONFIG_MAP}")), 1, "{:#?}", lines(&requests));
+    assert_eq!(count(&format!("PATCH {STATEFUL_SET}")), 1);
+    assert_eq!(
+        count(&status_patch("sites", "plant-a")),
+        2,
+        "one deployed, one reported"
+    );
+    assert_eq!(
+        count(&status_patch("devices", "boiler")),
+        2,
+        "one deployed, one reported"
+    );
+    assert!(count(&format!("GET {PROXY}")) >= 3, "the status loop kept asking");
 }

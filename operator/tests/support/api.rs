@@ -6,10 +6,14 @@
 
 use std::{
     collections::BTreeMap,
+    convert::Infallible,
     sync::{Arc, Mutex},
 };
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use kube::{Client, client::Body};
 use serde_json::{Value, json};
 
@@ -57,7 +61,7 @@ impl ApiServer {
     /// A client whose requests this server answers, until the client and all its clones
     /// are dropped.
     pub fn client(&self) -> Client {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Answer>>();
         let server = self.clone();
         tokio::spawn(async move {
             while let Some((request, respond)) = handle.next_request().await {
@@ -111,9 +115,9 @@ impl ApiServer {
         std::mem::take(&mut self.state.lock().unwrap().requests)
     }
 
-    async fn answer(&self, request: Request<Body>) -> Response<Body> {
+    async fn answer(&self, request: Request<Body>) -> Response<Answer> {
         let (parts, body) = request.into_parts();
-        let bytes = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+        let bytes = body.collect().await.unwrap().to_bytes();
         let body: Value = if bytes.is_empty() {
             Value::Null
         } else {
@@ -138,11 +142,21 @@ impl ApiServer {
             refusal["message"] = json!(message);
             return respond(code, refusal.to_string());
         }
+        let query = parts.uri.query().unwrap_or_default();
         let (code, answer) = match parts.method.as_str() {
+            "GET" if query.split('&').any(|p| p == "watch=true") => return open_watch(),
             "GET" if path.contains("/proxy/") => match state.proxied.get(&path) {
                 Some((code, text)) => return respond(*code, text.clone()),
                 None => not_found(),
             },
+            "GET" if listed(&state.objects, &path).is_some() => {
+                let items: Vec<Value> = listed(&state.objects, &path).unwrap().into_iter().cloned().collect();
+                let version = state.resource_version.to_string();
+                (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": version}, "items": items}),
+                )
+            }
             "GET" => state.objects.get(&path).cloned().map_or_else(not_found, |o| (200, o)),
             "POST" => {
                 let name = body["metadata"]["name"].as_str().unwrap_or_default();
@@ -191,12 +205,47 @@ impl State {
     }
 }
 
-fn respond(code: u16, body: String) -> Response<Body> {
+/// A response body: whole, or a watch that stays open without events.
+type Answer = UnsyncBoxBody<Bytes, Infallible>;
+
+fn respond(code: u16, body: String) -> Response<Answer> {
     Response::builder()
         .status(StatusCode::from_u16(code).unwrap())
         .header("content-type", "application/json")
-        .body(Body::from(body.into_bytes()))
+        .body(Full::new(Bytes::from(body)).boxed_unsync())
         .unwrap()
+}
+
+fn open_watch() -> Response<Answer> {
+    let events = futures::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(StreamBody::new(events).boxed_unsync())
+        .unwrap()
+}
+
+/// The objects a collection path lists: `.../<plural>` (all namespaces) or
+/// `.../namespaces/<ns>/<plural>`; `None` for an object's path.
+fn listed<'a>(objects: &'a BTreeMap<String, Value>, path: &str) -> Option<Vec<&'a Value>> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let base = if segments.first() == Some(&"api") { 2 } else { 3 };
+    let rest = segments.get(base..)?;
+    let prefix = segments[..base].join("/");
+    let matches = |key: &str| -> bool {
+        let key: Vec<&str> = key.trim_start_matches('/').split('/').collect();
+        match rest {
+            [plural] => key.len() == base + 4 && key[..base].join("/") == prefix && key[base + 2] == *plural,
+            ["namespaces", ns, plural] => {
+                key.len() == base + 4
+                    && key[..base].join("/") == prefix
+                    && key[base + 1] == *ns
+                    && key[base + 2] == *plural
+            }
+            _ => false,
+        }
+    };
+    matches!(rest.len(), 1 | 3).then(|| objects.iter().filter(|(k, _)| matches(k)).map(|(_, v)| v).collect())
 }
 
 fn status(code: u16, reason: &str) -> Value {
