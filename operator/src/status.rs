@@ -31,6 +31,9 @@ use tagstream_ingestor::{calc::FormulaError, service::state::Status as Report};
 /// The oldest queued point may be this old before the queue is reported unhealthy.
 pub const QUEUE_BACKLOG_LIMIT: Duration = Duration::from_secs(300);
 
+/// `status.dependencyOrder`'s `maxItems` in the Formula CRD.
+const MAX_DEPENDENCY_ORDER: usize = 1024;
+
 /// A condition's state: `True`, `False` or `Unknown` with a reason and message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct State {
@@ -105,6 +108,8 @@ pub fn formula_patch(
 ) -> Option<Value> {
     let current = formula.status.clone().unwrap_or_default();
     let generation = formula.metadata.generation;
+    // The schema bounds the list; a longer one would make the API server refuse the patch.
+    let dependency_order = &dependency_order[..dependency_order.len().min(MAX_DEPENDENCY_ORDER)];
     let valid = condition(&current.conditions, VALID, &formula_validity(issue), generation, now);
     let unchanged = current.observed_generation == generation
         && current.dependency_order == dependency_order
@@ -281,4 +286,39 @@ pub fn site_report_patch(site: &Site, report: Reached<'_>, now: Timestamp, heart
 pub fn turned_false(before: &[Condition], after: &[Condition], type_: &str) -> bool {
     let status = |list: &[Condition]| list.iter().find(|c| c.type_ == type_).map(|c| c.status.clone());
     status(after).as_deref() == Some("False") && status(before).as_deref() != Some("False")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn formula() -> Formula {
+        let spec = serde_json::from_value(json!({"site": "a", "inputs": {"x": "d/t"}, "expression": "x"})).unwrap();
+        let mut formula = Formula::new("f", spec);
+        formula.metadata.generation = Some(1);
+        formula
+    }
+
+    #[test]
+    fn a_dependency_order_longer_than_the_schema_allows_is_cut_to_fit() {
+        let order: Vec<String> = (0..2000).map(|i| format!("f{i}")).collect();
+        let patch = formula_patch(&formula(), None, &order, Timestamp::now()).unwrap();
+        assert_eq!(
+            patch["status"]["dependencyOrder"].as_array().unwrap().len(),
+            MAX_DEPENDENCY_ORDER
+        );
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_holds() {
+        let then = Timestamp::from_second(1_700_000_000).unwrap();
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let true_ = State::new("True", "Polling", "ok");
+        let first = condition(&[], CONNECTED, &true_, Some(1), then);
+        let again = condition(std::slice::from_ref(&first), CONNECTED, &true_, Some(1), now);
+        assert_eq!(again.last_transition_time, Time(then));
+        let false_ = State::new("False", "PollFailed", "timeout");
+        let changed = condition(&[again], CONNECTED, &false_, Some(1), now);
+        assert_eq!(changed.last_transition_time, Time(now));
+    }
 }
