@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CLUSTER=${TAGSTREAM_E2E_CLUSTER:-tagstream-e2e}
+TAGSTREAM_E2E_NAMESPACE=${TAGSTREAM_E2E_NAMESPACE:-tagstream-e2e-$(date +%s)}
+export TAGSTREAM_E2E_NAMESPACE
 VERSION=$(sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/tagstream/Chart.yaml)
 
 for tool in kind docker kubectl helm cargo; do
@@ -20,10 +22,10 @@ step() { echo; echo "==> $*"; }
 dump() {
   echo "==> e2e/run.sh failed; what the cluster shows:"
   kubectl get pods -A -o wide || true
-  for ns in tagstream tagstream-e2e nats; do kubectl describe pods -n "$ns" || true; done
+  for ns in tagstream "$TAGSTREAM_E2E_NAMESPACE" nats; do kubectl describe pods -n "$ns" || true; done
   kubectl get events -A --sort-by=.lastTimestamp | tail -80 || true
   kubectl logs -n tagstream deploy/tagstream-operator --tail=200 || true
-  kubectl logs -n tagstream-e2e statefulset/tagstream-plant-a --tail=200 || true
+  kubectl logs -n "$TAGSTREAM_E2E_NAMESPACE" statefulset/tagstream-plant-a --tail=200 || true
 }
 trap dump ERR
 

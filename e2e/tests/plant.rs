@@ -314,7 +314,13 @@ async fn the_example_plant_survives_an_ingestor_kill_and_a_broker_restart() {
         );
         return;
     };
-    let namespace = env("TAGSTREAM_E2E_NAMESPACE", "tagstream-e2e");
+    // A fresh namespace per run: the stream keeps earlier runs' points, and the audit
+    // covers one queue (one namespace and site).
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let namespace = env("TAGSTREAM_E2E_NAMESPACE", &format!("tagstream-e2e-{started}"));
     let nats_namespace = env("TAGSTREAM_E2E_NATS_NAMESPACE", "nats");
     let operator_namespace = env("TAGSTREAM_E2E_OPERATOR_NAMESPACE", "tagstream");
     let diag = Diagnostics {
