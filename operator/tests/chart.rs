@@ -202,7 +202,7 @@ fn the_default_install_has_the_crds_a_locked_down_operator_and_least_privilege()
         lease[1].resource_names.as_deref(),
         Some(&["tagstream-operator".to_owned()][..])
     );
-    assert_eq!(lease[1].verbs, ["get", "update", "patch"]);
+    assert_eq!(lease[1].verbs, ["get", "patch"]);
 
     let args = args(&template(&[]));
     assert!(
