@@ -41,14 +41,26 @@ fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
-async fn apply<K>(client: &Client, namespace: &str, object: &K)
-where
+/// A namespaced API object the suite can apply.
+trait Namespaced:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + serde::Serialize
+    + DeserializeOwned
+{
+}
+
+impl<K> Namespaced for K where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + std::fmt::Debug
         + serde::Serialize
-        + DeserializeOwned,
+        + DeserializeOwned
 {
+}
+
+async fn apply<K: Namespaced>(client: &Client, namespace: &str, object: &K) {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     api.patch(
         &object.name_any(),
@@ -95,14 +107,7 @@ async fn apply_plant(client: &Client, namespace: &str) -> (Vec<Device>, Vec<Form
 }
 
 /// Applies loaded objects in `namespace`; returns them as applied.
-async fn apply_placed<K>(client: &Client, namespace: &str, objects: impl Iterator<Item = K>) -> Vec<K>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + serde::Serialize
-        + DeserializeOwned,
-{
+async fn apply_placed<K: Namespaced>(client: &Client, namespace: &str, objects: impl Iterator<Item = K>) -> Vec<K> {
     let mut applied = Vec::new();
     for mut object in objects {
         object.meta_mut().namespace = Some(namespace.into());
