@@ -37,6 +37,7 @@
 //! does not decode is skipped and counted as lost; it never stops the queue.
 
 pub mod record;
+mod summary;
 
 use std::{
     path::{Path, PathBuf},
@@ -144,6 +145,8 @@ struct Shared {
     meta: sled::Tree,
     epoch: u64,
     stats: Mutex<QueueStats>,
+    /// The totals of every record appended so far: what the next record follows.
+    totals: Mutex<record::Totals>,
     /// Woken when the publisher frees room (for `pausePolling`).
     room: Notify,
     /// Woken when records were written (for the publisher).
@@ -208,7 +211,7 @@ impl Queue {
             db.flush().map_err(&err)?;
             epoch
         };
-        let stats = scan(&records, &db).map_err(&err)?;
+        let (stats, totals) = summary::summarize(&records, &meta, &db).map_err(&err)?;
         info!(queue = %config.dir.display(), epoch = format!("{epoch:016x}"), records = stats.records, points = stats.points, "queue opened");
         let (appends, rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
@@ -218,6 +221,7 @@ impl Queue {
             meta,
             epoch,
             stats: Mutex::new(stats),
+            totals: Mutex::new(totals),
             room: Notify::new(),
             appended: Notify::new(),
         });
@@ -273,9 +277,15 @@ impl Queue {
                     Ok(record) => out.push(Stored { sequence, record }),
                     Err(e) => {
                         error!(sequence, error = %e, "skipping a corrupt queue record; its points are lost");
-                        shared.records.remove(&key).map_err(storage(&shared.config.dir))?;
-                        let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
-                        uncount(&shared, 1, points, value.len() as u64);
+                        let err = storage(&shared.config.dir);
+                        let counted = summary::counted_for(&shared.records, sequence).map_err(&err)?;
+                        summary::note_hole(&shared.meta, sequence).map_err(&err)?;
+                        shared.records.remove(&key).map_err(&err)?;
+                        let counted = counted.unwrap_or(record::Totals {
+                            points: 0,
+                            bytes: value.len() as u64,
+                        });
+                        uncount(&shared, 1, counted.points, counted.bytes);
                         shared.stats.lock().expect("stats lock").corrupt_records += 1;
                     }
                 }
@@ -327,22 +337,6 @@ fn open_db(config: &QueueConfig) -> Result<sled::Db, sled::Error> {
         .cache_capacity(config.cache_bytes)
         .mode(sled::Mode::HighThroughput)
         .open()
-}
-
-/// Counts what a reopened queue holds, streaming through the records.
-fn scan(records: &sled::Tree, db: &sled::Db) -> Result<QueueStats, sled::Error> {
-    let mut stats = QueueStats::default();
-    for entry in records {
-        let (_, value) = entry?;
-        stats.records += 1;
-        stats.payload_bytes += value.len() as u64;
-        if let Ok((points, enqueued)) = record::header(&value) {
-            stats.points += u64::from(points);
-            stats.oldest_enqueued_ns.get_or_insert(enqueued);
-        }
-    }
-    stats.disk_bytes = db.size_on_disk()?;
-    Ok(stats)
 }
 
 async fn run_blocking<T: Send + 'static>(
@@ -490,7 +484,8 @@ fn write_group(shared: &Shared, batches: impl Iterator<Item = PointBatch>, first
         if pending.is_empty() {
             return Ok(());
         }
-        let value = record::encode(std::mem::take(pending), now);
+        let before = *shared.totals.lock().expect("totals lock");
+        let value = record::encode(std::mem::take(pending), now, before);
         let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
         // Counted before it is inserted: the publisher may read, send, ack and delete it
         // before this function returns, and a delete must never find it uncounted.
@@ -499,6 +494,7 @@ fn write_group(shared: &Shared, batches: impl Iterator<Item = PointBatch>, first
             uncount(shared, 1, points, value.len() as u64);
             return Err(err(e));
         }
+        *shared.totals.lock().expect("totals lock") = before.then(points, value.len() as u64);
         *next += 1;
         Ok(())
     };

@@ -6,7 +6,10 @@
 //! bytes   QueueRecord     (protobuf: repeated tagstream.v1.PointBatch)
 //! ```
 //! The batches are stored without epoch, sequence and part: the publisher fills those in
-//! from the record's key when it sends them.
+//! from the record's key when it sends them. The body also carries the totals (points
+//! and value bytes) of every record appended before this one, so that opening a queue
+//! counts it from its first and last records instead of reading them all (see
+//! `summary.rs`); records written before those fields existed decode with `before: None`.
 
 use prost::Message;
 use tagstream_proto::v1::PointBatch;
@@ -17,6 +20,28 @@ const HEADER: usize = 12;
 struct QueueRecord {
     #[prost(message, repeated, tag = "1")]
     batches: Vec<PointBatch>,
+    #[prost(uint64, optional, tag = "2")]
+    points_before: Option<u64>,
+    #[prost(uint64, optional, tag = "3")]
+    bytes_before: Option<u64>,
+}
+
+/// Points and value bytes of a run of records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub points: u64,
+    pub bytes: u64,
+}
+
+impl Totals {
+    /// These totals followed by one record of `points` points and `bytes` bytes.
+    #[must_use]
+    pub const fn then(self, points: u64, bytes: u64) -> Self {
+        Self {
+            points: self.points + points,
+            bytes: self.bytes + bytes,
+        }
+    }
 }
 
 /// A decoded record.
@@ -25,12 +50,18 @@ pub struct Record {
     pub points: u32,
     pub enqueued_ns: i64,
     pub batches: Vec<PointBatch>,
+    /// The totals of every record appended before this one.
+    pub before: Option<Totals>,
 }
 
-/// Encodes batches into one record value.
-pub fn encode(batches: Vec<PointBatch>, enqueued_ns: i64) -> Vec<u8> {
+/// Encodes batches into one record value, after records totalling `before`.
+pub fn encode(batches: Vec<PointBatch>, enqueued_ns: i64, before: Totals) -> Vec<u8> {
     let points: usize = batches.iter().map(|b| b.points.len()).sum();
-    let body = QueueRecord { batches };
+    let body = QueueRecord {
+        batches,
+        points_before: Some(before.points),
+        bytes_before: Some(before.bytes),
+    };
     let mut value = Vec::with_capacity(HEADER + body.encoded_len());
     value.extend_from_slice(&u32::try_from(points).unwrap_or(u32::MAX).to_be_bytes());
     value.extend_from_slice(&enqueued_ns.to_be_bytes());
@@ -57,10 +88,15 @@ pub fn header(value: &[u8]) -> Result<(u32, i64), CorruptRecord> {
 pub fn decode(value: &[u8]) -> Result<Record, CorruptRecord> {
     let (points, enqueued_ns) = header(value)?;
     let body = QueueRecord::decode(&value[HEADER..]).map_err(|e| CorruptRecord(e.to_string()))?;
+    let before = body
+        .points_before
+        .zip(body.bytes_before)
+        .map(|(points, bytes)| Totals { points, bytes });
     Ok(Record {
         points,
         enqueued_ns,
         batches: body.batches,
+        before,
     })
 }
 
