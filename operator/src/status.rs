@@ -223,6 +223,31 @@ pub fn formula_report_patch(formula: &Formula, report: Reached<'_>, heartbeat_du
         .then(|| json!({"status": {"lastValue": reported.last_value, "lastValueTime": time}}))
 }
 
+/// The merge patch of a Device whose Site does not exist (deleted, or not created yet),
+/// or `None` when its status already says so.
+pub fn siteless_device_patch(device: &Device, now: Timestamp) -> Option<Value> {
+    let current = device.status.clone().unwrap_or_default();
+    let generation = device.metadata.generation;
+    let why = format!("Site {} does not exist in this namespace", device.spec.site);
+    let conditions = vec![
+        condition(
+            &current.conditions,
+            CONNECTED,
+            &State::new("Unknown", "SiteNotFound", why.clone()),
+            generation,
+            now,
+        ),
+        condition(
+            &current.conditions,
+            READY,
+            &State::new("False", "SiteNotFound", why),
+            generation,
+            now,
+        ),
+    ];
+    (!same_conditions(&current.conditions, &conditions)).then(|| json!({"status": {"conditions": conditions}}))
+}
+
 /// The `QueueHealthy` condition from the ingestor's report.
 fn queue_health(report: &Report) -> State {
     let queue = &report.queue;

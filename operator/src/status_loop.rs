@@ -23,9 +23,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     context::Context,
+    membership::site_of,
     reconcile::write_status,
     report::ReportSource,
-    status::{Reached, device_report_patch, formula_report_patch, site_report_patch, turned_false},
+    status::{
+        Reached, device_report_patch, formula_report_patch, site_report_patch, siteless_device_patch, turned_false,
+    },
 };
 
 /// How the status loop runs.
@@ -98,6 +101,7 @@ impl StatusLoop {
             .buffer_unordered(self.settings.concurrency.max(1))
             .collect()
             .await;
+        self.mark_siteless_devices().await;
         for (site, report) in reports {
             let reached = match &report {
                 Ok(report) => Ok(report),
@@ -110,6 +114,28 @@ impl StatusLoop {
             let reached: Reached<'_> = reached.as_ref().map_err(String::as_str).copied();
             if let Err(error) = self.write_site(&site, reached).await {
                 tracing::warn!(site = %site.name_any(), %error, "cannot write status");
+            }
+        }
+    }
+
+    /// Devices whose Site does not exist are not polled by anything: say so in their
+    /// status instead of leaving the last report standing.
+    async fn mark_siteless_devices(&mut self) {
+        let now = Timestamp::now();
+        let mut siteless: Vec<_> = self
+            .ctx
+            .devices
+            .state()
+            .into_iter()
+            .filter(|d| self.ctx.sites.get(&site_of(&**d)).is_none())
+            .collect();
+        siteless.sort_by_key(|d| (d.namespace(), d.name_any()));
+        for stored in siteless {
+            let device = self.current(&*stored);
+            if let Some(patch) = siteless_device_patch(&device, now)
+                && let Err(error) = self.write(&*stored, &patch).await
+            {
+                tracing::warn!(device = %stored.name_any(), %error, "cannot write status");
             }
         }
     }

@@ -649,3 +649,28 @@ async fn the_running_operator_deploys_a_listed_site_once_and_reports_its_health(
     );
     assert!(count(&format!("GET {PROXY}")) >= 3, "the status loop kept asking");
 }
+
+#[tokio::test]
+async fn devices_whose_site_is_gone_say_so_once() {
+    let (_, devices, _) = plant();
+    let mut world = World::new(None, &devices, &[]);
+    let mut loop_ = status_loop(&world, Duration::from_secs(3600));
+    loop_.pass().await;
+    world.watch();
+    let requests = world.server.take_requests();
+    assert_eq!(
+        lines(&requests),
+        [
+            status_patch("devices", "boiler"),
+            status_patch("devices", "line"),
+            status_patch("devices", "meter"),
+        ]
+    );
+    let boiler = world.server.get(&format!("{GROUP}/devices/boiler")).unwrap();
+    let ready = &boiler["status"]["conditions"][1];
+    assert_eq!((&ready["type"], &ready["status"]), (&json!("Ready"), &json!("False")));
+    assert_eq!(ready["reason"], "SiteNotFound");
+    assert!(ready["message"].as_str().unwrap().contains("plant-a"));
+    loop_.pass().await;
+    assert_eq!(lines(&world.server.take_requests()), Vec::<String>::new());
+}
