@@ -115,6 +115,13 @@ impl World {
         Arc::new(serde_json::from_value(site).unwrap())
     }
 
+    /// One pass of the status loop, then what the watches would deliver.
+    async fn status_pass(&mut self, status: &mut StatusLoop) -> Vec<Recorded> {
+        status.pass().await;
+        self.watch();
+        self.server.take_requests()
+    }
+
     async fn reconcile(&mut self, site: &str) -> Vec<Recorded> {
         reconcile(self.site(site), Arc::clone(&self.ctx)).await.unwrap();
         self.watch();
@@ -407,9 +414,7 @@ async fn the_status_loop_writes_reports_when_they_change_and_not_otherwise() {
     world.server.proxy(PROXY, 200, report(true));
     let mut loop_ = status_loop(&world, Duration::from_secs(3600));
 
-    loop_.pass().await;
-    world.watch();
-    let requests = world.server.take_requests();
+    let requests = world.status_pass(&mut loop_).await;
     assert_eq!(
         lines(&requests),
         [
@@ -453,9 +458,7 @@ async fn the_status_loop_writes_reports_when_they_change_and_not_otherwise() {
 
     // The devices stop answering: written at once, with a warning each.
     world.server.proxy(PROXY, 200, report(false));
-    loop_.pass().await;
-    world.watch();
-    let requests = world.server.take_requests();
+    let requests = world.status_pass(&mut loop_).await;
     let writes: Vec<String> = lines(&requests)
         .into_iter()
         .filter(|l| l.starts_with("PATCH"))
@@ -485,9 +488,7 @@ async fn an_unreachable_ingestor_makes_the_site_not_ready_with_one_event() {
     world.reconcile("plant-a").await;
     world.server.proxy(PROXY, 503, "no endpoints available".into());
     let mut loop_ = status_loop(&world, Duration::from_secs(3600));
-    loop_.pass().await;
-    world.watch();
-    let requests = world.server.take_requests();
+    let requests = world.status_pass(&mut loop_).await;
     let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
     let ready = &site["status"]["conditions"][0];
     assert_eq!((&ready["type"], &ready["status"]), (&json!("Ready"), &json!("False")));
@@ -655,9 +656,7 @@ async fn devices_whose_site_is_gone_say_so_once() {
     let (_, devices, _) = plant();
     let mut world = World::new(None, &devices, &[]);
     let mut loop_ = status_loop(&world, Duration::from_secs(3600));
-    loop_.pass().await;
-    world.watch();
-    let requests = world.server.take_requests();
+    let requests = world.status_pass(&mut loop_).await;
     assert_eq!(
         lines(&requests),
         [
