@@ -43,17 +43,18 @@ pub fn rendered_hash<K: Serialize>(object: &K) -> String {
 }
 
 /// Applies `object` unless the live one carries the same rendered hash.
-pub async fn apply_if_changed<K>(api: &Api<K>, mut object: K) -> Result<Outcome, kube::Error>
+pub async fn apply_if_changed<K>(api: &Api<K>, rendered: &K) -> Result<Outcome, kube::Error>
 where
     K: Resource + Serialize + DeserializeOwned + Clone + Debug,
 {
-    let hash = rendered_hash(&object);
-    let name = object.name_any();
+    let hash = rendered_hash(rendered);
+    let name = rendered.name_any();
     if let Some(live) = api.get_opt(&name).await?
         && live.annotations().get(RENDERED_HASH) == Some(&hash)
     {
         return Ok(Outcome::Unchanged);
     }
+    let mut object = rendered.clone();
     object.annotations_mut().insert(RENDERED_HASH.to_owned(), hash);
     api.patch(
         &name,
@@ -73,12 +74,12 @@ const IMMUTABLE_STATEFUL_SET: &str = "updates to statefulset spec for fields oth
 /// deleted with its pod and claim orphaned, and applied again; the new one adopts the
 /// running pod and its claim, so no point is lost. The claim keeps its old size: growing
 /// it is the storage class's business (see docs/k3s.md).
-pub async fn apply_or_recreate<K>(api: &Api<K>, object: K) -> Result<Outcome, kube::Error>
+pub async fn apply_or_recreate<K>(api: &Api<K>, rendered: &K) -> Result<Outcome, kube::Error>
 where
     K: Resource + Serialize + DeserializeOwned + Clone + Debug,
 {
-    let name = object.name_any();
-    match apply_if_changed(api, object.clone()).await {
+    let name = rendered.name_any();
+    match apply_if_changed(api, rendered).await {
         Err(kube::Error::Api(status)) if status.code == 422 && status.message.contains(IMMUTABLE_STATEFUL_SET) => {
             tracing::warn!(%name, reason = %status.message, "immutable fields changed: recreating, pods and claims orphaned");
             let orphan = DeleteParams {
@@ -86,7 +87,7 @@ where
                 ..DeleteParams::default()
             };
             api.delete(&name, &orphan).await?;
-            apply_if_changed(api, object).await
+            apply_if_changed(api, rendered).await
         }
         outcome => outcome,
     }

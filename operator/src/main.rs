@@ -1,12 +1,7 @@
 //! `tagstream-operator`: runs in the cluster from the Helm chart, or on a developer's
 //! machine against the cluster of the current kubeconfig (`cargo run -p tagstream-operator`).
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, atomic::AtomicBool},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
@@ -104,11 +99,10 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let shutdown = tagstream_ingestor::logging::shutdown_on_signal();
-    let ready = Arc::new(AtomicBool::new(true));
     let mut registry = Registry::default();
     let metrics = Arc::new(tagstream_operator::metrics::Metrics::default());
     metrics.register(&mut registry);
-    let bound = tagstream_operator::http::serve(args.http, registry, ready, shutdown.clone())
+    let bound = tagstream_operator::http::serve(args.http, registry, shutdown.clone())
         .await
         .with_context(|| format!("cannot listen on {}", args.http))?;
     tracing::info!(http = %bound, identity, "tagstream-operator starting");

@@ -14,14 +14,14 @@ use kube::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
-use tagstream_crds::Site;
+use tagstream_crds::{Site, condition_types::VALID};
 
 use crate::{
     apply::{Outcome, apply_if_changed, apply_or_recreate},
     context::Context,
     metrics::WriteLabels,
     render::render,
-    status::{device_deployed_patch, formula_patch, site_deployed_patch},
+    status::{device_deployed_patch, formula_patch, site_deployed_patch, turns_false},
 };
 
 /// A reconcile is repeated this often even without a change, so that a rendered object
@@ -146,12 +146,12 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
             .unwrap_or_default();
         if let Some(patch) = formula_patch(formula, issue, &order, now) {
             write_status(ctx, formula, &patch).await?;
-            let was_invalid = formula.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == tagstream_crds::condition_types::VALID && c.status == "False")
-            });
-            if let Some(issue) = issue.filter(|_| !was_invalid) {
+            let before = formula
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            if let Some(issue) = issue.filter(|_| turns_false(before, &patch, VALID)) {
                 ctx.event(
                     formula,
                     EventType::Warning,
@@ -182,9 +182,9 @@ where
     let name = object.name_any();
     let namespace = object.namespace().unwrap_or_default();
     let written = if kind == "StatefulSet" {
-        apply_or_recreate(api, object).await
+        apply_or_recreate(api, &object).await
     } else {
-        apply_if_changed(api, object).await
+        apply_if_changed(api, &object).await
     };
     let outcome = written.map_err(|source| Error::Apply {
         kind: kind.clone(),

@@ -307,10 +307,12 @@ pub fn site_report_patch(site: &Site, report: Reached<'_>, now: Timestamp, heart
     write.then(|| json!({"status": {"conditions": conditions, "queue": queue}}))
 }
 
-/// Whether a condition of `type_` turns to `False` between two lists (for events).
-pub fn turned_false(before: &[Condition], after: &[Condition], type_: &str) -> bool {
+/// Whether `patch` turns the condition `type_` to `False` from anything else in `before`
+/// (for events, which say a thing once, when it happens).
+pub fn turns_false(before: &[Condition], patch: &Value, type_: &str) -> bool {
+    let after: Vec<Condition> = serde_json::from_value(patch["status"]["conditions"].clone()).unwrap_or_default();
     let status = |list: &[Condition]| list.iter().find(|c| c.type_ == type_).map(|c| c.status.clone());
-    status(after).as_deref() == Some("False") && status(before).as_deref() != Some("False")
+    status(&after).as_deref() == Some("False") && status(before).as_deref() != Some("False")
 }
 
 #[cfg(test)]

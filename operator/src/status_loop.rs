@@ -16,7 +16,7 @@ use kube::{
 };
 use serde_json::Value;
 use tagstream_crds::{
-    Device, Site,
+    Site,
     condition_types::{CONNECTED, READY},
 };
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,7 @@ use crate::{
     reconcile::write_status,
     report::ReportSource,
     status::{
-        Reached, device_report_patch, formula_report_patch, site_report_patch, siteless_device_patch, turned_false,
+        Reached, device_report_patch, formula_report_patch, site_report_patch, siteless_device_patch, turns_false,
     },
 };
 
@@ -155,7 +155,12 @@ impl StatusLoop {
             let due = self.heartbeat_due(stored);
             if let Some(patch) = device_report_patch(&device, report, now, due) {
                 self.write(stored, &patch).await?;
-                if turned_false(&conditions_of_device(&device), &patched_conditions(&patch), CONNECTED) {
+                let before = device
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.as_slice())
+                    .unwrap_or_default();
+                if turns_false(before, &patch, CONNECTED) {
                     let why = patch["status"]["lastError"].as_str().unwrap_or_default();
                     let note = format!("the last poll failed: {why}");
                     self.ctx
@@ -168,8 +173,12 @@ impl StatusLoop {
         let due = self.heartbeat_due(stored_site);
         if let Some(patch) = site_report_patch(site, report, now, due) {
             self.write(stored_site, &patch).await?;
-            let before = site.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
-            if turned_false(&before, &patched_conditions(&patch), READY) {
+            let before = site
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            if turns_false(before, &patch, READY) {
                 let why = report.err().unwrap_or_default();
                 self.ctx
                     .event(site, EventType::Warning, "IngestorNotReady", why.to_owned())
@@ -222,12 +231,4 @@ impl StatusLoop {
 fn key<K: kube::Resource<DynamicType = ()>>(object: &K) -> (String, Option<String>, String) {
     let reference = ObjectRef::from(object);
     (K::kind(&()).into_owned(), reference.namespace, reference.name)
-}
-
-fn conditions_of_device(device: &Device) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    device.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default()
-}
-
-fn patched_conditions(patch: &Value) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    serde_json::from_value(patch["status"]["conditions"].clone()).unwrap_or_default()
 }

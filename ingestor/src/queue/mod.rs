@@ -285,7 +285,7 @@ impl Queue {
                             points: 0,
                             bytes: value.len() as u64,
                         });
-                        uncount(&shared, 1, counted.points, counted.bytes);
+                        uncount(&shared, counted.points, counted.bytes);
                         shared.stats.lock().expect("stats lock").corrupt_records += 1;
                     }
                 }
@@ -362,7 +362,7 @@ fn remove_head(shared: &Shared, take: impl Fn(u64) -> bool, dropped: bool) -> Re
         };
         let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
         freed += value.len() as u64;
-        uncount(shared, 1, points, value.len() as u64);
+        uncount(shared, points, value.len() as u64);
         if dropped {
             shared.stats.lock().expect("stats lock").dropped_points += points;
         }
@@ -489,9 +489,9 @@ fn write_group(shared: &Shared, batches: impl Iterator<Item = PointBatch>, first
         let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
         // Counted before it is inserted: the publisher may read, send, ack and delete it
         // before this function returns, and a delete must never find it uncounted.
-        count(shared, 1, points, value.len() as u64, Some(now));
+        count(shared, points, value.len() as u64, now);
         if let Err(e) = shared.records.insert(next.to_be_bytes(), value.as_slice()) {
-            uncount(shared, 1, points, value.len() as u64);
+            uncount(shared, points, value.len() as u64);
             return Err(err(e));
         }
         *shared.totals.lock().expect("totals lock") = before.then(points, value.len() as u64);
@@ -512,19 +512,19 @@ fn write_group(shared: &Shared, batches: impl Iterator<Item = PointBatch>, first
     Ok(next)
 }
 
-fn count(shared: &Shared, records: u64, points: u64, bytes: u64, enqueued_ns: Option<i64>) {
+/// Counts one record in the queue's figures.
+fn count(shared: &Shared, points: u64, bytes: u64, enqueued_ns: i64) {
     let mut stats = shared.stats.lock().expect("stats lock");
-    stats.records += records;
+    stats.records += 1;
     stats.points += points;
     stats.payload_bytes += bytes;
-    if let Some(at) = enqueued_ns {
-        stats.oldest_enqueued_ns.get_or_insert(at);
-    }
+    stats.oldest_enqueued_ns.get_or_insert(enqueued_ns);
 }
 
-fn uncount(shared: &Shared, records: u64, points: u64, bytes: u64) {
+/// Takes one record out of the queue's figures.
+fn uncount(shared: &Shared, points: u64, bytes: u64) {
     let mut stats = shared.stats.lock().expect("stats lock");
-    stats.records = stats.records.saturating_sub(records);
+    stats.records = stats.records.saturating_sub(1);
     stats.points = stats.points.saturating_sub(points);
     stats.payload_bytes = stats.payload_bytes.saturating_sub(bytes);
 }

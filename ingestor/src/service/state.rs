@@ -84,7 +84,7 @@ impl SiteState {
             .map(|(name, health)| (name.clone(), health.lock().expect("health lock").clone()))
             .collect();
         let issues = self.formula_issues.lock().expect("issues lock").clone();
-        let values = self.formula_values.lock().expect("values lock").clone();
+        let values = self.formula_values.lock().expect("values lock");
         let mut formulas: BTreeMap<String, FormulaStatus> = self
             .formulas
             .lock()
@@ -105,6 +105,7 @@ impl SiteState {
                 (name.clone(), status)
             })
             .collect();
+        drop(values);
         for (name, error) in issues {
             formulas.insert(
                 name,

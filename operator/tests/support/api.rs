@@ -149,15 +149,15 @@ impl ApiServer {
                 Some((code, text)) => return respond(*code, text.clone()),
                 None => not_found(),
             },
-            "GET" if listed(&state.objects, &path).is_some() => {
-                let items: Vec<Value> = listed(&state.objects, &path).unwrap().into_iter().cloned().collect();
-                let version = state.resource_version.to_string();
-                (
-                    200,
-                    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": version}, "items": items}),
-                )
-            }
-            "GET" => state.objects.get(&path).cloned().map_or_else(not_found, |o| (200, o)),
+            "GET" => match listed(&state.objects, &path) {
+                Some(items) => {
+                    let items: Vec<Value> = items.into_iter().cloned().collect();
+                    let version = state.resource_version.to_string();
+                    let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": version}, "items": items});
+                    (200, list)
+                }
+                None => state.objects.get(&path).cloned().map_or_else(not_found, |o| (200, o)),
+            },
             "POST" => {
                 let name = body["metadata"]["name"].as_str().unwrap_or_default();
                 let key = format!("{path}/{name}");
