@@ -77,7 +77,7 @@ impl Context {
     }
 
     /// The Devices and Formulas that name `site`, sorted by name.
-    pub fn members(&self, site: &Site) -> (Vec<Device>, Vec<Formula>) {
+    pub fn members(&self, site: &Site) -> (Vec<Arc<Device>>, Vec<Arc<Formula>>) {
         (members_of(&self.devices, site), members_of(&self.formulas, site))
     }
 
@@ -97,15 +97,14 @@ impl Context {
     }
 }
 
-fn members_of<K: SiteMember>(store: &Store<K>, site: &Site) -> Vec<K> {
+fn members_of<K: SiteMember>(store: &Store<K>, site: &Site) -> Vec<Arc<K>> {
     let name = site.meta().name.as_deref().unwrap_or_default();
     let namespace = site.meta().namespace.as_deref();
-    let mut members: Vec<K> = store
+    let mut members: Vec<Arc<K>> = store
         .state()
-        .iter()
+        .into_iter()
         .filter(|m| m.site() == name && m.meta().namespace.as_deref() == namespace)
-        .map(|m| (**m).clone())
         .collect();
-    members.sort_by_key(ResourceExt::name_any);
+    members.sort_by_key(|m| m.name_any());
     members
 }

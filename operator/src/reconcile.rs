@@ -137,7 +137,7 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
     }
 
     let now = Timestamp::now();
-    for formula in &formulas {
+    for formula in formulas.iter().map(Arc::as_ref) {
         let issue = rendered.formula_issues.get(&formula.name_any());
         let order = rendered
             .dependency_order
@@ -162,7 +162,7 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
-    for device in &devices {
+    for device in devices.iter().map(Arc::as_ref) {
         if let Some(patch) = device_deployed_patch(device) {
             write_status(ctx, device, &patch).await?;
         }

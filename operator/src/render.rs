@@ -14,7 +14,7 @@
 //!   account token, the broker Secrets mounted read-only.
 //! - Service `tagstream-<name>`: `/metrics` and `/status` on port 9464.
 
-use std::collections::BTreeMap;
+use std::{borrow::Borrow, collections::BTreeMap};
 
 use k8s_openapi::{
     api::{
@@ -105,14 +105,20 @@ fn documents(values: &[Value]) -> String {
         .join("---\n")
 }
 
-fn sorted<K: Resource>(objects: &[K]) -> Vec<&K> {
-    let mut sorted: Vec<&K> = objects.iter().collect();
+fn sorted<K: Resource>(objects: &[impl Borrow<K>]) -> Vec<&K> {
+    let mut sorted: Vec<&K> = objects.iter().map(Borrow::borrow).collect();
     sorted.sort_by(|a, b| a.meta().name.cmp(&b.meta().name));
     sorted
 }
 
-/// Renders a site from the Devices and Formulas that name it.
-pub fn render(site: &Site, devices: &[Device], formulas: &[Formula], settings: &Settings) -> Rendered {
+/// Renders a site from the Devices and Formulas that name it (owned or shared, e.g. as
+/// the watch stores hold them).
+pub fn render(
+    site: &Site,
+    devices: &[impl Borrow<Device>],
+    formulas: &[impl Borrow<Formula>],
+    settings: &Settings,
+) -> Rendered {
     let name = site.meta().name.clone().unwrap_or_default();
     let namespace = site.meta().namespace.clone();
     let devices = sorted(devices);

@@ -143,14 +143,14 @@ impl StatusLoop {
     async fn write_site(&mut self, stored_site: &Site, report: Reached<'_>) -> Result<(), crate::reconcile::Error> {
         let now = Timestamp::now();
         let (devices, formulas) = self.ctx.members(stored_site);
-        for stored in &formulas {
+        for stored in formulas.iter().map(Arc::as_ref) {
             let formula = self.current(stored);
             let due = self.heartbeat_due(stored);
             if let Some(patch) = formula_report_patch(&formula, report, due) {
                 self.write(stored, &patch).await?;
             }
         }
-        for stored in &devices {
+        for stored in devices.iter().map(Arc::as_ref) {
             let device = self.current(stored);
             let due = self.heartbeat_due(stored);
             if let Some(patch) = device_report_patch(&device, report, now, due) {
