@@ -260,50 +260,158 @@ pub async fn run(
             },
         };
         delay = Duration::from_millis(200);
-        if publish_while_connected(&queue, &context, &config, &status, &shutdown).await {
+        let connection = Connection {
+            queue: &queue,
+            context,
+            config: &config,
+            status: &status,
+            shutdown: &shutdown,
+        };
+        if connection.publish().await {
             return;
         }
     }
 }
 
-/// Publishes on one connection; returns `true` at shutdown and `false` when the
-/// connection looks stuck and a new one should be made.
-async fn publish_while_connected(
-    queue: &Queue,
-    context: &jetstream::Context,
-    config: &PublisherConfig,
-    status: &Mutex<PublisherStatus>,
-    shutdown: &CancellationToken,
-) -> bool {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let outcome = tokio::select! {
-            result = publish_backlog(queue, context, config, status, shutdown) => result,
-            () = stalled(queue, status) => {
-                warn!(limit = ?STALL_LIMIT, "points are queued but no ack arrived; reconnecting to the broker");
-                status.lock().expect("status lock").failures += 1;
-                return false;
+/// The publisher on one broker connection.
+struct Connection<'a> {
+    queue: &'a Queue,
+    context: jetstream::Context,
+    config: &'a PublisherConfig,
+    status: &'a Mutex<PublisherStatus>,
+    shutdown: &'a CancellationToken,
+}
+
+impl Connection<'_> {
+    /// Publishes on this connection; returns `true` at shutdown and `false` when the
+    /// connection looks stuck and a new one should be made.
+    async fn publish(&self) -> bool {
+        let Self {
+            queue,
+            context,
+            config,
+            status,
+            shutdown,
+        } = self;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let outcome = tokio::select! {
+                result = self.publish_backlog() => result,
+                () = stalled(queue, status) => {
+                    warn!(limit = ?STALL_LIMIT, "points are queued but no ack arrived; reconnecting to the broker");
+                    status.lock().expect("status lock").failures += 1;
+                    return false;
+                }
+            };
+            let Err(e) = outcome else { return true };
+            {
+                let mut s = status.lock().expect("status lock");
+                s.failures += 1;
+                s.connected = false;
+                if s.last_error.as_deref() != Some(&e.to_string()) {
+                    warn!(error = %e, "publishing failed; resuming from the first unacknowledged record");
+                }
+                s.last_error = Some(e.to_string());
             }
+            tokio::select! {
+                () = shutdown.cancelled() => return true,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+            // The stream may be what failed (deleted, or lost with the broker's disk).
+            if let Err(e) = ensure_stream(context, config).await {
+                debug!(error = %e, "stream check before retrying failed");
+            }
+        }
+    }
+
+    /// Publishes from the queue's head until the queue is empty and `shutdown`, or a failure.
+    async fn publish_backlog(&self) -> Result<(), PublishError> {
+        let Self {
+            queue,
+            config,
+            status,
+            shutdown,
+            ..
+        } = *self;
+        let epoch = queue.epoch();
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        // The next chunk is read (and decoded, on the blocking pool) while this one is sent.
+        let read_after = |after: Option<u64>| {
+            let queue = queue.clone();
+            let max = config.chunk_records;
+            tokio::spawn(async move { queue.read(after, max).await })
         };
-        let Err(e) = outcome else { return true };
-        {
-            let mut s = status.lock().expect("status lock");
-            s.failures += 1;
-            s.connected = false;
-            if s.last_error.as_deref() != Some(&e.to_string()) {
-                warn!(error = %e, "publishing failed; resuming from the first unacknowledged record");
+        let mut next = read_after(None);
+        loop {
+            let chunk = next
+                .await
+                .map_err(|e| PublishError::Publish(format!("queue reader failed: {e}")))??;
+            let Some(last) = chunk.last().map(|s| s.sequence) else {
+                if let Some(sequence) = settle(&mut in_flight, 0, status).await? {
+                    queue.ack_through(sequence).await?;
+                }
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = queue.wait_for_records(Duration::from_millis(250)) => {}
+                }
+                // Everything up to the last sent record is acked and gone: read from the head.
+                next = read_after(None);
+                continue;
+            };
+            next = read_after(Some(last));
+            // Acked records leave the queue once per chunk: one delete pass, not one per record.
+            let mut acked_through = None;
+            for stored in chunk {
+                self.send_record(epoch, stored, &mut in_flight).await?;
+                acked_through = settle(&mut in_flight, config.max_in_flight, status)
+                    .await?
+                    .or(acked_through);
             }
-            s.last_error = Some(e.to_string());
+            if let Some(sequence) = acked_through {
+                queue.ack_through(sequence).await?;
+            }
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return true,
-            () = tokio::time::sleep(delay) => {}
+    }
+
+    async fn send_record(
+        &self,
+        epoch: u64,
+        stored: Stored,
+        in_flight: &mut VecDeque<InFlight>,
+    ) -> Result<(), PublishError> {
+        let Self {
+            context,
+            config,
+            status,
+            ..
+        } = self;
+        let parts = stored.record.batches.len();
+        for (part, mut batch) in stored.record.batches.into_iter().enumerate() {
+            batch.namespace.clone_from(&config.namespace);
+            batch.site.clone_from(&config.site);
+            batch.epoch = epoch;
+            batch.sequence = stored.sequence;
+            batch.part = part as u32;
+            let message = PublishMessage::build()
+                .payload(Bytes::from(batch.encode_to_vec()))
+                .message_id(message_id(&batch));
+            let ack = context
+                .send_publish(config.subject(&batch.source), message)
+                .await
+                .map_err(|e| PublishError::Publish(e.to_string()))?;
+            in_flight.push_back(InFlight {
+                sequence: stored.sequence,
+                last_part: part + 1 == parts,
+                sent: Instant::now(),
+                ack,
+            });
+            status.lock().expect("status lock").published_batches += 1;
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
-        // The stream may be what failed (deleted, or lost with the broker's disk).
-        if let Err(e) = ensure_stream(context, config).await {
-            debug!(error = %e, "stream check before retrying failed");
-        }
+        Ok(())
     }
 }
 
@@ -342,90 +450,6 @@ async fn connect(config: &PublisherConfig) -> Result<jetstream::Context, Publish
         .build(client);
     ensure_stream(&context, config).await?;
     Ok(context)
-}
-
-/// Publishes from the queue's head until the queue is empty and `shutdown`, or a failure.
-async fn publish_backlog(
-    queue: &Queue,
-    context: &jetstream::Context,
-    config: &PublisherConfig,
-    status: &Mutex<PublisherStatus>,
-    shutdown: &CancellationToken,
-) -> Result<(), PublishError> {
-    let epoch = queue.epoch();
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    // The next chunk is read (and decoded, on the blocking pool) while this one is sent.
-    let read_after = |after: Option<u64>| {
-        let queue = queue.clone();
-        let max = config.chunk_records;
-        tokio::spawn(async move { queue.read(after, max).await })
-    };
-    let mut next = read_after(None);
-    loop {
-        let chunk = next
-            .await
-            .map_err(|e| PublishError::Publish(format!("queue reader failed: {e}")))??;
-        let Some(last) = chunk.last().map(|s| s.sequence) else {
-            if let Some(sequence) = settle(&mut in_flight, 0, status).await? {
-                queue.ack_through(sequence).await?;
-            }
-            if shutdown.is_cancelled() {
-                return Ok(());
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = queue.wait_for_records(Duration::from_millis(250)) => {}
-            }
-            // Everything up to the last sent record is acked and gone: read from the head.
-            next = read_after(None);
-            continue;
-        };
-        next = read_after(Some(last));
-        // Acked records leave the queue once per chunk: one delete pass, not one per record.
-        let mut acked_through = None;
-        for stored in chunk {
-            send_record(context, config, epoch, stored, &mut in_flight, status).await?;
-            acked_through = settle(&mut in_flight, config.max_in_flight, status)
-                .await?
-                .or(acked_through);
-        }
-        if let Some(sequence) = acked_through {
-            queue.ack_through(sequence).await?;
-        }
-    }
-}
-
-async fn send_record(
-    context: &jetstream::Context,
-    config: &PublisherConfig,
-    epoch: u64,
-    stored: Stored,
-    in_flight: &mut VecDeque<InFlight>,
-    status: &Mutex<PublisherStatus>,
-) -> Result<(), PublishError> {
-    let parts = stored.record.batches.len();
-    for (part, mut batch) in stored.record.batches.into_iter().enumerate() {
-        batch.namespace.clone_from(&config.namespace);
-        batch.site.clone_from(&config.site);
-        batch.epoch = epoch;
-        batch.sequence = stored.sequence;
-        batch.part = part as u32;
-        let message = PublishMessage::build()
-            .payload(Bytes::from(batch.encode_to_vec()))
-            .message_id(message_id(&batch));
-        let ack = context
-            .send_publish(config.subject(&batch.source), message)
-            .await
-            .map_err(|e| PublishError::Publish(e.to_string()))?;
-        in_flight.push_back(InFlight {
-            sequence: stored.sequence,
-            last_part: part + 1 == parts,
-            sent: Instant::now(),
-            ack,
-        });
-        status.lock().expect("status lock").published_batches += 1;
-    }
-    Ok(())
 }
 
 /// `<epoch as 16 hex digits>-<sequence>-<part>`, as documented in the proto.
