@@ -310,27 +310,52 @@ async fn poll_group(
 /// Each device's health, by device name.
 pub type HealthMap = BTreeMap<String, Arc<Mutex<DeviceHealth>>>;
 
+/// The devices grouped by the endpoint they share: one connection, one polling task each.
+pub fn by_endpoint(devices: &[Device]) -> BTreeMap<String, Vec<Device>> {
+    let mut map: BTreeMap<String, Vec<Device>> = BTreeMap::new();
+    for device in devices {
+        map.entry(device.spec.connection.endpoint().unwrap_or_default())
+            .or_default()
+            .push(device.clone());
+    }
+    map
+}
+
+/// Starts the polling task of devices that share one endpoint; returns it and each
+/// device's health.
+pub fn spawn_endpoint(
+    devices: &[Device],
+    out: &mpsc::Sender<PolledBatch>,
+    shutdown: &CancellationToken,
+) -> (tokio::task::JoinHandle<()>, HealthMap) {
+    let mut health = BTreeMap::new();
+    let pollers = devices
+        .iter()
+        .map(|device| {
+            let name = device.metadata.name.clone().unwrap_or_default();
+            let state = Arc::new(Mutex::new(DeviceHealth::default()));
+            health.insert(name.clone(), Arc::clone(&state));
+            DevicePoller::new(&name, &device.spec, state)
+        })
+        .collect();
+    let task = tokio::spawn(run_endpoint(pollers, out.clone(), shutdown.clone()));
+    (task, health)
+}
+
 /// Starts one polling task per endpoint for `devices`; returns each device's health.
 pub fn spawn(
     devices: &[Device],
     out: &mpsc::Sender<PolledBatch>,
     shutdown: &CancellationToken,
 ) -> (Vec<tokio::task::JoinHandle<()>>, HealthMap) {
-    let mut by_endpoint: BTreeMap<String, Vec<DevicePoller>> = BTreeMap::new();
     let mut health = BTreeMap::new();
-    for device in devices {
-        let name = device.metadata.name.clone().unwrap_or_default();
-        let state = Arc::new(Mutex::new(DeviceHealth::default()));
-        health.insert(name.clone(), Arc::clone(&state));
-        let endpoint = device.spec.connection.endpoint().unwrap_or_default();
-        by_endpoint
-            .entry(endpoint)
-            .or_default()
-            .push(DevicePoller::new(&name, &device.spec, state));
-    }
-    let tasks = by_endpoint
-        .into_values()
-        .map(|pollers| tokio::spawn(run_endpoint(pollers, out.clone(), shutdown.clone())))
+    let tasks = by_endpoint(devices)
+        .values()
+        .map(|group| {
+            let (task, group_health) = spawn_endpoint(group, out, shutdown);
+            health.extend(group_health);
+            task
+        })
         .collect();
     (tasks, health)
 }

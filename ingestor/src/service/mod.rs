@@ -181,7 +181,7 @@ fn publisher_config(site: &SiteConfig, options: &RunOptions) -> PublisherConfig 
 struct EndpointPoller {
     devices: Vec<Device>,
     stop: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
 }
 
 /// The polling tasks, one per endpoint, each with its own stop token.
@@ -190,16 +190,6 @@ struct Pollers {
 }
 
 impl Pollers {
-    fn by_endpoint(devices: &[Device]) -> BTreeMap<String, Vec<Device>> {
-        let mut map: BTreeMap<String, Vec<Device>> = BTreeMap::new();
-        for device in devices {
-            map.entry(device.spec.connection.endpoint().unwrap_or_default())
-                .or_default()
-                .push(device.clone());
-        }
-        map
-    }
-
     fn start(devices: &[Device], out: &mpsc::Sender<PolledBatch>, state: &SiteState) -> Self {
         let mut pollers = Self {
             endpoints: BTreeMap::new(),
@@ -210,7 +200,7 @@ impl Pollers {
 
     /// Restarts the endpoints whose devices changed; leaves the others polling.
     fn apply(&mut self, devices: &[Device], out: &mpsc::Sender<PolledBatch>, state: &SiteState) -> usize {
-        let wanted = Self::by_endpoint(devices);
+        let wanted = poller::by_endpoint(devices);
         let mut restarted = 0;
         self.endpoints.retain(|endpoint, running| {
             let keep = wanted.get(endpoint) == Some(&running.devices);
@@ -226,14 +216,14 @@ impl Pollers {
                 continue;
             }
             let stop = CancellationToken::new();
-            let (tasks, group_health) = poller::spawn(&group, out, &stop);
+            let (task, group_health) = poller::spawn_endpoint(&group, out, &stop);
             health.extend(group_health);
             self.endpoints.insert(
                 endpoint,
                 EndpointPoller {
                     devices: group,
                     stop,
-                    tasks,
+                    task,
                 },
             );
             restarted += 1;
@@ -244,9 +234,7 @@ impl Pollers {
     async fn stop(self) {
         for running in self.endpoints.into_values() {
             running.stop.cancel();
-            for task in running.tasks {
-                let _ = task.await;
-            }
+            let _ = running.task.await;
         }
     }
 }
