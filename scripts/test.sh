@@ -6,15 +6,9 @@ cd "$(dirname "$0")/.."
 
 ensure_helm() {
   command -v helm >/dev/null 2>&1 && return
-  local installer=../shared/tools/install-helm.sh
-  if [ -x "$installer" ] || [ -f "$installer" ]; then
-    echo "==> installing helm with $installer"
-    bash "$installer" >/dev/null
-    hash -r
-  else
-    echo "helm is not installed and $installer is not here: install helm 3.x or 4.x (https://helm.sh/docs/intro/install/) and run again" >&2
-    exit 1
-  fi
+  echo "==> installing helm with scripts/install-helm.sh"
+  bash scripts/install-helm.sh >/dev/null
+  hash -r
 }
 
 # Debian packages the tests use as real peers.

@@ -31,6 +31,48 @@ pub struct Context {
     recorder: Recorder,
     /// Consecutive failed reconciles per site, for the retry backoff.
     pub failures: Arc<Mutex<HashMap<ObjectRef<Site>, u32>>>,
+    /// Which stores hold a complete first list.
+    pub listed: Listed,
+}
+
+/// Which watches have completed their first list, for every task that must not act on a
+/// half-filled store. kube-runtime's `Store::wait_until_ready` cannot serve more than one
+/// waiter: it polls a oneshot receiver, which keeps only the last poller's waker, so with
+/// the controller, the Site watch and the status loop all waiting, all but one would wait
+/// forever.
+#[derive(Clone, Debug, Default)]
+pub struct Listed {
+    pub devices: Signal,
+    pub formulas: Signal,
+    pub sites: Signal,
+}
+
+impl Listed {
+    /// Waits until the Device and Formula stores hold a complete list.
+    pub async fn members(&self) {
+        self.devices.wait().await;
+        self.formulas.wait().await;
+    }
+
+    /// Waits until every store holds a complete list.
+    pub async fn all(&self) {
+        self.members().await;
+        self.sites.wait().await;
+    }
+}
+
+/// A flag that is set once and that any number of tasks can wait for.
+#[derive(Clone, Debug, Default)]
+pub struct Signal(Arc<tokio::sync::SetOnce<()>>);
+
+impl Signal {
+    pub fn set(&self) {
+        let _ = self.0.set(());
+    }
+
+    pub async fn wait(&self) {
+        self.0.wait().await;
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -73,6 +115,7 @@ impl Context {
             formulas: stores.formulas,
             metrics,
             failures: Arc::default(),
+            listed: Listed::default(),
         }
     }
 

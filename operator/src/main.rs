@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Image of the per-site ingestor.
-    #[arg(long, env = "TAGSTREAM_INGESTOR_IMAGE")]
+    /// Image of the per-site ingestor; by default the ingestor of this operator's version.
+    #[arg(long, env = "TAGSTREAM_INGESTOR_IMAGE", default_value = DEFAULT_INGESTOR_IMAGE)]
     ingestor_image: String,
     /// YAML file with the spec of the Site created for a Device or Formula naming a missing
     /// one (a Site's `spec`); without it, the Site API's defaults.
@@ -41,6 +41,11 @@ struct Args {
     /// Poll counters and queue figures that only moved are written at most this often.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     status_heartbeat: Duration,
+    /// How long a Site named by a Device or Formula must stay missing before the operator
+    /// creates it from the default spec (so that the user's own Site, later in the same
+    /// apply, wins).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    site_creation_delay: Duration,
     /// Sites reconciled, and ingestors asked, at the same time.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
@@ -63,11 +68,17 @@ struct Args {
 }
 
 const LEASE_NAME: &str = "tagstream-operator";
+const DEFAULT_INGESTOR_IMAGE: &str = concat!("ghcr.io/tagstream/tagstream-ingestor:", env!("CARGO_PKG_VERSION"));
+/// kube's client logs every failed request at ERROR (`kube_client::client::builder`),
+/// e.g. each `/status` read of an ingestor not up yet through the service proxy: 3,000
+/// lines in 15 s at 100 sites. The operator reports those failures itself, once per
+/// transition, with the object they concern.
+const DEFAULT_LOG_FILTER: &str = "info,kube=warn,kube_client=warn,kube_client::client::builder=off";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tagstream_ingestor::logging::init(args.log_json, "info,kube=warn");
+    tagstream_ingestor::logging::init(args.log_json, DEFAULT_LOG_FILTER);
     let default_site = match &args.default_site {
         Some(path) => tagstream_operator::default_site::load(path)?,
         None => SiteSpec::default(),
@@ -96,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
         },
         instance: Some(identity.clone()),
         concurrency: args.concurrency,
+        site_creation_delay: args.site_creation_delay,
     };
 
     let shutdown = tagstream_ingestor::logging::shutdown_on_signal();

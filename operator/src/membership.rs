@@ -6,6 +6,13 @@
 //! as well, and a status write (same generation) must not re-render anything. So the
 //! watch events go through [`Membership`], which remembers each object's generation and
 //! site and answers with the sites to reconcile.
+//!
+//! Timing matters as much as the sites: kube-runtime's store takes a list's objects only
+//! at `InitDone`, so a site triggered by an `InitApply` would be rendered from a store
+//! that does not hold its members yet (found on a real API server at 10,000 Devices:
+//! every ConfigMap written empty, and nothing triggered again). The sites of a (re)list
+//! are answered at its `InitDone`: all of them, since the list may have brought news
+//! the watch missed.
 
 use std::collections::{HashMap, HashSet};
 
@@ -58,6 +65,8 @@ pub struct Membership {
     seen: HashMap<(Option<String>, String), Seen>,
     /// Objects listed since the current re-list began (`None` outside a re-list).
     relisted: Option<HashSet<(Option<String>, String)>>,
+    /// Sites of the current (re)list, answered when it is complete.
+    listed_sites: Vec<ObjectRef<Site>>,
 }
 
 impl Membership {
@@ -69,26 +78,29 @@ impl Membership {
                 Vec::new()
             }
             Event::InitApply(object) => {
-                let key = key(object);
                 if let Some(relisted) = &mut self.relisted {
-                    relisted.insert(key);
+                    relisted.insert(key(object));
                 }
-                self.applied(object)
+                let site = site_of(object);
+                let moved_from = self.applied(object).into_iter().filter(|s| *s != site);
+                self.listed_sites.extend(moved_from);
+                self.listed_sites.push(site);
+                Vec::new()
             }
             Event::Apply(object) => self.applied(object),
             Event::Delete(object) => self.seen.remove(&key(object)).map(|s| vec![s.site]).unwrap_or_default(),
             // Objects deleted while the watch was down are missing from the re-list.
             Event::InitDone => {
                 let relisted = self.relisted.take().unwrap_or_default();
-                let mut gone = Vec::new();
+                let mut sites = std::mem::take(&mut self.listed_sites);
                 self.seen.retain(|key, seen| {
                     let keep = relisted.contains(key);
                     if !keep {
-                        gone.push(seen.site.clone());
+                        sites.push(seen.site.clone());
                     }
                     keep
                 });
-                dedup(gone)
+                dedup(sites)
             }
         }
     }
@@ -169,7 +181,32 @@ mod tests {
         let mut other = device("b", 1);
         other.metadata.name = Some("meter".into());
         assert_eq!(membership.observe(&Event::<Device>::Init), []);
-        assert_eq!(membership.observe(&Event::InitApply(other)), [site("b")]);
-        assert_eq!(membership.observe(&Event::<Device>::InitDone), [site("a")]);
+        assert_eq!(membership.observe(&Event::InitApply(other)), []);
+        assert_eq!(membership.observe(&Event::<Device>::InitDone), [site("b"), site("a")]);
+    }
+
+    /// The store holds a list's objects only from `InitDone` on: a site triggered earlier
+    /// would be rendered without them.
+    #[test]
+    fn listed_objects_trigger_their_sites_once_the_list_is_complete() {
+        let mut membership = Membership::default();
+        assert_eq!(membership.observe(&Event::<Device>::Init), []);
+        for (name, site_name) in [("d1", "a"), ("d2", "b"), ("d3", "a")] {
+            let mut listed = device(site_name, 1);
+            listed.metadata.name = Some(name.into());
+            assert_eq!(membership.observe(&Event::InitApply(listed)), []);
+        }
+        assert_eq!(membership.observe(&Event::<Device>::InitDone), [site("a"), site("b")]);
+        // A re-list reconciles every listed site again, and both ends of a move.
+        membership.observe(&Event::<Device>::Init);
+        for (name, site_name, generation) in [("d1", "a", 1), ("d2", "c", 2), ("d3", "a", 1)] {
+            let mut listed = device(site_name, generation);
+            listed.metadata.name = Some(name.into());
+            membership.observe(&Event::InitApply(listed));
+        }
+        assert_eq!(
+            membership.observe(&Event::<Device>::InitDone),
+            [site("a"), site("b"), site("c")]
+        );
     }
 }

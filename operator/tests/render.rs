@@ -4,6 +4,7 @@
 use std::path::Path;
 
 #[path = "support/plant.rs"]
+#[allow(dead_code, reason = "shared by the test binaries, each using part of it")]
 mod plant;
 
 use plant::{plant, settings};

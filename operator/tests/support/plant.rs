@@ -38,3 +38,99 @@ pub fn settings() -> Settings {
         ingestor_image: "ghcr.io/tagstream/tagstream-ingestor:0.1.0".into(),
     }
 }
+
+/// Many sites, as `kubectl apply` leaves them in the API server.
+#[derive(Clone, Debug)]
+pub struct Fleet {
+    pub sites: Vec<Site>,
+    pub devices: Vec<Device>,
+    pub formulas: Vec<Formula>,
+}
+
+/// `sites` copies of the example plant's Site, each with `per_site` Devices of 10 float32
+/// tags and a Formula per Device reading two of them. Every object carries what
+/// `kubectl apply` adds (its last-applied annotation and a managedFields entry), which is
+/// most of a stored object's size.
+pub fn fleet(sites: usize, per_site: usize) -> Fleet {
+    let (site, _, _) = plant();
+    let mut fleet = Fleet {
+        sites: Vec::new(),
+        devices: Vec::new(),
+        formulas: Vec::new(),
+    };
+    for s in 0..sites {
+        let site_name = format!("site-{s:03}");
+        let mut site = site.clone();
+        site.metadata.name = Some(site_name.clone());
+        site.metadata.uid = Some(format!("0d6b1f0e-0000-4000-8000-{s:012}"));
+        fleet.sites.push(applied_by_kubectl(site));
+        for d in 0..per_site {
+            let device_name = format!("{site_name}-dev-{d:03}");
+            let tags: Vec<serde_json::Value> = (0..10)
+                .map(|t| serde_json::json!({"name": format!("t{t}"), "register": "holding", "address": 2 * t, "type": "float32", "unit": "degC"}))
+                .collect();
+            let device: Device = serde_json::from_value(serde_json::json!({
+                "apiVersion": "tagstream.io/v1alpha1", "kind": "Device",
+                "metadata": {"name": device_name},
+                "spec": {"site": site_name, "connection": {"tcp": {"host": format!("10.1.{s}.{d}"), "port": 502}},
+                         "unitId": 1, "pollInterval": "1s", "tags": tags},
+            }))
+            .unwrap();
+            fleet.devices.push(applied_by_kubectl(place(device)));
+            let formula: Formula = serde_json::from_value(serde_json::json!({
+                "apiVersion": "tagstream.io/v1alpha1", "kind": "Formula",
+                "metadata": {"name": format!("{device_name}-delta")},
+                "spec": {"site": site_name, "inputs": {"a": format!("{device_name}/t0"), "b": format!("{device_name}/t1")},
+                         "expression": "b - a", "unit": "K"},
+            }))
+            .unwrap();
+            fleet.formulas.push(applied_by_kubectl(place(formula)));
+        }
+    }
+    fleet
+}
+
+/// Adds what `kubectl apply` (client side) leaves on an object: the whole object again in
+/// an annotation, and a managedFields entry naming every field it set.
+fn applied_by_kubectl<K: kube::Resource<DynamicType = ()> + serde::Serialize>(mut object: K) -> K {
+    fn fields(value: &serde_json::Value) -> serde_json::Value {
+        match value {
+            serde_json::Value::Object(map) => map
+                .iter()
+                .map(|(k, v)| (format!("f:{k}"), fields(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|item| {
+                    let key = format!("k:{{\"name\":{}}}", item["name"]);
+                    (key, fields(item))
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+            _ => serde_json::json!({}),
+        }
+    }
+    let value = serde_json::to_value(&object).unwrap();
+    let applied = serde_json::json!({
+        "apiVersion": value["apiVersion"], "kind": value["kind"],
+        "metadata": {"name": value["metadata"]["name"], "namespace": value["metadata"]["namespace"]},
+        "spec": value["spec"],
+    });
+    let managed = serde_json::json!([{
+        "manager": "kubectl-client-side-apply", "operation": "Update", "apiVersion": "tagstream.io/v1alpha1",
+        "time": "2026-11-20T10:00:00Z", "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:metadata": {"f:annotations": {".": {}, "f:kubectl.kubernetes.io/last-applied-configuration": {}}},
+                     "f:spec": fields(&value["spec"])},
+    }]);
+    let meta = object.meta_mut();
+    meta.annotations = Some(
+        [(
+            "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
+            applied.to_string(),
+        )]
+        .into(),
+    );
+    meta.managed_fields = Some(serde_json::from_value(managed).unwrap());
+    object
+}
