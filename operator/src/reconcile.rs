@@ -163,12 +163,12 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
         }
     }
     for device in devices.iter().map(Arc::as_ref) {
-        if let Some(patch) = device_deployed_patch(device) {
+        if let Some(patch) = device_deployed_patch(device, now) {
             write_status(ctx, device, &patch).await?;
         }
     }
     let valid_formulas = formulas.len() - rendered.formula_issues.len();
-    if let Some(patch) = site_deployed_patch(site, devices.len() as u32, valid_formulas as u32) {
+    if let Some(patch) = site_deployed_patch(site, devices.len() as u32, valid_formulas as u32, now) {
         write_status(ctx, site, &patch).await?;
     }
     Ok(Action::requeue(RESYNC))

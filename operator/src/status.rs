@@ -123,21 +123,66 @@ pub fn formula_patch(
     })
 }
 
+/// The conditions of a Device or Site deployed but not yet reported on by its ingestor,
+/// or `None` once it has conditions: the object says what the operator knows (the
+/// ingestor is not ready yet) instead of nothing.
+fn awaiting_ingestor(
+    existing: &[Condition],
+    states: &[(&str, &'static str)],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Option<Vec<Condition>> {
+    existing.is_empty().then(|| {
+        states
+            .iter()
+            .map(|(type_, status)| {
+                let state = State::new(status, "IngestorNotReady", "waiting for the site's ingestor to report");
+                condition(existing, type_, &state, generation, now)
+            })
+            .collect()
+    })
+}
+
 /// The merge patch of what the reconcile deployed for a Device, or `None` when stored.
-pub fn device_deployed_patch(device: &Device) -> Option<Value> {
+pub fn device_deployed_patch(device: &Device, now: Timestamp) -> Option<Value> {
     let current = device.status.clone().unwrap_or_default();
     let generation = device.metadata.generation;
     let tags = device.spec.tags.len() as u32;
-    (current.observed_generation != generation || current.tag_count != Some(tags))
-        .then(|| json!({"status": {"observedGeneration": generation, "tagCount": tags}}))
+    let awaiting = awaiting_ingestor(
+        &current.conditions,
+        &[(CONNECTED, "Unknown"), (READY, "False")],
+        generation,
+        now,
+    );
+    let deployed = current.observed_generation == generation && current.tag_count == Some(tags);
+    (!deployed || awaiting.is_some()).then(|| {
+        let mut patch = json!({"status": {"observedGeneration": generation, "tagCount": tags}});
+        if let Some(conditions) = awaiting {
+            patch["status"]["conditions"] = json!(conditions);
+        }
+        patch
+    })
 }
 
 /// The merge patch of what the reconcile deployed for a Site, or `None` when stored.
-pub fn site_deployed_patch(site: &Site, devices: u32, formulas: u32) -> Option<Value> {
+pub fn site_deployed_patch(site: &Site, devices: u32, formulas: u32, now: Timestamp) -> Option<Value> {
     let current = site.status.clone().unwrap_or_default();
     let generation = site.metadata.generation;
-    (current.observed_generation != generation || current.devices != devices || current.formulas != formulas)
-        .then(|| json!({"status": {"observedGeneration": generation, "devices": devices, "formulas": formulas}}))
+    let awaiting = awaiting_ingestor(
+        &current.conditions,
+        &[(READY, "False"), (QUEUE_HEALTHY, "Unknown")],
+        generation,
+        now,
+    );
+    let deployed =
+        current.observed_generation == generation && current.devices == devices && current.formulas == formulas;
+    (!deployed || awaiting.is_some()).then(|| {
+        let mut patch = json!({"status": {"observedGeneration": generation, "devices": devices, "formulas": formulas}});
+        if let Some(conditions) = awaiting {
+            patch["status"]["conditions"] = json!(conditions);
+        }
+        patch
+    })
 }
 
 fn time_from_ns(ns: i64) -> Option<Time> {
@@ -155,8 +200,8 @@ pub fn device_report_patch(device: &Device, report: Reached<'_>, now: Timestamp,
     let health = report.ok().and_then(|r| r.devices.get(&device.name_any()));
     let (connected, ready) = match (report, health) {
         (Err(why), _) => (
-            State::new("Unknown", "IngestorUnreachable", why),
-            State::new("False", "IngestorUnreachable", why),
+            State::new("Unknown", "IngestorNotReady", why),
+            State::new("False", "IngestorNotReady", why),
         ),
         (Ok(_), None) => (
             State::new(
@@ -283,8 +328,8 @@ pub fn site_report_patch(site: &Site, report: Reached<'_>, now: Timestamp, heart
     let generation = site.metadata.generation;
     let (ready, queue_state, queue) = match report {
         Err(why) => (
-            State::new("False", "IngestorUnreachable", why),
-            State::new("Unknown", "IngestorUnreachable", why),
+            State::new("False", "IngestorNotReady", why),
+            State::new("Unknown", "IngestorNotReady", why),
             current.queue.clone(),
         ),
         Ok(report) => (
@@ -310,9 +355,18 @@ pub fn site_report_patch(site: &Site, report: Reached<'_>, now: Timestamp, heart
 /// Whether `patch` turns the condition `type_` to `False` from anything else in `before`
 /// (for events, which say a thing once, when it happens).
 pub fn turns_false(before: &[Condition], patch: &Value, type_: &str) -> bool {
+    turns(before, patch, type_, "False")
+}
+
+/// Whether `patch` turns the condition `type_` to `to` from anything else in `before`.
+pub fn turns(before: &[Condition], patch: &Value, type_: &str, to: &str) -> bool {
     let after: Vec<Condition> = serde_json::from_value(patch["status"]["conditions"].clone()).unwrap_or_default();
-    let status = |list: &[Condition]| list.iter().find(|c| c.type_ == type_).map(|c| c.status.clone());
-    status(&after).as_deref() == Some("False") && status(before).as_deref() != Some("False")
+    condition_status(&after, type_) == Some(to) && condition_status(before, type_) != Some(to)
+}
+
+/// The status (`True`, `False`, `Unknown`) of the condition `type_` in `list`.
+pub fn condition_status<'a>(list: &'a [Condition], type_: &str) -> Option<&'a str> {
+    list.iter().find(|c| c.type_ == type_).map(|c| c.status.as_str())
 }
 
 #[cfg(test)]

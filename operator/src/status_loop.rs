@@ -27,7 +27,8 @@ use crate::{
     reconcile::write_status,
     report::ReportSource,
     status::{
-        Reached, device_report_patch, formula_report_patch, site_report_patch, siteless_device_patch, turns_false,
+        Reached, condition_status, device_report_patch, formula_report_patch, site_report_patch, siteless_device_patch,
+        turns, turns_false,
     },
 };
 
@@ -203,11 +204,16 @@ impl StatusLoop {
                 .as_ref()
                 .map(|s| s.conditions.as_slice())
                 .unwrap_or_default();
-            if turns_false(before, &patch, READY) {
+            // Said once per transition, never once per failed pass; an ingestor not up
+            // yet after a deploy is expected and its status says so.
+            if condition_status(before, READY) == Some("True") && turns_false(before, &patch, READY) {
                 let why = report.err().unwrap_or_default();
+                tracing::warn!(site = %site.name_any(), why, "the site's ingestor stopped answering");
                 self.ctx
                     .event(site, EventType::Warning, "IngestorNotReady", why.to_owned())
                     .await;
+            } else if turns(before, &patch, READY, "True") {
+                tracing::info!(site = %site.name_any(), "the site's ingestor answers");
             }
         }
         Ok(())

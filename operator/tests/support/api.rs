@@ -282,9 +282,6 @@ impl ApiServer {
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
         let method = parts.method.to_string();
-        if let Some(answer) = self.fake_endpoint(&path) {
-            return answer;
-        }
         let mut state = self.state.lock().unwrap();
         state.requests.push(Recorded {
             method: method.clone(),
@@ -369,21 +366,6 @@ impl ApiServer {
             "DELETE" => state.delete(&path).map_or_else(not_found, |o| (200, o)),
             _ => (405, status(405, "MethodNotAllowed")),
         }
-    }
-
-    /// What a benchmark in another process reads: `/fake/config-map-writes` and
-    /// `/fake/requests` (count and writes).
-    fn fake_endpoint(&self, path: &str) -> Option<Response<Answer>> {
-        let state = self.state.lock().unwrap();
-        let answer = match path {
-            "/fake/config-map-writes" => json!(state.config_map_writes),
-            "/fake/requests" => json!({
-                "requests": state.requests.len(),
-                "writes": state.requests.iter().filter(|r| r.is_write()).count(),
-            }),
-            _ => return None,
-        };
-        Some(respond(200, answer.to_string()))
     }
 
     /// A watch of `collection` from version `since`: the kept changes after it, then the
