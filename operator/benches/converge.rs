@@ -90,6 +90,9 @@ fn progress(writes: &[ConfigMapWrite], sites: usize, per_site: usize) -> (bool, 
 /// have settled.
 const QUIET: Duration = Duration::from_secs(20);
 
+/// A run taking longer than this is far off every target: it is stopped.
+const DEADLINE: Duration = Duration::from_secs(300);
+
 /// How many writes of each kind: `PATCH devices/status`, `POST events`, ...
 fn writes_by_kind(requests: &[api::Recorded]) -> BTreeMap<String, usize> {
     let mut kinds = BTreeMap::new();
@@ -113,13 +116,158 @@ fn kind_of(request: &api::Recorded) -> String {
     format!("{} {resource}{status}", request.method)
 }
 
+/// The operator binary in a child process, with its log in a temporary directory.
+struct Operator {
+    child: std::process::Child,
+    pid: u32,
+    started: Instant,
+    dir: tempfile::TempDir,
+}
+
+impl Operator {
+    fn start(binary: &str, api: std::net::SocketAddr, image: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
+        let started = Instant::now();
+        let mut command = std::process::Command::new(binary);
+        if let Some(image) = image {
+            command.env("TAGSTREAM_INGESTOR_IMAGE", image);
+        }
+        let child = command
+            .args(["--leader-election", "false", "--http", "127.0.0.1:0"])
+            .env("KUBECONFIG", kubeconfig(dir.path(), api))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        Self {
+            pid: child.id(),
+            child,
+            started,
+            dir,
+        }
+    }
+
+    /// Gives up on a run that takes longer than any target: the child is killed first.
+    fn give_up_after_deadline(&mut self, what: impl FnOnce() -> String) {
+        if let Some(exit) = self.child.try_wait().unwrap() {
+            panic!("the operator exited ({exit}):\n{}", self.log());
+        }
+        if self.started.elapsed() > DEADLINE {
+            let (rss, peak) = memory_mib(self.pid);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!(
+                "{} after {} s (RSS {rss:.0} MiB, peak {peak:.0} MiB)",
+                what(),
+                DEADLINE.as_secs()
+            );
+        }
+    }
+
+    /// SIGTERM, then how long it took to exit.
+    async fn stop(&mut self) -> Duration {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .unwrap();
+        let stopping = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            if stopping.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("the operator did not stop within 30 s of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stopping.elapsed()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
+    }
+}
+
+/// A run's phase: when it ended, what was requested in it, the RSS at its end.
+struct Phase {
+    at: Duration,
+    requests: Vec<api::Recorded>,
+    rss: f64,
+}
+
+impl Phase {
+    fn writes(&self) -> usize {
+        self.requests.iter().filter(|r| r.is_write()).count()
+    }
+}
+
+/// Until every site's ConfigMap holds all its members.
+async fn until_converged(operator: &mut Operator, server: &ApiServer, sites: usize, per_site: usize) -> Phase {
+    while !progress(&server.config_map_writes(), sites, per_site).0 {
+        operator.give_up_after_deadline(|| {
+            let writes = server.config_map_writes();
+            let short = progress(&writes, sites, per_site).1;
+            format!(
+                "not every ConfigMap complete: {} writes, {short} with fewer members",
+                writes.len()
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at = operator.started.elapsed();
+    Phase {
+        at,
+        requests: server.take_requests(),
+        rss: memory_mib(operator.pid).0,
+    }
+}
+
+/// Until the statuses that follow the renderings (every Formula's validity, every
+/// Device's readiness) are written: no write for [`QUIET`].
+async fn until_settled(operator: &mut Operator, server: &ApiServer) -> Phase {
+    let mut requests = Vec::new();
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < QUIET {
+        operator.give_up_after_deadline(|| "statuses still written".to_owned());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let new = server.take_requests();
+        if new.iter().any(api::Recorded::is_write) {
+            quiet_since = Instant::now();
+        }
+        requests.extend(new);
+    }
+    Phase {
+        at: operator.started.elapsed().saturating_sub(QUIET),
+        requests,
+        rss: memory_mib(operator.pid).0,
+    }
+}
+
+/// `duration` of steady state (ingestors unreachable, nothing changes), and the RSS growth
+/// over it in MiB/s.
+async fn steady_state(operator: &Operator, server: &ApiServer, duration: Duration) -> (Phase, f64) {
+    let first = memory_mib(operator.pid).0;
+    tokio::time::sleep(duration).await;
+    let rss = memory_mib(operator.pid).0;
+    let phase = Phase {
+        at: operator.started.elapsed(),
+        requests: server.take_requests(),
+        rss,
+    };
+    (phase, (rss - first) / duration.as_secs_f64().max(1.0))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let sites = usize::try_from(number("--sites", 100)).unwrap();
     let per_site = usize::try_from(number("--devices-per-site", 100)).unwrap();
     let latency = Duration::from_millis(number("--latency-ms", 2));
     let idle = Duration::from_secs(number("--idle-secs", 60));
-    let binary = arg("--operator").unwrap_or_else(|| env!("CARGO_BIN_EXE_tagstream-operator").to_owned());
+    let other = arg("--operator");
+    let binary = other
+        .clone()
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_tagstream-operator").to_owned());
 
     let fleet = plant::fleet(sites, per_site);
     let server = ApiServer::with_latency(latency);
@@ -135,91 +283,19 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(server.clone().serve(listener));
-    let dir = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
 
-    let started = Instant::now();
-    let mut child = std::process::Command::new(&binary)
-        .args(["--leader-election", "false", "--http", "127.0.0.1:0"])
-        .env("KUBECONFIG", kubeconfig(dir.path(), address))
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
-    let pid = child.id();
-
-    let deadline = started + Duration::from_secs(300);
-    let converged = loop {
-        let (complete, _) = progress(&server.config_map_writes(), sites, per_site);
-        if complete {
-            break started.elapsed();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "not converged in 300 s: {} ConfigMap writes",
-                server.config_map_writes().len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let converging = server.take_requests();
-    let (rss_converged, _) = memory_mib(pid);
-
-    // The statuses follow the renderings (every Formula's validity, every Device's
-    // readiness): settled once no write came for two status periods.
-    let mut settling = Vec::new();
-    let mut quiet_since = Instant::now();
-    let settled = loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let requests = server.take_requests();
-        if requests.iter().any(api::Recorded::is_write) {
-            quiet_since = Instant::now();
-        }
-        settling.extend(requests);
-        if quiet_since.elapsed() >= QUIET {
-            break started.elapsed() - QUIET;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("statuses still written after 300 s");
-        }
-    };
-    let (rss_settled, _) = memory_mib(pid);
-
-    // Steady state: ingestors unreachable, nothing changes. Sample RSS to see growth.
-    let mut samples = Vec::new();
-    let idle_started = Instant::now();
-    while idle_started.elapsed() < idle {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        samples.push(memory_mib(pid).0);
-    }
-    let (rss_idle, peak) = memory_mib(pid);
-    let idle_requests = server.take_requests();
-    let idle_writes = idle_requests.iter().filter(|r| r.is_write()).count();
-    let idle_by_kind = writes_by_kind(&idle_requests);
-
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let stopping = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if stopping.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the operator did not stop within 30 s of SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let stopped = stopping.elapsed();
+    // This build runs with only a kubeconfig; older ones need the ingestor image.
+    let image = other.is_some().then_some("ghcr.io/tagstream/tagstream-ingestor:0.1.0");
+    let mut operator = Operator::start(&binary, address, image);
+    let converged = until_converged(&mut operator, &server, sites, per_site).await;
+    let settled = until_settled(&mut operator, &server).await;
+    let (steady, growth) = steady_state(&operator, &server, idle).await;
+    let peak = memory_mib(operator.pid).1;
+    let stopped = operator.stop().await;
 
     let writes = server.config_map_writes();
     let (_, short) = progress(&writes, sites, per_site);
-    let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
+    let log = operator.log();
     let level = |level: &str| log.lines().filter(|l| l.contains(level)).count();
 
     println!(
@@ -230,30 +306,30 @@ async fn main() {
     );
     println!("| figure | value |");
     println!("| --- | --- |");
-    println!("| every ConfigMap complete after | {:.1} s |", converged.as_secs_f64());
+    println!(
+        "| every ConfigMap complete after | {:.1} s |",
+        converged.at.as_secs_f64()
+    );
     println!("| ConfigMap writes / with fewer members | {} / {short} |", writes.len());
     println!(
-        "| requests / writes until converged | {} / {} |",
-        converging.len(),
-        converging.iter().filter(|r| r.is_write()).count()
+        "| requests / writes until then | {} / {} |",
+        converged.requests.len(),
+        converged.writes()
     );
-    println!("| statuses settled after | {:.1} s |", settled.as_secs_f64());
-    println!("| writes while settling | {:?} |", writes_by_kind(&settling));
+    println!("| statuses settled after | {:.1} s |", settled.at.as_secs_f64());
+    println!("| writes while settling | {:?} |", writes_by_kind(&settled.requests));
     println!(
-        "| requests / writes in {} s of steady state | {} / {idle_writes} |",
+        "| requests / writes in {} s of steady state | {} / {} {:?} |",
         idle.as_secs(),
-        idle_requests.len()
+        steady.requests.len(),
+        steady.writes(),
+        writes_by_kind(&steady.requests)
     );
-    if !idle_by_kind.is_empty() {
-        println!("| steady-state writes | {idle_by_kind:?} |");
-    }
     println!(
-        "| RSS converged / settled / after steady state / peak | {rss_converged:.0} / {rss_settled:.0} / {rss_idle:.0} / {peak:.0} MiB |"
+        "| RSS converged / settled / after steady state / peak | {:.0} / {:.0} / {:.0} / {peak:.0} MiB |",
+        converged.rss, settled.rss, steady.rss
     );
-    if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
-        let seconds = samples.len().saturating_sub(1).max(1) as f64;
-        println!("| RSS growth in steady state | {:.3} MiB/s |", (last - first) / seconds);
-    }
+    println!("| RSS growth in steady state | {growth:.3} MiB/s |");
     println!("| stopped after SIGTERM in | {:.2} s |", stopped.as_secs_f64());
     println!(
         "| log lines: total / WARN / ERROR | {} / {} / {} |",

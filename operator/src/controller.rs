@@ -179,7 +179,7 @@ pub async fn run(
 
 /// Keeps in the stores only what the operator reads: `managedFields` and kubectl's
 /// last-applied copy of the object are most of a stored object's size and never read.
-fn slim<K: Resource>(object: &mut K) {
+pub fn slim<K: Resource>(object: &mut K) {
     let meta = object.meta_mut();
     meta.managed_fields = None;
     if let Some(annotations) = &mut meta.annotations {

@@ -123,6 +123,8 @@ pub fn formula_patch(
     })
 }
 
+const AWAITING_INGESTOR: &str = "waiting for the site's ingestor to report";
+
 /// The conditions of a Device or Site deployed but not yet reported on by its ingestor,
 /// or `None` once it has conditions: the object says what the operator knows (the
 /// ingestor is not ready yet) instead of nothing.
@@ -136,7 +138,7 @@ fn awaiting_ingestor(
         states
             .iter()
             .map(|(type_, status)| {
-                let state = State::new(status, "IngestorNotReady", "waiting for the site's ingestor to report");
+                let state = State::new(status, "IngestorNotReady", AWAITING_INGESTOR);
                 condition(existing, type_, &state, generation, now)
             })
             .collect()
@@ -199,9 +201,11 @@ pub fn device_report_patch(device: &Device, report: Reached<'_>, now: Timestamp,
     let generation = device.metadata.generation;
     let health = report.ok().and_then(|r| r.devices.get(&device.name_any()));
     let (connected, ready) = match (report, health) {
-        (Err(why), _) => (
-            State::new("Unknown", "IngestorNotReady", why),
-            State::new("False", "IngestorNotReady", why),
+        // Why it does not answer is on the Site; repeating it on every Device would cost a
+        // write per Device whenever the reason changes.
+        (Err(_), _) => (
+            State::new("Unknown", "IngestorNotReady", AWAITING_INGESTOR),
+            State::new("False", "IngestorNotReady", AWAITING_INGESTOR),
         ),
         (Ok(_), None) => (
             State::new(

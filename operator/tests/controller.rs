@@ -501,7 +501,10 @@ async fn an_ingestor_that_stops_answering_makes_the_site_not_ready_with_one_even
     let not_ready = (json!("False"), json!("IngestorNotReady"));
     assert_eq!(condition("sites/plant-a", "Ready"), not_ready);
     assert_eq!(condition("devices/boiler", "Ready"), not_ready);
-    assert_eq!(condition("devices/boiler", "Connected"), (json!("Unknown"), json!("IngestorNotReady")));
+    assert_eq!(
+        condition("devices/boiler", "Connected"),
+        (json!("Unknown"), json!("IngestorNotReady"))
+    );
 
     world.server.proxy(PROXY, 503, "no endpoints available".into());
     let mut loop_ = status_loop(&world, Duration::from_secs(3600));
@@ -518,7 +521,10 @@ async fn an_ingestor_that_stops_answering_makes_the_site_not_ready_with_one_even
 
     world.server.proxy(PROXY, 200, report(true));
     world.status_pass(&mut loop_).await;
-    assert_eq!(condition("sites/plant-a", "Ready"), (json!("True"), json!("IngestorRunning")));
+    assert_eq!(
+        condition("sites/plant-a", "Ready"),
+        (json!("True"), json!("IngestorRunning"))
+    );
 
     world.server.proxy(PROXY, 503, "no endpoints available".into());
     let stopped = world.status_pass(&mut loop_).await;

@@ -262,7 +262,10 @@ impl ApiServer {
     }
 
     async fn answer(&self, parts: Parts, bytes: &[u8]) -> Response<Answer> {
-        tokio::time::sleep(self.latency).await;
+        // Even a zero sleep waits for the timer's next millisecond tick.
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
         let body: Value = if bytes.is_empty() {
             Value::Null
         } else {
