@@ -353,6 +353,11 @@ pub fn site_report_patch(site: &Site, report: Reached<'_>, now: Timestamp, heart
     ];
     let significant = !same_conditions(&current.conditions, &conditions);
     let write = significant || (current.queue != queue && heartbeat_due);
+    // Every field spelled out: a merge patch leaves an omitted field as it was, so an
+    // empty queue's absent oldest age would keep the last backlog's.
+    let queue = queue.map(
+        |q| json!({"depth": q.depth, "bytes": q.bytes, "oldestAgeSeconds": q.oldest_age_seconds, "dropped": q.dropped}),
+    );
     write.then(|| json!({"status": {"conditions": conditions, "queue": queue}}))
 }
 
