@@ -29,7 +29,6 @@ use std::{
 };
 
 use api::{ApiServer, ConfigMapWrite};
-use kube::{Resource, ResourceExt};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -41,14 +40,6 @@ fn arg(name: &str) -> Option<String> {
 
 fn number(name: &str, default: u64) -> u64 {
     arg(name).map_or(default, |v| v.parse().expect("a number"))
-}
-
-fn path<K: Resource<DynamicType = ()>>(object: &K) -> String {
-    format!(
-        "/apis/tagstream.io/v1alpha1/namespaces/plant/{}/{}",
-        K::plural(&()),
-        object.name_any()
-    )
 }
 
 /// `VmRSS` and `VmHWM` (peak) of a process, in MiB.
@@ -271,15 +262,7 @@ async fn main() {
 
     let fleet = plant::fleet(sites, per_site);
     let server = ApiServer::with_latency(latency);
-    for site in &fleet.sites {
-        server.insert(&path(site), site);
-    }
-    for device in &fleet.devices {
-        server.insert(&path(device), device);
-    }
-    for formula in &fleet.formulas {
-        server.insert(&path(formula), formula);
-    }
+    server.insert_all(fleet.objects());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(server.clone().serve(listener));

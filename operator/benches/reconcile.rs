@@ -25,7 +25,7 @@ use kube::{
     Resource, ResourceExt,
     runtime::{reflector, watcher::Event},
 };
-use plant::Fleet;
+use plant::{Fleet, path};
 use tagstream_crds::{Site, SiteSpec};
 use tagstream_operator::{
     context::{Context, Stores},
@@ -49,14 +49,6 @@ fn arg(name: &str, default: usize) -> usize {
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .map_or(default, |v| v.parse().expect("a number"))
-}
-
-fn path<K: Resource<DynamicType = ()>>(object: &K) -> String {
-    format!(
-        "/apis/tagstream.io/v1alpha1/namespaces/plant/{}/{}",
-        K::plural(&()),
-        object.name_any()
-    )
 }
 
 fn store<K>(server: &ApiServer, objects: &[K]) -> (reflector::Store<K>, reflector::store::Writer<K>)
@@ -111,15 +103,7 @@ fn context(server: &ApiServer, fleet: &Fleet) -> Arc<Context> {
 }
 
 fn insert_all(server: &ApiServer, fleet: &Fleet) {
-    for site in &fleet.sites {
-        server.insert(&path(site), site);
-    }
-    for device in &fleet.devices {
-        server.insert(&path(device), device);
-    }
-    for formula in &fleet.formulas {
-        server.insert(&path(formula), formula);
-    }
+    server.insert_all(fleet.objects());
 }
 
 fn row(name: &str, sites: usize, devices: usize, pass: &Pass) {

@@ -13,13 +13,13 @@ use std::{sync::Arc, time::Duration};
 use api::{ApiServer, Recorded};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
-    Resource, ResourceExt,
+    Resource,
     runtime::{
         reflector::{self, store::Writer},
         watcher::Event,
     },
 };
-use plant::{plant, settings};
+use plant::{path, plant, settings};
 use serde_json::{Value, json};
 use tagstream_crds::{Device, Formula, Site, SiteSpec};
 use tagstream_operator::{
@@ -37,10 +37,6 @@ const CONFIG_MAP: &str = "/api/v1/namespaces/plant/configmaps/tagstream-plant-a"
 const STATEFUL_SET: &str = "/apis/apps/v1/namespaces/plant/statefulsets/tagstream-plant-a";
 const SERVICE: &str = "/api/v1/namespaces/plant/services/tagstream-plant-a";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/plant/events";
-
-fn path<K: Resource<DynamicType = ()>>(object: &K) -> String {
-    format!("{GROUP}/{}/{}", K::plural(&()), object.name_any())
-}
 
 /// The operator's view of a fake cluster: the API server and the stores its watches fill.
 struct World {

@@ -16,8 +16,8 @@ mod plant;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use api::{ApiServer, ConfigMapWrite};
-use kube::{Resource, ResourceExt};
-use plant::{Fleet, fleet, settings};
+use kube::ResourceExt;
+use plant::{Fleet, fleet, path, settings};
 use tagstream_crds::SiteSpec;
 use tagstream_operator::{
     context::Context,
@@ -31,14 +31,6 @@ use tokio_util::sync::CancellationToken;
 const SITES: usize = 100;
 const PER_SITE: usize = 100;
 const LATENCY: Duration = Duration::from_millis(2);
-
-fn path<K: Resource<DynamicType = ()>>(object: &K) -> String {
-    format!(
-        "/apis/tagstream.io/v1alpha1/namespaces/plant/{}/{}",
-        K::plural(&()),
-        object.name_any()
-    )
-}
 
 fn start(server: &ApiServer) -> (CancellationToken, JoinHandle<Arc<Context>>) {
     let client = server.client();
@@ -124,15 +116,7 @@ fn assert_statuses(server: &ApiServer, fleet: &Fleet) {
 async fn objects_listed_at_start_are_all_in_every_first_rendering() {
     let fleet = fleet(SITES, PER_SITE);
     let server = ApiServer::with_latency(LATENCY);
-    for site in &fleet.sites {
-        server.insert(&path(site), site);
-    }
-    for device in &fleet.devices {
-        server.insert(&path(device), device);
-    }
-    for formula in &fleet.formulas {
-        server.insert(&path(formula), formula);
-    }
+    server.insert_all(fleet.objects());
     let (shutdown, operator) = start(&server);
     until_complete(&server).await;
     stop(shutdown, operator).await;
@@ -213,15 +197,8 @@ async fn a_relist_after_the_watch_expired_brings_every_change() {
     // Changes arrive faster than the kept window: the watches must list again.
     server.keep_changes(10);
     server.take_requests();
-    let devices = small
-        .devices
-        .iter()
-        .map(|d| (path(d), serde_json::to_value(d).unwrap()));
-    let formulas = small
-        .formulas
-        .iter()
-        .map(|f| (path(f), serde_json::to_value(f).unwrap()));
-    server.insert_all(devices.chain(formulas));
+    let members = small.objects().into_iter().skip(small.sites.len());
+    server.insert_all(members);
     loop {
         let latest = latest(&server.config_map_writes());
         if latest.values().all(|w| w.devices == 20 && w.formulas == 20) {

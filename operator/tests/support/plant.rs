@@ -39,12 +39,36 @@ pub fn settings() -> Settings {
     }
 }
 
+/// An object's path in the API server (every object of the tests is in `plant`).
+pub fn path<K: kube::Resource<DynamicType = ()>>(object: &K) -> String {
+    format!(
+        "/apis/tagstream.io/v1alpha1/namespaces/plant/{}/{}",
+        K::plural(&()),
+        object.name_any()
+    )
+}
+
 /// Many sites, as `kubectl apply` leaves them in the API server.
 #[derive(Clone, Debug)]
 pub struct Fleet {
     pub sites: Vec<Site>,
     pub devices: Vec<Device>,
     pub formulas: Vec<Formula>,
+}
+
+impl Fleet {
+    /// Every object with its API path: Sites, then Devices, then Formulas.
+    pub fn objects(&self) -> Vec<(String, serde_json::Value)> {
+        fn each<K: kube::Resource<DynamicType = ()> + serde::Serialize>(
+            objects: &[K],
+        ) -> impl Iterator<Item = (String, serde_json::Value)> + '_ {
+            objects.iter().map(|o| (path(o), serde_json::to_value(o).unwrap()))
+        }
+        each(&self.sites)
+            .chain(each(&self.devices))
+            .chain(each(&self.formulas))
+            .collect()
+    }
 }
 
 /// `sites` copies of the example plant's Site, each with `per_site` Devices of 10 float32
