@@ -260,6 +260,13 @@ pub async fn run(
             },
         };
         delay = Duration::from_millis(200);
+        // Connected, with the stream in place: true before the first publish, so that an
+        // idle site does not look cut off.
+        {
+            let mut s = status.lock().expect("status lock");
+            s.connected = true;
+            s.last_error = None;
+        }
         let connection = Connection {
             queue: &queue,
             context,

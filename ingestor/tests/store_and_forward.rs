@@ -144,6 +144,33 @@ async fn a_broker_outage_loses_nothing_and_keeps_the_order() {
     assert!(status.lock().unwrap().failures > 0, "the outage was noticed");
 }
 
+/// Connected and with its stream, a publisher with nothing to publish says it is
+/// connected (found on a real cluster: `connected: false` until the first publish).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_publisher_reports_connected_once_its_stream_exists() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(QueueConfig::new(dir.path().join("q"))).unwrap().queue;
+    let status = Arc::new(Mutex::new(PublisherStatus::default()));
+    let stop = CancellationToken::new();
+    let publisher = tokio::spawn(publish::run(
+        queue.clone(),
+        publisher_config(&nats.url(), "idle"),
+        Arc::clone(&status),
+        stop.clone(),
+    ));
+    let s = Arc::clone(&status);
+    wait_until("the publisher to say it is connected", Duration::from_secs(15), || {
+        s.lock().unwrap().connected
+    })
+    .await;
+    stop.cancel();
+    publisher.await.unwrap();
+    let status = status.lock().unwrap();
+    assert_eq!(status.acked_records, 0, "nothing was published");
+    assert_eq!(status.last_error, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn points_queued_before_any_broker_exists_are_delivered_when_it_appears() {
     let mut nats = Nats::start();
