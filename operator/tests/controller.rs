@@ -27,7 +27,7 @@ use tagstream_operator::{
     controller::{OperatorSettings, run},
     reconcile::reconcile,
     report::ReportSource,
-    site_creation::{Candidate, create_missing_site},
+    site_creation::{Candidate, SiteCreation, create_missing_site},
     status_loop::{StatusLoop, StatusSettings},
 };
 use tokio_util::sync::CancellationToken;
@@ -364,6 +364,50 @@ async fn a_device_naming_a_missing_site_creates_it_with_the_defaults() {
     let second = Candidate::of(&devices[1]).unwrap();
     assert!(create_missing_site(&world.ctx, &second).await.unwrap().is_none());
     assert_eq!(lines(&world.server.take_requests()), [format!("POST {GROUP}/sites")]);
+}
+
+/// `kubectl apply` of a directory sends a site's Devices before its Site. The operator
+/// creates a missing Site only `--site-creation-delay` after a member named it, so the
+/// user's own Site, arriving within the delay, is never merged into one made from the
+/// defaults (found on a real cluster: the ingestor hung on a default credentials Secret).
+#[tokio::test]
+async fn a_site_applied_within_the_creation_delay_is_the_users_own() {
+    let (site, devices, _) = plant();
+    let mut world = World::new(None, &devices, &[]);
+    world.ctx.listed.sites.set();
+    let (candidates, queued) = futures::channel::mpsc::unbounded();
+    let shutdown = CancellationToken::new();
+    let creation =
+        tokio::spawn(SiteCreation::new(Arc::clone(&world.ctx), Duration::from_secs(1)).run(queued, shutdown.clone()));
+    candidates.unbounded_send(Candidate::of(&devices[0]).unwrap()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    world.server.insert(&path(&site), &site);
+    world.watch();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        lines(&world.server.take_requests()),
+        Vec::<String>::new(),
+        "the user's Site stands"
+    );
+
+    // Still missing after the delay: created from the defaults.
+    world.server.remove(&path(&site));
+    world.watch();
+    candidates.unbounded_send(Candidate::of(&devices[1]).unwrap()).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while world.server.get(&path(&site)).is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the missing Site was not created"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    creation.await.unwrap();
+    assert_eq!(
+        lines(&world.server.take_requests()),
+        [format!("POST {GROUP}/sites"), format!("POST {EVENTS}")]
+    );
 }
 
 fn report(connected: bool) -> String {
