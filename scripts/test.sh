@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 ensure_helm() {
   command -v helm >/dev/null 2>&1 && return
   echo "==> installing helm with scripts/install-helm.sh"
-  bash scripts/install-helm.sh >/dev/null
+  # Not root: the installer puts helm in ~/.local/bin, which may not be on PATH yet.
+  local helm
+  helm=$(bash scripts/install-helm.sh | tail -1)
+  PATH="$(dirname "$helm"):$PATH"
+  export PATH
   hash -r
 }
 
