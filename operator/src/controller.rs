@@ -19,7 +19,7 @@
 use std::{fmt::Debug, sync::Arc};
 
 use futures::{
-    Stream, StreamExt, TryStreamExt,
+    StreamExt, TryStreamExt,
     channel::mpsc::{UnboundedSender, unbounded},
     future::ready,
     stream,
@@ -94,28 +94,22 @@ pub async fn run(
 
     let (triggers, member_triggers) = unbounded();
     let (candidates, missing_sites) = unbounded();
-    let device_watch = tokio::spawn(
-        watch_members(
-            Api::<Device>::all(client.clone()),
-            device_writer,
-            ctx.listed.devices.clone(),
-            triggers.clone(),
-            candidates.clone(),
-        )
-        .take_until(shutdown.clone().cancelled_owned())
-        .for_each(|()| ready(())),
-    );
-    let formula_watch = tokio::spawn(
-        watch_members(
-            Api::<Formula>::all(client.clone()),
-            formula_writer,
-            ctx.listed.formulas.clone(),
-            triggers,
-            candidates,
-        )
-        .take_until(shutdown.clone().cancelled_owned())
-        .for_each(|()| ready(())),
-    );
+    let device_watch = tokio::spawn(watch_members(
+        Api::<Device>::all(client.clone()),
+        device_writer,
+        ctx.listed.devices.clone(),
+        triggers.clone(),
+        candidates.clone(),
+        shutdown.clone(),
+    ));
+    let formula_watch = tokio::spawn(watch_members(
+        Api::<Formula>::all(client.clone()),
+        formula_writer,
+        ctx.listed.formulas.clone(),
+        triggers,
+        candidates,
+        shutdown.clone(),
+    ));
     let site_creation = tokio::spawn(
         SiteCreation::new(Arc::clone(&ctx), settings.site_creation_delay).run(missing_sites, shutdown.clone()),
     );
@@ -195,17 +189,17 @@ fn mark_listed<K>(event: &watcher::Event<K>, listed: &Signal) {
     }
 }
 
-/// Watches one kind of member into its store; sets `listed` after the first complete list;
-/// sends the sites each change touches to `triggers` once the store holds the change, and
-/// members that may name a missing Site to `candidates`.
-fn watch_members<K>(
+/// Watches one kind of member into its store until `shutdown`; sets `listed` after the
+/// first complete list; sends the sites each change touches to `triggers` once the store
+/// holds the change, and members that may name a missing Site to `candidates`.
+async fn watch_members<K>(
     api: Api<K>,
     writer: Writer<K>,
     listed: Signal,
     triggers: UnboundedSender<ObjectRef<Site>>,
     candidates: UnboundedSender<Candidate>,
-) -> impl Stream<Item = ()> + Send
-where
+    shutdown: CancellationToken,
+) where
     K: SiteMember + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let mut membership = Membership::default();
@@ -231,4 +225,7 @@ where
                 let _ = triggers.unbounded_send(site);
             }
         })
+        .take_until(shutdown.cancelled_owned())
+        .for_each(|()| ready(()))
+        .await;
 }

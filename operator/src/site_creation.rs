@@ -11,7 +11,7 @@ use std::{collections::HashMap, time::Duration};
 
 use futures::{Stream, StreamExt};
 use kube::{
-    Api, ResourceExt,
+    Api, Resource, ResourceExt,
     api::PostParams,
     runtime::{events::EventType, reflector::ObjectRef, reflector::Store},
 };
@@ -25,11 +25,18 @@ use crate::{
     membership::{SiteMember, is_unprocessed, site_of},
 };
 
+/// Which store a candidate's member is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MemberKind {
+    Device,
+    Formula,
+}
+
 /// A member that may name a missing Site, as its watch saw it.
 #[derive(Clone, Debug)]
 pub struct Candidate {
     pub site: ObjectRef<Site>,
-    kind: &'static str,
+    kind: MemberKind,
     name: String,
     seen: Instant,
 }
@@ -40,7 +47,11 @@ impl Candidate {
     pub fn of<K: SiteMember>(member: &K) -> Option<Self> {
         is_unprocessed(member).then(|| Self {
             site: site_of(member),
-            kind: if K::kind(&()) == "Device" { "Device" } else { "Formula" },
+            kind: if K::kind(&()) == Device::kind(&()) {
+                MemberKind::Device
+            } else {
+                MemberKind::Formula
+            },
             name: member.name_any(),
             seen: Instant::now(),
         })
@@ -56,8 +67,8 @@ impl Candidate {
                 .is_some_and(|m| is_unprocessed(&*m) && site_of(&*m) == candidate.site)
         }
         match self.kind {
-            "Device" => names::<Device>(&ctx.devices, self),
-            _ => names::<Formula>(&ctx.formulas, self),
+            MemberKind::Device => names::<Device>(&ctx.devices, self),
+            MemberKind::Formula => names::<Formula>(&ctx.formulas, self),
         }
     }
 }
@@ -139,7 +150,7 @@ pub async fn create_missing_site(ctx: &Context, candidate: &Candidate) -> Result
             ctx.metrics.sites_created.inc();
             tracing::info!(%namespace, site = %candidate.site.name, by = %candidate.name, "created a missing Site");
             let note = format!(
-                "created with the operator's default settings for {} {}",
+                "created with the operator's default settings for {:?} {}",
                 candidate.kind, candidate.name
             );
             ctx.event(&created, EventType::Normal, "SiteCreated", note).await;

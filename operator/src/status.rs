@@ -157,13 +157,11 @@ pub fn device_deployed_patch(device: &Device, now: Timestamp) -> Option<Value> {
         now,
     );
     let deployed = current.observed_generation == generation && current.tag_count == Some(tags);
-    (!deployed || awaiting.is_some()).then(|| {
-        let mut patch = json!({"status": {"observedGeneration": generation, "tagCount": tags}});
-        if let Some(conditions) = awaiting {
-            patch["status"]["conditions"] = json!(conditions);
-        }
-        patch
-    })
+    deployed_patch(
+        deployed,
+        json!({"observedGeneration": generation, "tagCount": tags}),
+        awaiting,
+    )
 }
 
 /// The merge patch of what the reconcile deployed for a Site, or `None` when stored.
@@ -178,13 +176,23 @@ pub fn site_deployed_patch(site: &Site, devices: u32, formulas: u32, now: Timest
     );
     let deployed =
         current.observed_generation == generation && current.devices == devices && current.formulas == formulas;
-    (!deployed || awaiting.is_some()).then(|| {
-        let mut patch = json!({"status": {"observedGeneration": generation, "devices": devices, "formulas": formulas}});
-        if let Some(conditions) = awaiting {
-            patch["status"]["conditions"] = json!(conditions);
-        }
-        patch
-    })
+    deployed_patch(
+        deployed,
+        json!({"observedGeneration": generation, "devices": devices, "formulas": formulas}),
+        awaiting,
+    )
+}
+
+/// The merge patch of a deploy's `fields` (and the conditions awaiting the ingestor), or
+/// `None` when the stored status already holds them.
+fn deployed_patch(deployed: bool, mut fields: Value, awaiting: Option<Vec<Condition>>) -> Option<Value> {
+    if deployed && awaiting.is_none() {
+        return None;
+    }
+    if let Some(conditions) = awaiting {
+        fields["conditions"] = json!(conditions);
+    }
+    Some(json!({ "status": fields }))
 }
 
 fn time_from_ns(ns: i64) -> Option<Time> {

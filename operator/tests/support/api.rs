@@ -56,7 +56,7 @@ impl Recorded {
 }
 
 /// One rendered ConfigMap as the operator wrote it: how many members it held.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigMapWrite {
     pub name: String,
     pub devices: usize,
