@@ -25,9 +25,9 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use stream::{assert_exactly_once_in_order, stream_contents};
+use tagstream_core::report::Status as Report;
 use tagstream_crds::{Device, Formula, Site, device::Waveform, manifest::load};
 use tagstream_e2e::{Diagnostics, configured_client, port_forward};
-use tagstream_ingestor::service::state::Status as Report;
 use tagstream_proto::v1::{PointBatch, Quality, point::Value};
 
 const MANAGER: &str = "tagstream-e2e";

@@ -18,9 +18,10 @@ use async_nats::jetstream;
 use futures_util::StreamExt as _;
 use prost::Message as _;
 use support::nats::{Nats, free_port};
+use tagstream_core::report::PublisherStatus;
 use tagstream_crds::site::Broker;
 use tagstream_ingestor::{
-    publish::{self, PublisherConfig, PublisherStatus},
+    publish::{self, PublisherConfig},
     queue::{Queue, QueueConfig},
     service::{self, RunOptions},
 };
@@ -276,7 +277,7 @@ async fn end_to_end(devices: usize, tags: usize, interval_ms: u64) {
             break;
         }
         let batch = PointBatch::decode(message.payload.as_ref()).expect("batch");
-        let wall = tagstream_ingestor::point::now_ns();
+        let wall = tagstream_core::point::now_ns();
         for point in &batch.points {
             latencies.push((wall - point.timestamp_ns) as f64 / 1e6);
         }

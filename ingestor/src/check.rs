@@ -4,7 +4,7 @@ use std::{fmt::Write as _, path::PathBuf};
 
 use tagstream_crds::manifest::load_report;
 
-use crate::config::{self, SiteConfig};
+use tagstream_core::config::{self, SiteConfig};
 
 /// The printed report and whether it found errors.
 #[derive(Debug)]

@@ -69,7 +69,7 @@ enum Command {
         #[arg(long)]
         rtu_path: Option<String>,
         /// Delay every answer by this much (e.g. 50ms).
-        #[arg(long, value_parser = tagstream_ingestor::config::parse_duration, default_value = "0s")]
+        #[arg(long, value_parser = tagstream_core::config::parse_duration, default_value = "0s")]
         latency: Duration,
         /// Refuse reads covering this address with exception 2, as `holding:100`.
         #[arg(long, value_parser = parse_address)]
@@ -78,7 +78,7 @@ enum Command {
         #[arg(long)]
         silent_unit: Vec<u8>,
         /// Close every connection this long after it opened (e.g. 30s).
-        #[arg(long, value_parser = tagstream_ingestor::config::parse_duration)]
+        #[arg(long, value_parser = tagstream_core::config::parse_duration)]
         drop_after: Option<Duration>,
     },
 }
@@ -112,7 +112,7 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    tagstream_ingestor::logging::init(cli.log_json, level);
+    tagstream_core::logging::init(cli.log_json, level);
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -145,7 +145,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Run(options) => {
             runtime.block_on(async {
-                let shutdown = tagstream_ingestor::logging::shutdown_on_signal();
+                let shutdown = tagstream_core::logging::shutdown_on_signal();
                 tagstream_ingestor::service::run(options, shutdown, None).await
             })?;
             Ok(ExitCode::SUCCESS)
@@ -179,7 +179,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 },
             };
             runtime.block_on(async {
-                let shutdown = tagstream_ingestor::logging::shutdown_on_signal();
+                let shutdown = tagstream_core::logging::shutdown_on_signal();
                 tagstream_ingestor::simulate_cmd::simulate(&paths, options, shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)

@@ -23,8 +23,8 @@ use async_nats::{
     jetstream::{self, context::PublishAckFuture, message::PublishMessage, stream},
 };
 use bytes::Bytes;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prost::Message as _;
+use tagstream_core::report::PublisherStatus;
 use tagstream_crds::site::{Broker, CredentialsKind, StreamStorage};
 use tagstream_proto::v1::PointBatch;
 use tokio_util::sync::CancellationToken;
@@ -61,45 +61,6 @@ impl PublisherConfig {
     pub fn site_subjects(&self) -> String {
         self.subject(">")
     }
-}
-
-/// What the publisher reports for status and metrics.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PublisherStatus {
-    pub connected: bool,
-    pub published_batches: u64,
-    pub acked_records: u64,
-    pub duplicates: u64,
-    pub failures: u64,
-    pub last_error: Option<String>,
-    /// Seconds from publish to ack of the latest ack.
-    #[serde(rename = "lastAckLatencySeconds")]
-    pub last_ack_latency: Option<f64>,
-    /// Seconds from publish to ack, every ack; clones share it (it is registered once
-    /// with the metrics registry).
-    #[serde(skip, default = "ack_latency_histogram")]
-    pub ack_latency: Histogram,
-}
-
-impl Default for PublisherStatus {
-    fn default() -> Self {
-        Self {
-            connected: false,
-            published_batches: 0,
-            acked_records: 0,
-            duplicates: 0,
-            failures: 0,
-            last_error: None,
-            last_ack_latency: None,
-            ack_latency: ack_latency_histogram(),
-        }
-    }
-}
-
-fn ack_latency_histogram() -> Histogram {
-    // 0.5 ms to 4 s.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
 }
 
 /// Why connecting or publishing failed.

@@ -11,14 +11,13 @@ use tagstream_crds::{
     manifest::load,
 };
 
-use crate::{
-    acquisition::{
-        connection::{self, Data},
-        decode::{self, Layout},
-        plan,
-        poller::{self, TagReading},
-    },
-    point::{PointValue, Sample},
+use tagstream_core::point::{PointValue, Sample};
+
+use crate::acquisition::{
+    connection::{self, Data},
+    decode::{self, Layout},
+    plan,
+    poller::{self, TagReading},
 };
 
 /// Reads every device in `paths` (or only `only`) once and renders the tables.
@@ -56,7 +55,7 @@ pub async fn read_device(device: &Device) -> anyhow::Result<Vec<TagReading>> {
     let layouts = poller::layouts(spec);
     let mut readings = Vec::new();
     for mut group in plan::plan(spec) {
-        let at = crate::point::now_ns();
+        let at = tagstream_core::point::now_ns();
         readings.extend(poller::poll_reads(&mut context, spec, &layouts, &mut group.reads, at).await?);
     }
     readings.sort_by_key(|r| r.tag);

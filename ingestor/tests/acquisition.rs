@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tagstream_core::point::{PointValue, QualityLevel};
 use tagstream_crds::{Device, device::RegisterKind};
 use tagstream_ingestor::{
     acquisition::{
@@ -14,7 +15,6 @@ use tagstream_ingestor::{
         plan::{self, Read, TagSlot},
         poller::{self, PolledBatch, TagReading},
     },
-    point::{PointValue, QualityLevel},
     simulate::{self, Faults, Framing, SimulatedEndpoint},
 };
 use tokio::{

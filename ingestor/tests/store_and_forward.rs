@@ -12,9 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tagstream_core::report::PublisherStatus;
 use tagstream_crds::site::{Broker, BrokerCredentials, CredentialsKind};
 use tagstream_ingestor::{
-    publish::{self, PublisherConfig, PublisherStatus},
+    publish::{self, PublisherConfig},
     queue::{Queue, QueueConfig},
     service::{self, RunOptions},
 };

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, response::IntoResponse, routing::get};
 use prometheus_client::registry::Registry;
-use tagstream_ingestor::service::http::{metrics_response, spawn_server};
+use tagstream_core::http::{metrics_response, spawn_server};
 use tokio_util::sync::CancellationToken;
 
 /// Serves until `shutdown` and returns the bound address. `/readyz` answers 200 as soon

@@ -8,8 +8,8 @@ use clap::Parser;
 use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use prometheus_client::registry::Registry;
+use tagstream_core::config::parse_duration;
 use tagstream_crds::SiteSpec;
-use tagstream_ingestor::config::parse_duration;
 use tagstream_operator::{
     controller::{OperatorSettings, run},
     render::Settings,
@@ -78,7 +78,7 @@ const DEFAULT_LOG_FILTER: &str = "info,kube=warn,kube_client=warn,kube_client::c
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tagstream_ingestor::logging::init(args.log_json, DEFAULT_LOG_FILTER);
+    tagstream_core::logging::init(args.log_json, DEFAULT_LOG_FILTER);
     let default_site = match &args.default_site {
         Some(path) => tagstream_operator::default_site::load(path)?,
         None => SiteSpec::default(),
@@ -110,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
         site_creation_delay: args.site_creation_delay,
     };
 
-    let shutdown = tagstream_ingestor::logging::shutdown_on_signal();
+    let shutdown = tagstream_core::logging::shutdown_on_signal();
     let mut registry = Registry::default();
     let metrics = Arc::new(tagstream_operator::metrics::Metrics::default());
     metrics.register(&mut registry);

@@ -33,8 +33,8 @@ use k8s_openapi::{
 };
 use kube::Resource;
 use serde_json::Value;
+use tagstream_core::{calc::FormulaError, config::SiteConfig};
 use tagstream_crds::{Device, Formula, Site};
-use tagstream_ingestor::{calc::FormulaError, config::SiteConfig};
 
 /// Port of the ingestor's `/metrics`, `/healthz`, `/readyz` and `/status`.
 pub const HTTP_PORT: u16 = 9464;

@@ -14,7 +14,7 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use kube::Client;
-use tagstream_ingestor::service::state::Status as Report;
+use tagstream_core::report::Status as Report;
 
 use crate::render::{HTTP_PORT, object_name};
 

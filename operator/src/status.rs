@@ -21,12 +21,12 @@ use k8s_openapi::{
 };
 use kube::ResourceExt;
 use serde_json::{Value, json};
+use tagstream_core::{calc::FormulaError, report::Status as Report};
 use tagstream_crds::{
     Device, Formula, Site,
     condition_types::{CONNECTED, QUEUE_HEALTHY, READY, VALID},
     site::QueueStatus,
 };
-use tagstream_ingestor::{calc::FormulaError, service::state::Status as Report};
 
 /// The oldest queued point may be this old before the queue is reported unhealthy.
 pub const QUEUE_BACKLOG_LIMIT: Duration = Duration::from_secs(300);

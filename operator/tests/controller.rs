@@ -411,7 +411,7 @@ async fn a_site_applied_within_the_creation_delay_is_the_users_own() {
 }
 
 fn report(connected: bool) -> String {
-    let now = tagstream_ingestor::point::now_ns();
+    let now = tagstream_core::point::now_ns();
     let device = |name: &str| {
         (
             name.to_owned(),

@@ -6,7 +6,7 @@
 
 use tagstream_crds::device::{ByteOrder, DataType, Tag};
 
-use crate::point::PointValue;
+use tagstream_core::point::PointValue;
 
 /// Puts a tag's registers into big-endian byte order.
 pub fn to_big_endian(registers: &[u16], order: ByteOrder) -> Vec<u8> {

@@ -2,7 +2,7 @@
 
 use tagstream_crds::device::Tag;
 
-use crate::point::{PointValue, QualityLevel, Sample};
+use tagstream_core::point::{PointValue, QualityLevel, Sample};
 
 /// Per-tag publishing rule. Without a deadband or heartbeat every poll is published;
 /// with either, a value is published when it changed (by more than the deadband for
@@ -61,7 +61,7 @@ fn number(value: &PointValue) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::point::Sample;
+    use tagstream_core::point::Sample;
 
     fn tag(extra: &str) -> Tag {
         serde_yaml::from_str(&format!(

@@ -5,11 +5,9 @@
 //! - [`filter`]: deadband and heartbeat.
 //! - [`connection`]: connecting (TCP, RTU over TCP, RTU) and one bounded read.
 //! - [`poller`]: one task per endpoint polling its devices, with backoff and quirks.
-//! - [`health`]: per-device health for status and metrics.
 
 pub mod connection;
 pub mod decode;
 pub mod filter;
-pub mod health;
 pub mod plan;
 pub mod poller;

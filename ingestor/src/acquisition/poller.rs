@@ -16,14 +16,15 @@ use tokio_modbus::{ExceptionCode, Slave, client::Context, slave::SlaveContext as
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use tagstream_core::report::DeviceHealth;
+
 use super::{
     connection::{self, Data, ReadError},
     decode::{self, Layout},
     filter::Filter,
-    health::DeviceHealth,
     plan::{self, PollGroup, Read, TagSlot},
 };
-use crate::point::{PointValue, Sample, now_ns};
+use tagstream_core::point::{PointValue, Sample, now_ns};
 
 /// A device as the rest of the ingestor sees it.
 #[derive(Debug)]

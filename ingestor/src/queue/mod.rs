@@ -52,7 +52,7 @@ use tracing::{error, info, warn};
 
 pub use record::Record;
 
-use crate::point::now_ns;
+use tagstream_core::point::now_ns;
 
 /// sled's bytes on disk per byte of payload, measured on this machine (DESIGN.md).
 pub const DISK_AMPLIFICATION: f64 = 1.6;

@@ -31,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use self::{pipeline::Derivation, state::SiteState};
+use tagstream_core::config::{self, SiteConfig, quantity_bytes};
+
 use crate::{
     acquisition::poller::{self, PolledBatch},
-    config::{self, SiteConfig, quantity_bytes},
     publish::{self, PublisherConfig},
     queue::{Queue, QueueConfig},
     simulate::{self, Faults},
@@ -68,10 +69,10 @@ pub struct RunOptions {
     #[arg(long)]
     pub nats_url: Option<String>,
     /// How often the manifests are checked for changes.
-    #[arg(long, value_parser = crate::config::parse_duration, default_value = "2s")]
+    #[arg(long, value_parser = tagstream_core::config::parse_duration, default_value = "2s")]
     pub reload_interval: Duration,
     /// On SIGTERM, how long to keep publishing queued points before exiting.
-    #[arg(long, value_parser = crate::config::parse_duration, default_value = "20s")]
+    #[arg(long, value_parser = tagstream_core::config::parse_duration, default_value = "20s")]
     pub drain_deadline: Duration,
 }
 

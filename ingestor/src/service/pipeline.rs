@@ -8,13 +8,13 @@ use tagstream_proto::v1::{self as wire, PointBatch, SourceKind};
 use tokio::sync::{Mutex, mpsc};
 use tracing::error;
 
-use super::state::SiteState;
-use crate::{
-    acquisition::poller::PolledBatch,
+use tagstream_core::{
     calc::{Calc, Derived, SignalId},
     point::{PointValue, QualityLevel, Sample, now_ns},
-    queue::Queue,
 };
+
+use super::state::SiteState;
+use crate::{acquisition::poller::PolledBatch, queue::Queue};
 
 /// The DAG and how each device's tags map onto it; replaced on reload.
 #[derive(Debug, Default)]
@@ -25,7 +25,7 @@ pub struct Derivation {
 }
 
 impl Derivation {
-    pub fn new(site: &crate::config::SiteConfig) -> Self {
+    pub fn new(site: &tagstream_core::config::SiteConfig) -> Self {
         let calc = site.calc();
         let signals = signals(&calc, site);
         Self { calc, signals }
@@ -33,14 +33,14 @@ impl Derivation {
 
     /// Applies a reloaded site. Signal ids belong to one `Calc`, so the map is rebuilt from
     /// this one, never from another instance.
-    pub fn reconfigure(&mut self, site: &crate::config::SiteConfig) -> crate::calc::Reconfigured {
+    pub fn reconfigure(&mut self, site: &tagstream_core::config::SiteConfig) -> tagstream_core::calc::Reconfigured {
         let outcome = self.calc.configure(site.tags(), &site.formula_specs());
         self.signals = signals(&self.calc, site);
         outcome
     }
 }
 
-fn signals(calc: &Calc, site: &crate::config::SiteConfig) -> HashMap<String, Vec<Option<SignalId>>> {
+fn signals(calc: &Calc, site: &tagstream_core::config::SiteConfig) -> HashMap<String, Vec<Option<SignalId>>> {
     site.devices
         .iter()
         .map(|d| {
@@ -177,7 +177,7 @@ mod tests {
     use std::fmt::Write as _;
 
     use super::Derivation;
-    use crate::config::{SiteConfig, sites};
+    use tagstream_core::config::{SiteConfig, sites};
 
     fn site(devices: usize) -> SiteConfig {
         let mut text = String::new();

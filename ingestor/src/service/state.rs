@@ -15,14 +15,13 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
-use serde::{Deserialize, Serialize};
 
-use crate::{
-    acquisition::{health::DeviceHealth, poller::HealthMap},
+use tagstream_core::{
     point::Sample,
-    publish::PublisherStatus,
-    queue::Queue,
+    report::{DeviceHealth, FormulaStatus, PublisherStatus, QueueStatus, Status},
 };
+
+use crate::{acquisition::poller::HealthMap, queue::Queue};
 
 /// Shared state of the running site.
 #[derive(Debug)]
@@ -75,7 +74,7 @@ impl SiteState {
 
     /// The JSON document behind `/status`.
     pub fn status(&self) -> Status {
-        let now = crate::point::now_ns();
+        let now = tagstream_core::point::now_ns();
         let devices = self
             .devices
             .lock()
@@ -140,48 +139,6 @@ impl SiteState {
             points_lost: self.points_lost.load(Ordering::Relaxed),
         }
     }
-}
-
-/// `/status`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Status {
-    pub namespace: String,
-    pub site: String,
-    pub devices: BTreeMap<String, DeviceHealth>,
-    pub formulas: BTreeMap<String, FormulaStatus>,
-    pub queue: QueueStatus,
-    pub publisher: PublisherStatus,
-    pub points_polled: u64,
-    pub points_derived: u64,
-    pub points_lost: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FormulaStatus {
-    pub valid: bool,
-    pub error: Option<String>,
-    /// The latest result as text (its quality when it has no value).
-    #[serde(default)]
-    pub last_value: Option<String>,
-    /// When the latest result was computed, ns since the Unix epoch.
-    #[serde(default)]
-    pub last_value_ns: Option<i64>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct QueueStatus {
-    pub points: u64,
-    pub records: u64,
-    pub disk_bytes: u64,
-    pub payload_bytes: u64,
-    pub oldest_age_seconds: Option<f64>,
-    pub dropped_points: u64,
-    pub corrupt_records: u64,
-    pub paused: bool,
-    pub moved_aside: Option<String>,
 }
 
 /// Exposes [`SiteState`] to Prometheus, read at scrape time.

@@ -5,7 +5,7 @@ use std::{f64::consts::TAU, sync::Mutex, time::Duration};
 
 use tagstream_crds::device::{DataType, Simulation, Tag, Waveform};
 
-use crate::point::PointValue;
+use tagstream_core::point::PointValue;
 
 /// One tag's signal.
 #[derive(Debug)]

@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use tagstream_crds::FormulaSpec;
-use tagstream_ingestor::{
+use tagstream_core::{
     calc::{Calc, Derived, FormulaError},
     point::{PointValue, QualityLevel, Sample},
 };
+use tagstream_crds::FormulaSpec;
 
 fn spec(inputs: &[(&str, &str)], expression: &str) -> FormulaSpec {
     FormulaSpec {
@@ -248,7 +248,7 @@ fn stale_and_uncertain_inputs_make_an_uncertain_result() {
     );
 
     let mut uncertain = num(5.0, 21 * second);
-    uncertain.quality = tagstream_ingestor::point::Quality::uncertain("sensor warming up");
+    uncertain.quality = tagstream_core::point::Quality::uncertain("sensor warming up");
     let out = set(&mut calc, 21 * second, &[(("boiler", "t_in"), uncertain)]);
     assert_eq!(out[0].sample.quality.level, QualityLevel::Uncertain);
     assert_eq!(out[0].sample.quality.reason.as_deref(), Some("input a is uncertain"));
@@ -406,7 +406,7 @@ proptest! {
 fn the_example_plants_chain_computes_heat_and_efficiency() {
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
     let report = tagstream_crds::manifest::load(&[examples]).unwrap();
-    let sites = tagstream_ingestor::config::sites(&report);
+    let sites = tagstream_core::config::sites(&report);
     let mut calc = sites[0].calc();
     let out = set(
         &mut calc,

@@ -3,16 +3,16 @@
 //! `incremental/*` is `Calc::update`: only the formulas a change reaches, in dependency
 //! order. `naive/*` is the baseline the seed shipped: every formula evaluated on every tag
 //! update (here in dependency order, which is kinder to it than the seed was).
-//! Run: `cargo bench -p tagstream-ingestor --bench calc`.
+//! Run: `cargo bench -p tagstream-core --bench calc`.
 
 use std::{collections::BTreeMap, hint::black_box};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use tagstream_crds::FormulaSpec;
-use tagstream_ingestor::{
+use tagstream_core::{
     calc::{Calc, SignalId},
     point::{PointValue, Sample},
 };
+use tagstream_crds::FormulaSpec;
 
 const DEVICES: usize = 1_000;
 const TAGS_PER_DEVICE: usize = 100;

@@ -1,0 +1,121 @@
+//! What an ingestor reports on `/status`: written by the ingestor, read by the operator
+//! (which turns it into the objects' `status`).
+
+use std::collections::BTreeMap;
+
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use serde::{Deserialize, Serialize};
+
+/// What the ingestor knows of a device's recent polls (also its `/status` entry).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceHealth {
+    /// Whether the last poll reached the device.
+    pub connected: bool,
+    /// Time of the last successful poll, ns since the Unix epoch.
+    #[serde(rename = "lastPollNs")]
+    pub last_success_ns: Option<i64>,
+    pub polls: u64,
+    pub failed_polls: u64,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
+impl DeviceHealth {
+    pub fn record_success(&mut self, at_ns: i64) {
+        self.connected = true;
+        self.last_success_ns = Some(at_ns);
+        self.polls += 1;
+        self.consecutive_failures = 0;
+        self.last_error = None;
+    }
+
+    pub fn record_failure(&mut self, error: String, consecutive: u32) {
+        self.connected = false;
+        self.polls += 1;
+        self.failed_polls += 1;
+        self.consecutive_failures = consecutive;
+        self.last_error = Some(error);
+    }
+}
+
+/// `/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub namespace: String,
+    pub site: String,
+    pub devices: BTreeMap<String, DeviceHealth>,
+    pub formulas: BTreeMap<String, FormulaStatus>,
+    pub queue: QueueStatus,
+    pub publisher: PublisherStatus,
+    pub points_polled: u64,
+    pub points_derived: u64,
+    pub points_lost: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FormulaStatus {
+    pub valid: bool,
+    pub error: Option<String>,
+    /// The latest result as text (its quality when it has no value).
+    #[serde(default)]
+    pub last_value: Option<String>,
+    /// When the latest result was computed, ns since the Unix epoch.
+    #[serde(default)]
+    pub last_value_ns: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    pub points: u64,
+    pub records: u64,
+    pub disk_bytes: u64,
+    pub payload_bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+    pub dropped_points: u64,
+    pub corrupt_records: u64,
+    pub paused: bool,
+    pub moved_aside: Option<String>,
+}
+
+/// What the publisher reports for status and metrics.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublisherStatus {
+    pub connected: bool,
+    pub published_batches: u64,
+    pub acked_records: u64,
+    pub duplicates: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+    /// Seconds from publish to ack of the latest ack.
+    #[serde(rename = "lastAckLatencySeconds")]
+    pub last_ack_latency: Option<f64>,
+    /// Seconds from publish to ack, every ack; clones share it (it is registered once
+    /// with the metrics registry).
+    #[serde(skip, default = "ack_latency_histogram")]
+    pub ack_latency: Histogram,
+}
+
+impl Default for PublisherStatus {
+    fn default() -> Self {
+        Self {
+            connected: false,
+            published_batches: 0,
+            acked_records: 0,
+            duplicates: 0,
+            failures: 0,
+            last_error: None,
+            last_ack_latency: None,
+            ack_latency: ack_latency_histogram(),
+        }
+    }
+}
+
+fn ack_latency_histogram() -> Histogram {
+    // 0.5 ms to 4 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
