@@ -131,7 +131,8 @@ pub struct Stream {
     #[serde(default = "default_subject_prefix")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"))]
     pub subject_prefix: String,
-    /// Create the stream when it does not exist. When false the ingestor only checks that it
+    /// Create the stream on `<subjectPrefix>.>` when it does not exist (one stream for every
+    /// site and namespace under the prefix). When false the ingestor only checks that it
     /// exists and covers the site's subjects (for brokers managed by someone else).
     #[serde(default = "default_true")]
     pub create: bool,

@@ -57,6 +57,12 @@ impl PublisherConfig {
         )
     }
 
+    /// The subjects the stream is created on: everything under the prefix, so one stream
+    /// serves every site and namespace that publishes under it, with no update per site.
+    pub fn stream_subjects(&self) -> String {
+        format!("{}.>", self.stream.subject_prefix)
+    }
+
     /// Every subject of this site.
     pub fn site_subjects(&self) -> String {
         self.subject(">")
@@ -135,10 +141,13 @@ fn covers(pattern: &str, filter: &str) -> bool {
     }
 }
 
-/// Creates the stream or checks that it covers the site's subjects.
+/// Creates the stream on `<prefix>.>` when it is missing, or checks that it covers the
+/// site's subjects. A stream that exists without covering them gets `<prefix>.>` added
+/// (once for the prefix, not once per site) when `stream.create` allows it.
 pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfig) -> Result<(), PublishError> {
     let spec = &config.stream;
-    let subjects = config.site_subjects();
+    let site_subjects = config.site_subjects();
+    let subjects = config.stream_subjects();
     let fail = |message: String| PublishError::Stream {
         stream: spec.name.clone(),
         message,
@@ -146,18 +155,18 @@ pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfi
     match context.get_stream(&spec.name).await {
         Ok(mut existing) => {
             let info = existing.info().await.map_err(|e| fail(e.to_string()))?;
-            if info.config.subjects.iter().any(|s| covers(s, &subjects)) {
+            if info.config.subjects.iter().any(|s| covers(s, &site_subjects)) {
                 return Ok(());
             }
             if !spec.create {
                 return Err(fail(format!(
-                    "exists but does not cover {subjects}, and stream.create is false"
+                    "exists but does not cover {site_subjects}, and stream.create is false"
                 )));
             }
             let mut updated = info.config.clone();
             updated.subjects.push(subjects.clone());
             context.update_stream(updated).await.map_err(|e| fail(e.to_string()))?;
-            info!(stream = %spec.name, %subjects, "added the site's subjects to the stream");
+            warn!(stream = %spec.name, %subjects, "the stream did not cover this site; added the prefix's subjects");
             Ok(())
         }
         Err(e) if !spec.create => Err(fail(format!("cannot be read and stream.create is false: {e}"))),

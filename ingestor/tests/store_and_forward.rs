@@ -173,6 +173,30 @@ async fn an_idle_publisher_reports_connected_once_its_stream_exists() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stream_serves_every_site_and_namespace_without_an_update() {
+    let nats = Nats::start();
+    let context = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut other_namespace = publisher_config(&nats.url(), "line-2");
+    other_namespace.namespace = "packaging".into();
+    let sites = [
+        publisher_config(&nats.url(), "line-1"),
+        publisher_config(&nats.url(), "line-2"),
+        other_namespace,
+    ];
+    let mut seen = Vec::new();
+    for site in &sites {
+        publish::ensure_stream(&context, site).await.unwrap();
+        let mut stream = context.get_stream("TAGSTREAM").await.unwrap();
+        let info = stream.info().await.unwrap();
+        seen.push((info.config.subjects.clone(), info.config.duplicate_window));
+    }
+    for (subjects, duplicate_window) in &seen {
+        assert_eq!(subjects, &["tagstream.>"], "after each site: {seen:?}");
+        assert_eq!(*duplicate_window, Duration::from_secs(120));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn points_queued_before_any_broker_exists_are_delivered_when_it_appears() {
     let mut nats = Nats::start();
     nats.kill();
