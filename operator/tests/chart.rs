@@ -263,3 +263,27 @@ fn values_outside_the_schema_are_refused_by_helm() {
         assert!(error.contains(field), "{value}: {error}");
     }
 }
+
+#[test]
+fn clusters_older_than_the_crds_cel_library_are_refused_by_helm() {
+    let chart = chart();
+    let render = |kube_version: &str| {
+        helm(&[
+            "template",
+            "tagstream",
+            chart.to_str().unwrap(),
+            "--kube-version",
+            kube_version,
+        ])
+    };
+    for old in ["1.26.15", "1.28.5"] {
+        let refused = render(old).expect_err(old);
+        assert!(
+            refused.contains("chart requires kubeVersion: >=1.29.0-0"),
+            "{old}: {refused}"
+        );
+    }
+    for supported in ["1.29.0", "v1.29.3+k3s1", "1.33.1"] {
+        render(supported).unwrap_or_else(|e| panic!("{supported}: {e}"));
+    }
+}
