@@ -351,6 +351,8 @@ enum Misbehaviour {
     Exception(u8),
     /// Exception 6 (server busy) to the first request, then good answers.
     BusyFirst,
+    /// Reads the request and closes the connection.
+    Hangup,
 }
 
 /// A Modbus TCP server that answers every request wrongly, in one chosen way.
@@ -373,6 +375,7 @@ async fn misbehaving_server(how: Misbehaviour) -> u16 {
                 }
                 Misbehaviour::Garbage => vec![0xde, 0xad, 0xbe, 0xef, 0, 3, 1, 2, 3],
                 Misbehaviour::Silence => continue,
+                Misbehaviour::Hangup => return,
                 Misbehaviour::Slow => {
                     tokio::time::sleep(Duration::from_millis(600)).await;
                     [&transaction[..], &[0, 0, 0, 7, unit, function, 4, 0, 1, 0, 2]].concat()
@@ -411,6 +414,7 @@ async fn misbehaving_devices_are_errors_not_crashes() {
         (Misbehaviour::Silence, "no response within 300ms"),
         (Misbehaviour::Slow, "no response within 300ms"),
         (Misbehaviour::Exception(4), "exception 4: Server device failure"),
+        (Misbehaviour::Hangup, "the device closed the connection"),
     ];
     for (how, expected) in cases {
         let port = misbehaving_server(how).await;
@@ -423,6 +427,7 @@ async fn misbehaving_devices_are_errors_not_crashes() {
             .await
             .unwrap_err();
         assert!(error.to_string().contains(expected), "{how:?}: {error}");
+        assert!(!error.to_string().contains("os error"), "{how:?}: {error}");
         let exception = matches!(how, Misbehaviour::Exception(_));
         assert_eq!(error.breaks_connection(), !exception, "{how:?}: {error}");
     }

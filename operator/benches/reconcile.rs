@@ -99,6 +99,8 @@ fn context(server: &ApiServer, fleet: &Fleet) -> Arc<Context> {
         },
         None,
         Arc::default(),
+        // No Site goes missing and every Formula's inputs exist: the window plays no part.
+        std::time::Duration::ZERO,
     ))
 }
 

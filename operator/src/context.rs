@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use kube::{
@@ -33,6 +34,8 @@ pub struct Context {
     pub failures: Arc<Mutex<HashMap<ObjectRef<Site>, u32>>>,
     /// Which stores hold a complete first list.
     pub listed: Listed,
+    /// How long the objects of one `kubectl apply` may take to arrive.
+    pub apply_window: Duration,
 }
 
 /// Which watches have completed their first list, for every task that must not act on a
@@ -100,6 +103,7 @@ impl Context {
         stores: Stores,
         instance: Option<String>,
         metrics: Arc<Metrics>,
+        apply_window: Duration,
     ) -> Self {
         let reporter = Reporter {
             controller: crate::apply::FIELD_MANAGER.into(),
@@ -116,6 +120,7 @@ impl Context {
             metrics,
             failures: Arc::default(),
             listed: Listed::default(),
+            apply_window,
         }
     }
 

@@ -57,9 +57,11 @@ pub struct OperatorSettings {
     pub instance: Option<String>,
     /// Sites reconciled at the same time.
     pub concurrency: u16,
-    /// How long a Site named by a member must stay missing before the operator creates it
-    /// (the user's own Site, later in the same `kubectl apply`, wins).
-    pub site_creation_delay: std::time::Duration,
+    /// How long the objects of one `kubectl apply` may take to arrive: a Site named by a
+    /// member must stay missing that long before the operator creates it (the user's own
+    /// Site, later in the same apply, wins), and a new Formula's missing input is reported
+    /// only after it.
+    pub apply_window: std::time::Duration,
 }
 
 /// The label every rendered object carries, to watch only those.
@@ -90,6 +92,7 @@ pub async fn run(
         },
         settings.instance.clone(),
         metrics,
+        settings.apply_window,
     ));
 
     let (triggers, member_triggers) = unbounded();
@@ -110,9 +113,7 @@ pub async fn run(
         candidates,
         shutdown.clone(),
     ));
-    let site_creation = tokio::spawn(
-        SiteCreation::new(Arc::clone(&ctx), settings.site_creation_delay).run(missing_sites, shutdown.clone()),
-    );
+    let site_creation = tokio::spawn(SiteCreation::new(Arc::clone(&ctx)).run(missing_sites, shutdown.clone()));
 
     let members_listed = {
         let ctx = Arc::clone(&ctx);

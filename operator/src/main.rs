@@ -41,11 +41,12 @@ struct Args {
     /// Poll counters and queue figures that only moved are written at most this often.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     status_heartbeat: Duration,
-    /// How long a Site named by a Device or Formula must stay missing before the operator
-    /// creates it from the default spec (so that the user's own Site, later in the same
-    /// apply, wins).
+    /// How long the objects of one `kubectl apply` may take to arrive. A Site named by a
+    /// Device or Formula is created from the default spec only when still missing after
+    /// this (the user's own Site, later in the same apply, wins), and a new Formula whose
+    /// input does not exist yet is reported only after this.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
-    site_creation_delay: Duration,
+    apply_window: Duration,
     /// Sites reconciled, and ingestors asked, at the same time.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
@@ -107,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
         },
         instance: Some(identity.clone()),
         concurrency: args.concurrency,
-        site_creation_delay: args.site_creation_delay,
+        apply_window: args.apply_window,
     };
 
     let shutdown = tagstream_core::logging::shutdown_on_signal();

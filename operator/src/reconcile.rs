@@ -14,7 +14,8 @@ use kube::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
-use tagstream_crds::{Site, condition_types::VALID};
+use tagstream_core::calc::FormulaError;
+use tagstream_crds::{Formula, Site, condition_types::VALID};
 
 use crate::{
     apply::{Outcome, apply_if_changed, apply_or_recreate},
@@ -137,8 +138,13 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
     }
 
     let now = Timestamp::now();
+    let mut report_due: Option<Duration> = None;
     for formula in formulas.iter().map(Arc::as_ref) {
         let issue = rendered.formula_issues.get(&formula.name_any());
+        if let Some(wait) = issue.and_then(|issue| input_may_be_arriving(formula, issue, ctx.apply_window, now)) {
+            report_due = Some(report_due.map_or(wait, |due| due.min(wait)));
+            continue;
+        }
         let order = rendered
             .dependency_order
             .get(&formula.name_any())
@@ -171,7 +177,34 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
     if let Some(patch) = site_deployed_patch(site, devices.len() as u32, valid_formulas as u32, now) {
         write_status(ctx, site, &patch).await?;
     }
-    Ok(Action::requeue(RESYNC))
+    // A held-back report is due when the apply window closes: look again then.
+    Ok(Action::requeue(report_due.map_or(RESYNC, |due| due + REPORT_MARGIN)))
+}
+
+/// Past the end of an apply window, so that the creation timestamp's one-second
+/// resolution cannot make the next look fall just short of it.
+const REPORT_MARGIN: Duration = Duration::from_secs(1);
+
+/// `kubectl apply -f dir/` may send a Formula before the Formula or Device it reads. An
+/// input that names nothing (or a formula left out for that reason) is therefore not
+/// reported on a Formula created less than `window` ago: this returns how long until it
+/// is, and `None` when the issue is to be reported now. The formula stays out of the
+/// rendered configuration either way.
+fn input_may_be_arriving(
+    formula: &Formula,
+    issue: &FormulaError,
+    window: Duration,
+    now: Timestamp,
+) -> Option<Duration> {
+    if !matches!(
+        issue,
+        FormulaError::UnknownInput { .. } | FormulaError::InvalidInput { .. }
+    ) {
+        return None;
+    }
+    let created = formula.metadata.creation_timestamp.as_ref()?.0;
+    let age = Duration::try_from(now.duration_since(created)).unwrap_or_default();
+    Some(window.checked_sub(age)?).filter(|wait| !wait.is_zero())
 }
 
 async fn apply<K>(ctx: &Context, api: &Api<K>, object: K) -> Result<(String, Outcome), Error>

@@ -2,7 +2,7 @@
 //! exist, the operator creates it with the default spec from its own configuration.
 //!
 //! This runs in its own task, fed by the member watches: a watch never waits on an API
-//! call. A Site is created only when it is still missing a while (`delay`) after its
+//! call. A Site is created only when it is still missing `--apply-window` after its
 //! member appeared, and the member still names it: `kubectl apply -f dir/` sends the
 //! Devices before the Site when their files sort first, and the user's own Site must win
 //! over the defaults.
@@ -81,20 +81,18 @@ const CREATED_RECENTLY: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct SiteCreation {
     ctx: std::sync::Arc<Context>,
-    delay: Duration,
     created: HashMap<ObjectRef<Site>, Instant>,
 }
 
 impl SiteCreation {
-    pub fn new(ctx: std::sync::Arc<Context>, delay: Duration) -> Self {
+    pub fn new(ctx: std::sync::Arc<Context>) -> Self {
         Self {
             ctx,
-            delay,
             created: HashMap::new(),
         }
     }
 
-    /// Considers each candidate `delay` after it was seen, until `shutdown`.
+    /// Considers each candidate the apply window after it was seen, until `shutdown`.
     pub async fn run(mut self, candidates: impl Stream<Item = Candidate> + Send, shutdown: CancellationToken) {
         // Before the first list, every Site looks missing.
         tokio::select! {
@@ -105,7 +103,7 @@ impl SiteCreation {
         while let Some(candidate) = candidates.next().await {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep_until(candidate.seen + self.delay) => {}
+                () = tokio::time::sleep_until(candidate.seen + self.ctx.apply_window) => {}
             }
             if !candidate.still_wanted(&self.ctx)
                 || self

@@ -13,8 +13,9 @@ use std::{sync::Arc, time::Duration};
 use api::{ApiServer, Recorded};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
-    Resource,
+    Resource, ResourceExt,
     runtime::{
+        controller::Action,
         reflector::{self, store::Writer},
         watcher::Event,
     },
@@ -25,7 +26,7 @@ use tagstream_crds::{Device, Formula, Site, SiteSpec};
 use tagstream_operator::{
     context::{Context, Stores},
     controller::{OperatorSettings, run},
-    reconcile::reconcile,
+    reconcile::{RESYNC, reconcile},
     report::ReportSource,
     site_creation::{Candidate, SiteCreation, create_missing_site},
     status_loop::{StatusLoop, StatusSettings},
@@ -48,7 +49,17 @@ struct World {
 }
 
 impl World {
+    /// A world whose objects all count as applied long ago (no apply window).
     fn new(site: Option<&Site>, devices: &[Device], formulas: &[Formula]) -> Self {
+        Self::with_apply_window(site, devices, formulas, Duration::ZERO)
+    }
+
+    fn with_apply_window(
+        site: Option<&Site>,
+        devices: &[Device],
+        formulas: &[Formula],
+        apply_window: Duration,
+    ) -> Self {
         let server = ApiServer::default();
         if let Some(object) = site {
             server.insert(&path(object), object);
@@ -73,6 +84,7 @@ impl World {
             },
             Some("test".into()),
             Arc::default(),
+            apply_window,
         ));
         let mut world = Self {
             server,
@@ -322,6 +334,93 @@ async fn an_invalid_formula_is_reported_on_its_status_once_and_left_out() {
     assert_eq!(world.reconcile("plant-a").await.len(), 3);
 }
 
+fn warnings(requests: &[Recorded]) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| r.line() == format!("POST {EVENTS}") && r.body["type"] == "Warning")
+        .map(|r| format!("{} {}", r.body["regarding"]["name"], r.body["reason"]))
+        .collect()
+}
+
+fn valid_reasons(requests: &[Recorded]) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| r.line().starts_with(&format!("PATCH {GROUP}/formulas/")))
+        .map(|r| {
+            let valid = &r.body["status"]["conditions"][0];
+            format!("{} {}", r.line().split('/').nth_back(1).unwrap(), valid["reason"])
+        })
+        .collect()
+}
+
+/// `kubectl apply -f dir/` sends a Formula before the Formula it reads when the files
+/// sort that way. Within the apply window the missing input is not reported (found on a
+/// real cluster: a transient `UnknownInput` Warning on every such apply); the formula
+/// stays out of the rendering until its input is there.
+#[tokio::test]
+async fn a_formula_whose_input_arrives_later_in_the_same_apply_is_never_reported_invalid() {
+    let (site, devices, formulas) = plant();
+    let (input, rest): (Vec<Formula>, Vec<Formula>) =
+        formulas.into_iter().partition(|f| f.name_any() == "boiler-delta-t");
+    let mut world = World::with_apply_window(Some(&site), &devices, &rest, Duration::from_secs(30));
+
+    let action = reconcile(world.site("plant-a"), Arc::clone(&world.ctx)).await.unwrap();
+    world.watch();
+    let requests = world.server.take_requests();
+    assert!(
+        action != Action::requeue(RESYNC) && action != Action::await_change(),
+        "looks again when the window closes: {action:?}"
+    );
+    assert_eq!(warnings(&requests), Vec::<String>::new());
+    let reported = valid_reasons(&requests);
+    assert!(
+        !reported
+            .iter()
+            .any(|r| r.starts_with("boiler-heat-output") || r.starts_with("boiler-efficiency")),
+        "{reported:?}"
+    );
+    let config = world.server.get(CONFIG_MAP).unwrap()["data"]["formulas.yaml"].clone();
+    assert!(!config.as_str().unwrap().contains("name: boiler-heat-output"));
+
+    world.server.insert(&path(&input[0]), &input[0]);
+    world.watch();
+    let requests = world.reconcile("plant-a").await;
+    assert_eq!(warnings(&requests), Vec::<String>::new());
+    let mut reported = valid_reasons(&requests);
+    reported.sort();
+    assert_eq!(
+        reported,
+        [
+            "boiler-delta-t \"Compiled\"",
+            "boiler-efficiency \"Compiled\"",
+            "boiler-heat-output \"Compiled\""
+        ]
+    );
+}
+
+/// The input never arrives: reported once the window has closed, with one Warning.
+#[tokio::test]
+async fn a_formula_input_still_missing_after_the_apply_window_is_reported() {
+    let (site, devices, formulas) = plant();
+    let rest: Vec<Formula> = formulas
+        .into_iter()
+        .filter(|f| f.name_any() != "boiler-delta-t")
+        .collect();
+    let mut world = World::with_apply_window(Some(&site), &devices, &rest, Duration::from_secs(1));
+    assert_eq!(warnings(&world.reconcile("plant-a").await), Vec::<String>::new());
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let requests = world.reconcile("plant-a").await;
+    assert_eq!(
+        warnings(&requests),
+        [
+            "\"boiler-efficiency\" \"InvalidInput\"",
+            "\"boiler-heat-output\" \"UnknownInput\""
+        ]
+    );
+    assert_eq!(world.reconcile("plant-a").await.len(), 3, "reported once");
+}
+
 #[tokio::test]
 async fn a_deleted_site_is_left_to_the_garbage_collector_and_not_recreated() {
     let (mut site, devices, formulas) = plant();
@@ -367,18 +466,17 @@ async fn a_device_naming_a_missing_site_creates_it_with_the_defaults() {
 }
 
 /// `kubectl apply` of a directory sends a site's Devices before its Site. The operator
-/// creates a missing Site only `--site-creation-delay` after a member named it, so the
+/// creates a missing Site only `--apply-window` after a member named it, so the
 /// user's own Site, arriving within the delay, is never merged into one made from the
 /// defaults (found on a real cluster: the ingestor hung on a default credentials Secret).
 #[tokio::test]
 async fn a_site_applied_within_the_creation_delay_is_the_users_own() {
     let (site, devices, _) = plant();
-    let mut world = World::new(None, &devices, &[]);
+    let mut world = World::with_apply_window(None, &devices, &[], Duration::from_secs(1));
     world.ctx.listed.sites.set();
     let (candidates, queued) = futures::channel::mpsc::unbounded();
     let shutdown = CancellationToken::new();
-    let creation =
-        tokio::spawn(SiteCreation::new(Arc::clone(&world.ctx), Duration::from_secs(1)).run(queued, shutdown.clone()));
+    let creation = tokio::spawn(SiteCreation::new(Arc::clone(&world.ctx)).run(queued, shutdown.clone()));
     candidates.unbounded_send(Candidate::of(&devices[0]).unwrap()).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     world.server.insert(&path(&site), &site);
@@ -695,7 +793,7 @@ async fn the_running_operator_deploys_a_listed_site_once_and_reports_its_health(
         },
         instance: Some("test".into()),
         concurrency: 4,
-        site_creation_delay: Duration::from_secs(5),
+        apply_window: Duration::from_secs(5),
     };
     let shutdown = CancellationToken::new();
     let operator = tokio::spawn(run(

@@ -46,7 +46,7 @@ fn start(server: &ApiServer) -> (CancellationToken, JoinHandle<Arc<Context>>) {
         },
         instance: Some("test".into()),
         concurrency: 8,
-        site_creation_delay: Duration::from_secs(3600),
+        apply_window: Duration::from_secs(3600),
     };
     let shutdown = CancellationToken::new();
     let operator = tokio::spawn(run(client, settings, Arc::default(), shutdown.clone()));

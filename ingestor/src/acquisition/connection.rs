@@ -5,13 +5,25 @@
 //! apart here because they call for different handling (an exception leaves the
 //! connection usable, a transport error does not).
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{self, Poll},
+    time::Duration,
+};
 
 use tagstream_crds::device::{Connection, ConnectionKind, Parity, RegisterKind, TcpEndpoint};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
 use tokio_modbus::{
     ExceptionCode, Request, Response, Slave,
     client::{Client as _, Context, rtu, tcp},
+    slave::SlaveContext as _,
 };
 use tokio_serial::SerialPortBuilderExt as _;
 
@@ -49,12 +61,46 @@ impl ReadError {
     }
 }
 
+/// An open connection to a device.
+pub struct Link {
+    context: Context,
+    /// Set when the device closed the connection (a read returned end of stream).
+    closed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Addresses the next requests to `unit` (several units share a gateway's link).
+    pub fn set_unit(&mut self, unit: u8) {
+        self.context.set_slave(Slave(unit));
+    }
+
+    /// Closes the connection, bounded by one second.
+    pub async fn disconnect(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.context.disconnect()).await;
+    }
+}
+
 /// Opens a connection to `connection`, addressed to `unit`.
-pub async fn connect(connection: &Connection, unit: u8, timeout: Duration) -> Result<Context, ReadError> {
+pub async fn connect(connection: &Connection, unit: u8, timeout: Duration) -> Result<Link, ReadError> {
     let slave = Slave(unit);
-    match connection.kind() {
-        Some(ConnectionKind::Tcp(endpoint)) => Ok(tcp::attach_slave(open_tcp(endpoint, timeout).await?, slave)),
-        Some(ConnectionKind::RtuOverTcp(endpoint)) => Ok(rtu::attach_slave(open_tcp(endpoint, timeout).await?, slave)),
+    let closed = Arc::new(AtomicBool::new(false));
+    let watched = |stream: TcpStream| Watched {
+        inner: stream,
+        closed: Arc::clone(&closed),
+    };
+    let context = match connection.kind() {
+        Some(ConnectionKind::Tcp(endpoint)) => tcp::attach_slave(watched(open_tcp(endpoint, timeout).await?), slave),
+        Some(ConnectionKind::RtuOverTcp(endpoint)) => {
+            rtu::attach_slave(watched(open_tcp(endpoint, timeout).await?), slave)
+        }
         Some(ConnectionKind::Rtu(port)) => {
             let parity = match port.parity {
                 Parity::None => tokio_serial::Parity::None,
@@ -77,9 +123,50 @@ pub async fn connect(connection: &Connection, unit: u8, timeout: Duration) -> Re
                 .stop_bits(stop_bits)
                 .open_native_async()
                 .map_err(|e| ReadError::Connect(format!("{}: {e}", port.path)))?;
-            Ok(rtu::attach_slave(stream, slave))
+            rtu::attach_slave(stream, slave)
         }
-        None => Err(ReadError::Connect("no connection kind set".into())),
+        None => return Err(ReadError::Connect("no connection kind set".into())),
+    };
+    Ok(Link { context, closed })
+}
+
+/// A TCP stream that notes when the device closes it. tokio-modbus 0.17.0 reports that
+/// as `io::Error::last_os_error()`, whatever errno the thread last left ("Success (os
+/// error 0)", "Operation now in progress (os error 115)"), which says nothing; this is
+/// how the ingestor tells what happened (slowtec/tokio-modbus#360 fixes it upstream, not
+/// in a release yet).
+#[derive(Debug)]
+struct Watched {
+    inner: TcpStream,
+    closed: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() == before && buf.remaining() > 0 {
+            self.closed.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut task::Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -96,7 +183,7 @@ async fn open_tcp(endpoint: &TcpEndpoint, timeout: Duration) -> Result<TcpStream
 }
 
 /// Performs one read, bounded by `timeout`, and checks the answer's length.
-pub async fn execute(context: &mut Context, read: &Read, timeout: Duration) -> Result<Data, ReadError> {
+pub async fn execute(link: &mut Link, read: &Read, timeout: Duration) -> Result<Data, ReadError> {
     let (start, count) = (read.start, read.count);
     // `Client::call` rather than the `Reader` helpers: those assert on the answer's length,
     // and a device's wrong answer must be an error, never a panic.
@@ -106,8 +193,11 @@ pub async fn execute(context: &mut Context, read: &Read, timeout: Duration) -> R
         RegisterKind::Holding => Request::ReadHoldingRegisters(start, count),
         RegisterKind::Input => Request::ReadInputRegisters(start, count),
     };
-    let data = match tokio::time::timeout(timeout, context.call(request)).await {
+    let data = match tokio::time::timeout(timeout, link.context.call(request)).await {
         Err(_) => return Err(ReadError::Timeout(timeout)),
+        Ok(Err(tokio_modbus::Error::Transport(_))) if link.closed.load(Ordering::Relaxed) => {
+            return Err(ReadError::Transport("the device closed the connection".into()));
+        }
         Ok(Err(tokio_modbus::Error::Transport(e))) => return Err(ReadError::Transport(e.to_string())),
         Ok(Err(tokio_modbus::Error::Protocol(e))) => return Err(ReadError::Garbage(e.to_string())),
         Ok(Ok(Err(exception))) => return Err(ReadError::Exception(exception)),

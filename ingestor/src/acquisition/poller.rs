@@ -12,14 +12,14 @@ use std::{
 
 use tagstream_crds::{Device, DeviceSpec};
 use tokio::sync::mpsc;
-use tokio_modbus::{ExceptionCode, Slave, client::Context, slave::SlaveContext as _};
+use tokio_modbus::ExceptionCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use tagstream_core::report::DeviceHealth;
 
 use super::{
-    connection::{self, Data, ReadError},
+    connection::{self, Data, Link, ReadError},
     decode::{self, Layout},
     filter::Filter,
     plan::{self, PollGroup, Read, TagSlot},
@@ -81,7 +81,7 @@ fn reading(device: &DeviceSpec, layouts: &[Layout], slot: &TagSlot, data: &Data,
 /// tags flowing; a refused single range makes its tags Bad. A transport failure ends the
 /// poll with `Err`.
 pub async fn poll_reads(
-    context: &mut Context,
+    context: &mut Link,
     device: &DeviceSpec,
     layouts: &[Layout],
     reads: &mut Vec<Read>,
@@ -125,7 +125,7 @@ pub async fn poll_reads(
     Ok(readings)
 }
 
-async fn execute_with_busy_retries(context: &mut Context, read: &Read, device: &DeviceSpec) -> Result<Data, ReadError> {
+async fn execute_with_busy_retries(context: &mut Link, read: &Read, device: &DeviceSpec) -> Result<Data, ReadError> {
     let mut retries = device.quirks.busy_retries;
     loop {
         match connection::execute(context, read, device.timeout.get()).await {
@@ -200,7 +200,7 @@ pub fn layouts(spec: &DeviceSpec) -> Vec<Layout> {
 pub async fn run_endpoint(mut devices: Vec<DevicePoller>, out: mpsc::Sender<PolledBatch>, shutdown: CancellationToken) {
     let Some(first) = devices.first() else { return };
     let endpoint = first.device.spec.connection.endpoint().unwrap_or_default();
-    let mut context: Option<Context> = None;
+    let mut context: Option<Link> = None;
     info!(%endpoint, devices = devices.len(), "polling endpoint");
     loop {
         let Some((d, g, due)) = devices
@@ -267,24 +267,19 @@ pub async fn run_endpoint(mut devices: Vec<DevicePoller>, out: mpsc::Sender<Poll
             return;
         }
     }
-    if let Some(mut context) = context {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            tokio_modbus::client::Client::disconnect(&mut context),
-        )
-        .await;
+    if let Some(link) = context {
+        link.disconnect().await;
     }
 }
 
 /// Polls one group of one device, connecting first when needed; returns the points the
 /// filters let through.
 async fn poll_group(
-    context: &mut Option<Context>,
+    context: &mut Option<Link>,
     device: &mut DevicePoller,
     group: usize,
 ) -> Result<Vec<(usize, Sample)>, ReadError> {
     let spec = &device.device.spec;
-    let unit = Slave(spec.unit_id);
     if context.is_none() {
         let fresh = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get()).await?;
         if let Some(pause) = spec.quirks.connect_delay {
@@ -293,7 +288,7 @@ async fn poll_group(
         *context = Some(fresh);
     }
     let ctx = context.as_mut().expect("connected above");
-    ctx.set_slave(unit);
+    ctx.set_unit(spec.unit_id);
     let at = now_ns();
     let readings = poll_reads(ctx, spec, &device.layouts, &mut device.groups[group].0.reads, at).await?;
     if device.failures > 0 {

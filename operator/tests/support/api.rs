@@ -452,6 +452,16 @@ fn config_map_write(object: &Value, at: Duration) -> ConfigMapWrite {
     }
 }
 
+/// Now, as the API server writes `metadata.creationTimestamp`: RFC 3339, whole seconds.
+fn creation_timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    k8s_openapi::jiff::Timestamp::from_second(now.as_secs() as i64)
+        .expect("a representable time")
+        .to_string()
+}
+
 impl State {
     fn stamp(&mut self, mut object: Value) -> Value {
         self.resource_version += 1;
@@ -459,13 +469,19 @@ impl State {
         object
     }
 
-    fn store(&mut self, key: String, object: Value) {
-        let object = Arc::new(object);
-        let kind = if self.objects.insert(key.clone(), Arc::clone(&object)).is_some() {
+    fn store(&mut self, key: String, mut object: Value) {
+        let kind = if let Some(stored) = self.objects.get(&key) {
+            // Set once, by the server, at creation; a write cannot change it.
+            object["metadata"]["creationTimestamp"] = stored["metadata"]["creationTimestamp"].clone();
             "MODIFIED"
         } else {
+            if object["metadata"]["creationTimestamp"].is_null() {
+                object["metadata"]["creationTimestamp"] = json!(creation_timestamp());
+            }
             "ADDED"
         };
+        let object = Arc::new(object);
+        self.objects.insert(key.clone(), Arc::clone(&object));
         self.record(key, kind, object);
     }
 
