@@ -68,7 +68,7 @@ pub struct OperatorSettings {
 const MANAGED: &str = "app.kubernetes.io/managed-by=tagstream-operator";
 
 /// The annotation `kubectl apply` keeps a whole copy of the object in.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Runs the controller and the status loop until `shutdown`; returns the context so that
 /// callers (tests, benches) can read its metrics.

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     apply::FIELD_MANAGER,
     context::Context,
+    controller::LAST_APPLIED,
     membership::{SiteMember, is_unprocessed, site_of},
 };
 
@@ -127,6 +128,21 @@ impl SiteCreation {
     }
 }
 
+/// Records `site` as its own last-applied configuration, as `kubectl create --save-config`
+/// does. A user who later runs `kubectl apply` with their own Site then gets kubectl's
+/// three-way merge: every default the operator wrote and the user's Site leaves out is
+/// removed, so the user's Site is what stays. Without it kubectl warns that the
+/// annotation is missing and merges the user's Site into the defaults, keeping e.g. a
+/// default credentials Secret the user never named.
+fn save_config(site: &mut Site) {
+    let mut applied = serde_json::to_value(&*site).expect("a Site serialises");
+    if let Some(object) = applied.as_object_mut() {
+        object.remove("status");
+    }
+    site.annotations_mut()
+        .insert(LAST_APPLIED.to_owned(), format!("{applied}\n"));
+}
+
 /// Creates the Site `candidate` names when it is missing from the (complete) Site store.
 /// Returns the Site created, if any.
 pub async fn create_missing_site(ctx: &Context, candidate: &Candidate) -> Result<Option<Site>, kube::Error> {
@@ -136,6 +152,7 @@ pub async fn create_missing_site(ctx: &Context, candidate: &Candidate) -> Result
     let namespace = candidate.site.namespace.clone().unwrap_or_default();
     let mut site = Site::new(&candidate.site.name, ctx.default_site.clone());
     site.metadata.namespace = Some(namespace.clone());
+    save_config(&mut site);
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..PostParams::default()

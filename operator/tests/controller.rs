@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tagstream_crds::{Device, Formula, Site, SiteSpec};
 use tagstream_operator::{
     context::{Context, Stores},
-    controller::{OperatorSettings, run},
+    controller::{LAST_APPLIED, OperatorSettings, run},
     reconcile::{RESYNC, reconcile},
     report::ReportSource,
     site_creation::{Candidate, SiteCreation, create_missing_site},
@@ -351,6 +351,99 @@ fn valid_reasons(requests: &[Recorded]) -> Vec<String> {
             format!("{} {}", r.line().split('/').nth_back(1).unwrap(), valid["reason"])
         })
         .collect()
+}
+
+/// The keys of `original` that `modified` no longer has, as JSON merge patch deletions;
+/// what client-side `kubectl apply` removes (it diffs the last-applied configuration
+/// against the new one).
+fn deletions(original: &Value, modified: &Value) -> Value {
+    let (Some(original), Some(modified)) = (original.as_object(), modified.as_object()) else {
+        return json!({});
+    };
+    let mut patch = serde_json::Map::new();
+    for (key, old) in original {
+        match modified.get(key) {
+            None => {
+                patch.insert(key.clone(), Value::Null);
+            }
+            Some(new) if old.is_object() && new.is_object() => {
+                let nested = deletions(old, new);
+                if nested.as_object().is_some_and(|n| !n.is_empty()) {
+                    patch.insert(key.clone(), nested);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Value::Object(patch)
+}
+
+/// What `modified` adds to or changes in `current`, ignoring what it leaves out.
+fn changes(current: &Value, modified: &Value) -> Value {
+    let (Some(current), Some(modified)) = (current.as_object(), modified.as_object()) else {
+        return modified.clone();
+    };
+    let mut patch = serde_json::Map::new();
+    for (key, new) in modified {
+        match current.get(key) {
+            Some(old) if old == new => {}
+            Some(old) if old.is_object() && new.is_object() => {
+                patch.insert(key.clone(), changes(old, new));
+            }
+            _ => {
+                patch.insert(key.clone(), new.clone());
+            }
+        }
+    }
+    Value::Object(patch)
+}
+
+/// Client-side `kubectl apply` of `manifest` over `live`, as kubectl does it for custom
+/// resources: a three-way JSON merge patch from the last-applied annotation (nothing
+/// when it is missing), the manifest and the live object.
+fn kubectl_apply(live: &Value, manifest: &Value) -> Value {
+    let original: Value = live["metadata"]["annotations"][LAST_APPLIED]
+        .as_str()
+        .map_or_else(|| json!({}), |text| serde_json::from_str(text).unwrap());
+    let mut modified = manifest.clone();
+    modified["metadata"]["annotations"][LAST_APPLIED] = json!(format!("{manifest}\n"));
+    let mut patch = deletions(&original, &modified);
+    json_patch::merge(&mut patch, &changes(live, &modified));
+    let mut applied = live.clone();
+    json_patch::merge(&mut applied, &patch);
+    applied
+}
+
+/// The user applies their own Site after the operator created it from the defaults
+/// (later than the apply window). The operator saved what it created as the last-applied
+/// configuration, so kubectl's merge drops every default the user's Site leaves out
+/// (found on a real cluster: a default credentials Secret stayed, and the ingestor hung
+/// in `ContainerCreating`).
+#[tokio::test]
+async fn a_site_the_user_applies_over_a_created_one_keeps_only_what_the_user_wrote() {
+    let (_, devices, _) = plant();
+    let mut world = World::new(None, &devices, &[]);
+    let defaults: SiteSpec = serde_json::from_value(json!({
+        "broker": {"urls": ["nats://nats.nats.svc:4222"],
+                   "credentials": {"secretName": "nats-tagstream", "type": "userPassword"}},
+        "placement": {"resources": {"limits": {"memory": "256Mi"}}},
+    }))
+    .unwrap();
+    Arc::get_mut(&mut world.ctx).unwrap().default_site = defaults;
+    let candidate = Candidate::of(&devices[0]).unwrap();
+    create_missing_site(&world.ctx, &candidate).await.unwrap().unwrap();
+    let live = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+    assert_eq!(live["spec"]["broker"]["credentials"]["secretName"], "nats-tagstream");
+
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/plant/site.yaml"
+    ))
+    .unwrap();
+    let mut manifest: Value = serde_yaml::from_str(&text).unwrap();
+    manifest["metadata"]["namespace"] = json!("plant");
+    let applied = kubectl_apply(&live, &manifest);
+    assert_eq!(applied["spec"], manifest["spec"]);
 }
 
 /// `kubectl apply -f dir/` sends a Formula before the Formula it reads when the files
