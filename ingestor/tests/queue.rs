@@ -347,3 +347,18 @@ async fn a_reopened_queue_reports_what_it_holds() {
     assert_eq!(counted(&queue), refilled);
     queue.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_queue_directory_that_cannot_be_written_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Root ignores permission bits; a directory below a regular file cannot be made by anyone.
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"").unwrap();
+    let queue_dir = file.join("queue");
+    let error = Queue::open(QueueConfig::new(&queue_dir)).unwrap_err().to_string();
+    assert!(
+        error.starts_with(&format!("the queue directory {} is not writable", queue_dir.display())),
+        "{error}"
+    );
+    assert!(error.contains("writable volume"), "{error}");
+}

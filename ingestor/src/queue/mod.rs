@@ -99,6 +99,17 @@ pub enum QueueError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the queue directory {} is not writable: {source}. The ingestor needs a writable volume there \
+         (in Kubernetes the Site's claim, which the pod's fsGroup 65532 makes writable; with docker a \
+         volume or directory the container's user owns)",
+        path.display()
+    )]
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the queue is closed")]
     Closed,
 }
@@ -185,6 +196,7 @@ fn u64_at(tree: &sled::Tree, key: &str) -> Result<Option<u64>, sled::Error> {
 impl Queue {
     /// Opens (or creates) the queue and starts its writer on the current tokio runtime.
     pub fn open(config: QueueConfig) -> Result<Opened, QueueError> {
+        check_writable(&config.dir)?;
         let (db, moved_aside) = match open_db(&config) {
             Ok(db) => (db, None),
             Err(e @ (sled::Error::Corruption { .. } | sled::Error::Unsupported(_) | sled::Error::ReportableBug(_))) => {
@@ -329,6 +341,20 @@ impl Queue {
         shared.db.flush_async().await.map_err(storage(&dir))?;
         Ok(())
     }
+}
+
+/// Creates and removes a file in `dir` (creating `dir` when missing): sled's own error for
+/// a read-only or foreign-owned volume says only "Permission denied" or "Read-only file
+/// system", without the directory or what to do.
+fn check_writable(dir: &Path) -> Result<(), QueueError> {
+    let probe = dir.join(".tagstream-write-check");
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&probe, b""))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|source| QueueError::NotWritable {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 fn open_db(config: &QueueConfig) -> Result<sled::Db, sled::Error> {
