@@ -115,11 +115,13 @@ fn render(text: &mut String, device: &Device, readings: &[TagReading], all_order
     text.push('\n');
 }
 
-/// A value for a table cell: huge and tiny numbers (what a wrong byte order gives) in
-/// scientific notation so they read as wrong at a glance.
+/// A value for a table cell: huge and tiny numbers (what a wrong byte order of a float
+/// gives: 1.7e38, 4.2e-39) in scientific notation so they read as wrong at a glance;
+/// anything an integer register can hold, scaled, in full (a scaled int32 of
+/// -1033100000.5 is a legitimate reading).
 fn shown(value: &PointValue) -> String {
     match value {
-        PointValue::Double(d) if *d != 0.0 && !(1e-4..1e9).contains(&d.abs()) => format!("{d:.4e}"),
+        PointValue::Double(d) if *d != 0.0 && !(1e-4..1e15).contains(&d.abs()) => format!("{d:.4e}"),
         other => other.to_string(),
     }
 }
@@ -166,5 +168,19 @@ fn under_order(
     match decode::decode_registers(registers, &layout) {
         Ok(raw) => shown(&decode::scale(raw, tag.scale, tag.offset)),
         Err(e) => Sample::bad(e.to_string(), 0).quality.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_scaled_readings_show_in_full_and_float_garbage_in_scientific_notation() {
+        assert_eq!(shown(&PointValue::Double(-1_033_100_000.5)), "-1033100000.5");
+        assert_eq!(shown(&PointValue::Double(111.1)), "111.1");
+        assert_eq!(shown(&PointValue::Double(1.7e38)), "1.7000e38");
+        assert_eq!(shown(&PointValue::Double(4.2e-39)), "4.2000e-39");
+        assert_eq!(shown(&PointValue::Double(0.0)), "0");
     }
 }

@@ -211,17 +211,48 @@ fn encode_string(value: &PointValue, layout: Layout) -> Vec<u16> {
 }
 
 /// Applies `raw * scale + offset`; without either the raw value is kept as it is.
+///
+/// An integer times a scale written with `n` decimals (plus an offset with at most `n`)
+/// is a number with `n` decimals, but binary floating point says `111.10000000000001`
+/// for 1111 x 0.1: the result is rounded to those decimals, so it reads, publishes and
+/// stores as the decimal a person expects. A float register's value is not rounded: the
+/// scale says nothing of its precision.
 pub fn scale(raw: PointValue, scale: Option<f64>, offset: Option<f64>) -> PointValue {
     if scale.is_none() && offset.is_none() {
         return raw;
     }
+    let (scale, offset) = (scale.unwrap_or(1.0), offset.unwrap_or(0.0));
     let number = match raw {
         PointValue::Int(i) => i as f64,
         PointValue::UInt(u) => u as f64,
-        PointValue::Double(d) => d,
+        PointValue::Double(d) => return PointValue::Double(d * scale + offset),
         other => return other,
     };
-    PointValue::Double(number * scale.unwrap_or(1.0) + offset.unwrap_or(0.0))
+    let scaled = number * scale + offset;
+    PointValue::Double(round_to(scaled, decimals(scale).max(decimals(offset))))
+}
+
+/// Decimals of `x` as written in its shortest exact form (`0.1` has 1, `0.05` 2, `10` 0).
+fn decimals(x: f64) -> u32 {
+    // Rust prints an f64 in the shortest form that reads back as the same number, and
+    // never in exponent notation.
+    let text = x.to_string();
+    text.split_once('.').map_or(0, |(_, fraction)| fraction.len() as u32)
+}
+
+/// `x` rounded to `places` decimals, when that is exact in an f64 (an integer part
+/// and the decimals within 2^53); otherwise `x` as it is.
+fn round_to(x: f64, places: u32) -> f64 {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    if places > 15 {
+        return x;
+    }
+    let factor = 10f64.powi(places as i32);
+    let shifted = x * factor;
+    if shifted.abs() >= EXACT {
+        return x;
+    }
+    shifted.round() / factor
 }
 
 /// The inverse of [`scale`], for the simulator: the raw value that decodes to `value`.
@@ -326,6 +357,31 @@ mod tests {
         assert_eq!(scale(PointValue::Int(2305), Some(0.1), None), PointValue::Double(230.5));
         assert_eq!(scale(PointValue::UInt(7), None, None), PointValue::UInt(7));
         assert!((unscale(230.5, Some(0.1), Some(0.0)) - 2305.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn scaled_integers_read_as_the_decimals_their_scale_implies() {
+        let shown = |raw: PointValue, s: Option<f64>, o: Option<f64>| scale(raw, s, o).to_string();
+        // Unrounded: 111.10000000000001, 0.9500000000000001, 12.350000000000001, 0.30000000000000004.
+        assert_eq!(shown(PointValue::Int(1111), Some(0.1), None), "111.1");
+        assert_eq!(shown(PointValue::UInt(95), Some(0.01), None), "0.95");
+        assert_eq!(shown(PointValue::Int(247), Some(0.05), None), "12.35");
+        assert_eq!(shown(PointValue::Int(2), Some(0.1), Some(0.1)), "0.3");
+        assert_eq!(shown(PointValue::Int(-40), Some(1.0), Some(-273.15)), "-313.15");
+        assert_eq!(
+            shown(PointValue::Int(-10_331_000_005), Some(0.1), None),
+            "-1033100000.5"
+        );
+        // No decimals implied: whole numbers stay whole.
+        assert_eq!(
+            shown(PointValue::UInt(u64::from(u32::MAX)), Some(2.0), None),
+            "8589934590"
+        );
+        // A float register keeps its own precision.
+        assert_eq!(
+            scale(PointValue::Double(21.25), Some(0.1), None),
+            PointValue::Double(21.25 * 0.1)
+        );
     }
 
     fn any_order() -> impl Strategy<Value = ByteOrder> {
