@@ -19,6 +19,10 @@ pub struct DeviceHealth {
     pub failed_polls: u64,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
+    /// Poll cycles skipped because the previous cycle of the same group was still running
+    /// when they were due: the device, or its bus, answers slower than `pollInterval`.
+    #[serde(default)]
+    pub poll_cycles_skipped: u64,
 }
 
 impl DeviceHealth {
@@ -28,6 +32,10 @@ impl DeviceHealth {
         self.polls += 1;
         self.consecutive_failures = 0;
         self.last_error = None;
+    }
+
+    pub fn record_skipped(&mut self, cycles: u64) {
+        self.poll_cycles_skipped += cycles;
     }
 
     pub fn record_failure(&mut self, error: String, consecutive: u32) {

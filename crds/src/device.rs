@@ -503,6 +503,10 @@ pub struct DeviceStatus {
     /// Poll cycles that failed since the ingestor started.
     #[serde(default)]
     pub failed_polls: u64,
+    /// Poll cycles skipped since the ingestor started because the previous cycle was still
+    /// running: the device, or its bus, answers slower than `pollInterval`.
+    #[serde(default)]
+    pub poll_cycles_skipped: u64,
     /// The most recent error, if the last poll failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,

@@ -231,6 +231,45 @@ async fn a_dead_unit_behind_a_gateway_does_not_slow_its_neighbours() {
     assert!(health["left"].lock().unwrap().connected);
 }
 
+/// A device answering slower than its poll interval: the cycles it overruns are skipped
+/// (keeping the cadence) and counted, so a pipeline falling behind says so.
+#[tokio::test]
+async fn cycles_a_slow_device_overruns_are_skipped_and_counted() {
+    let shutdown = CancellationToken::new();
+    let yaml = GATEWAY
+        .replace("NAME", "slow")
+        .replace("UNIT", "1")
+        .replace("timeout: 100ms", "timeout: 2s");
+    let slow = device(&yaml);
+    let faults = Faults {
+        latency: Duration::from_millis(250),
+        ..Faults::default()
+    };
+    let port = simulator(std::slice::from_ref(&slow), faults, Framing::Tcp, &shutdown).await;
+    let on_time = device(&GATEWAY.replace("NAME", "prompt").replace("UNIT", "2"));
+    let prompt_port = simulator(
+        std::slice::from_ref(&on_time),
+        Faults::default(),
+        Framing::Tcp,
+        &shutdown,
+    )
+    .await;
+    let devices = [with_port(&slow, port), with_port(&on_time, prompt_port)];
+    let (tx, mut rx) = mpsc::channel(1024);
+    let (_tasks, health) = poller::spawn(&devices, &tx, &shutdown);
+    collect(&mut rx, Duration::from_secs(2)).await;
+    shutdown.cancel();
+
+    let slow = health["slow"].lock().unwrap().clone();
+    assert_eq!(slow.failed_polls, 0, "{slow:?}");
+    // About 8 polls of 250 ms in 2 s at a 100 ms interval: about 2 cycles skipped each.
+    assert!(slow.polls >= 4, "{slow:?}");
+    assert!(slow.poll_cycles_skipped >= slow.polls, "{slow:?}");
+    let prompt = health["prompt"].lock().unwrap().clone();
+    assert!(prompt.polls >= 10, "{prompt:?}");
+    assert_eq!(prompt.poll_cycles_skipped, 0, "{prompt:?}");
+}
+
 #[tokio::test]
 async fn dropped_connections_are_reopened() {
     let shutdown = CancellationToken::new();

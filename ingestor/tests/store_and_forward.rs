@@ -472,6 +472,11 @@ spec: {site: crashy, inputs: {s: pump/speed}, expression: s +}
     }
     let metrics = http_get(address, "/metrics").await;
     assert!(metrics.contains("tagstream_formulas_invalid{} 1.0"), "{metrics}");
+    assert!(
+        metrics.contains("# TYPE tagstream_poll_cycles_skipped counter")
+            && metrics.contains("tagstream_poll_cycles_skipped_total{device="),
+        "{metrics}"
+    );
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), service)
         .await

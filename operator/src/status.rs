@@ -253,10 +253,12 @@ pub fn device_report_patch(device: &Device, report: Reached<'_>, now: Timestamp,
     ];
     let last_poll_time = health.and_then(|h| h.last_success_ns).and_then(time_from_ns);
     let last_error = health.and_then(|h| h.last_error.clone());
-    let (polls, failed_polls) = health.map_or((0, 0), |h| (h.polls, h.failed_polls));
+    let (polls, failed_polls, skipped) = health.map_or((0, 0, 0), |h| (h.polls, h.failed_polls, h.poll_cycles_skipped));
     let significant = !same_conditions(&current.conditions, &conditions) || current.last_error != last_error;
-    let moved =
-        current.polls != polls || current.failed_polls != failed_polls || current.last_poll_time != last_poll_time;
+    let moved = current.polls != polls
+        || current.failed_polls != failed_polls
+        || current.poll_cycles_skipped != skipped
+        || current.last_poll_time != last_poll_time;
     let write = significant || (moved && heartbeat_due);
     write.then(|| {
         json!({"status": {
@@ -264,6 +266,7 @@ pub fn device_report_patch(device: &Device, report: Reached<'_>, now: Timestamp,
             "lastPollTime": last_poll_time,
             "polls": polls,
             "failedPolls": failed_polls,
+            "pollCyclesSkipped": skipped,
             "lastError": last_error,
         }})
     })

@@ -16,7 +16,7 @@ use kube::{
 };
 use serde_json::Value;
 use tagstream_crds::{
-    Site,
+    Device, Site,
     condition_types::{CONNECTED, READY},
 };
 use tokio_util::sync::CancellationToken;
@@ -191,6 +191,15 @@ impl StatusLoop {
                         .event(device, EventType::Warning, "DeviceUnreachable", note)
                         .await;
                 }
+                if let Some(skipped) = keeps_skipping(device, &patch) {
+                    let note = format!(
+                        "{skipped} poll cycles skipped since the last status: polling takes longer than pollInterval {}",
+                        device.spec.poll_interval
+                    );
+                    self.ctx
+                        .event(device, EventType::Warning, "PollCyclesSkipped", note)
+                        .await;
+                }
             }
         }
         if self.awaiting_watch(site) {
@@ -257,4 +266,15 @@ impl StatusLoop {
 fn key<K: kube::Resource<DynamicType = ()>>(object: &K) -> Key {
     let reference = ObjectRef::from(object);
     (K::kind(&()).into_owned(), reference.namespace, reference.name)
+}
+
+/// Poll cycles a device skipped since its last written status, when that many say it
+/// keeps missing its interval rather than stumbled once. The counter restarts with the
+/// ingestor, so a smaller number than before is no news.
+const KEEPS_SKIPPING: u64 = 10;
+
+fn keeps_skipping(device: &Device, patch: &serde_json::Value) -> Option<u64> {
+    let before = device.status.as_ref().map_or(0, |s| s.poll_cycles_skipped);
+    let now = patch["status"]["pollCyclesSkipped"].as_u64()?;
+    now.checked_sub(before).filter(|skipped| *skipped >= KEEPS_SKIPPING)
 }

@@ -661,6 +661,41 @@ async fn a_drained_queue_clears_the_oldest_age_on_the_site() {
     assert_eq!(queue(&world).get("oldestAgeSeconds"), None, "{}", queue(&world));
 }
 
+/// A device that keeps missing its poll interval: the count reaches its status, and a
+/// Warning says so when it grew by ten or more since the last status; a stumble does not.
+#[tokio::test]
+async fn a_device_that_keeps_skipping_poll_cycles_gets_a_warning() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.reconcile("plant-a").await;
+    let mut loop_ = status_loop(&world, Duration::ZERO);
+    let skipping = |boiler: u64, line: u64| {
+        let mut report: Value = serde_json::from_str(&report(true)).unwrap();
+        report["devices"]["boiler"]["pollCyclesSkipped"] = json!(boiler);
+        report["devices"]["line"]["pollCyclesSkipped"] = json!(line);
+        report.to_string()
+    };
+    world.server.proxy(PROXY, 200, skipping(3, 0));
+    let requests = world.status_pass(&mut loop_).await;
+    assert_eq!(
+        warnings(&requests),
+        Vec::<String>::new(),
+        "three skipped cycles are a stumble"
+    );
+    let boiler = world.server.get(&format!("{GROUP}/devices/boiler")).unwrap();
+    assert_eq!(boiler["status"]["pollCyclesSkipped"], 3);
+
+    world.server.proxy(PROXY, 200, skipping(40, 9));
+    let requests = world.status_pass(&mut loop_).await;
+    assert_eq!(warnings(&requests), ["\"boiler\" \"PollCyclesSkipped\""]);
+    let note = requests
+        .iter()
+        .find(|r| r.body["reason"] == "PollCyclesSkipped")
+        .map(|r| r.body["note"].clone())
+        .unwrap();
+    assert!(note.as_str().unwrap().starts_with("37 poll cycles skipped"), "{note}");
+}
+
 #[tokio::test]
 async fn the_status_loop_writes_reports_when_they_change_and_not_otherwise() {
     let (site, devices, formulas) = plant();

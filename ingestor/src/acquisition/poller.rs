@@ -148,7 +148,12 @@ pub struct DevicePoller {
     health: Arc<Mutex<DeviceHealth>>,
     failures: u32,
     backoff_until: Instant,
+    /// When skipped cycles were last logged (at most once a minute per device).
+    skips_logged: Option<Instant>,
 }
+
+/// How often a device that keeps skipping poll cycles is logged.
+const SKIP_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 impl DevicePoller {
     pub fn new(name: &str, spec: &DeviceSpec, health: Arc<Mutex<DeviceHealth>>) -> Self {
@@ -164,6 +169,21 @@ impl DevicePoller {
             health,
             failures: 0,
             backoff_until: now,
+            skips_logged: None,
+        }
+    }
+
+    /// Counts cycles skipped because a poll of `group` outlasted its interval.
+    fn skipped(&mut self, group: usize, cycles: u64) {
+        let total = {
+            let mut health = self.health.lock().expect("health lock");
+            health.record_skipped(cycles);
+            health.poll_cycles_skipped
+        };
+        if self.skips_logged.is_none_or(|at| at.elapsed() >= SKIP_LOG_INTERVAL) {
+            self.skips_logged = Some(Instant::now());
+            let interval = self.groups[group].0.interval;
+            warn!(device = %self.device.name, ?interval, skipped = total, "polling falls behind: a cycle outlasted the poll interval and the cycles it overran are skipped");
         }
     }
 
@@ -226,6 +246,11 @@ pub async fn run_endpoint(mut devices: Vec<DevicePoller>, out: mpsc::Sender<Poll
             // Missed cycles are skipped, keeping the cadence.
             let behind = now.duration_since(*next_due).as_nanos() / interval.as_nanos().max(1) + 1;
             *next_due += interval * u32::try_from(behind).unwrap_or(u32::MAX);
+            // Only a device that answers counts as falling behind: a failing one says so
+            // already, and its retries wait out a backoff longer than its interval.
+            if result.is_ok() {
+                device.skipped(g, u64::try_from(behind).unwrap_or(u64::MAX));
+            }
         }
         let batch = match result {
             Ok(points) => points,

@@ -191,6 +191,11 @@ impl Collector for Metrics {
                 per_device(&|d| d.failed_polls),
             ),
             (
+                "tagstream_poll_cycles_skipped",
+                "Poll cycles skipped because the previous one was still running",
+                per_device(&|d| d.poll_cycles_skipped),
+            ),
+            (
                 "tagstream_points_polled",
                 "Points read from devices and queued",
                 one(status.points_polled),
