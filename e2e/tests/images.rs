@@ -19,19 +19,19 @@ use std::{
 
 use serde_json::Value;
 use stream::{assert_exactly_once_in_order, stream_contents};
+use tagstream_crds::manifest::load;
+use tagstream_operator::render::{Settings, render};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
     process::Command,
 };
 
-/// What the operator's StatefulSet mounts where (operator/src/render.rs).
-const CONFIG_DIR: &str = "/etc/tagstream/site";
-const QUEUE_DIR: &str = "/var/lib/tagstream/queue";
 /// The container's user: the image's nonroot user and the pod's `runAsUser`/`fsGroup`.
 const NONROOT: u32 = 65_532;
 
-/// The pod spec's security context, as docker flags.
+/// The pod spec's security context, as docker flags (checked against the rendered pod
+/// spec by [`rendered_ingestor`]).
 const LOCKED_DOWN: [&str; 7] = [
     "--user",
     "65532:65532",
@@ -41,6 +41,59 @@ const LOCKED_DOWN: [&str; 7] = [
     "--security-opt",
     "no-new-privileges",
 ];
+
+/// How the operator runs the ingestor for the example Site: its arguments and where it
+/// mounts the config and the queue, from the operator's own rendering.
+struct IngestorRun {
+    args: Vec<String>,
+    config_dir: String,
+    queue_dir: String,
+}
+
+fn rendered_ingestor() -> IngestorRun {
+    let report = load(&[example_plant()]).unwrap();
+    let site = &report.sites[0].object;
+    let devices: Vec<_> = report.devices.iter().map(|d| d.object.clone()).collect();
+    let formulas: Vec<_> = report.formulas.iter().map(|f| f.object.clone()).collect();
+    let settings = Settings {
+        ingestor_image: "ignored".into(),
+    };
+    let pod = render(site, &devices, &formulas, &settings)
+        .stateful_set
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    let security = pod.security_context.clone().unwrap();
+    assert_eq!(
+        (security.run_as_user, security.run_as_group, security.fs_group),
+        (
+            Some(i64::from(NONROOT)),
+            Some(i64::from(NONROOT)),
+            Some(i64::from(NONROOT))
+        )
+    );
+    let container = &pod.containers[0];
+    let context = container.security_context.clone().unwrap();
+    assert_eq!(context.read_only_root_filesystem, Some(true));
+    assert_eq!(context.allow_privilege_escalation, Some(false));
+    assert_eq!(context.capabilities.unwrap().drop, Some(vec!["ALL".to_owned()]));
+    let mount = |name: &str| {
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == name)
+            .map(|m| m.mount_path.clone())
+            .unwrap()
+    };
+    IngestorRun {
+        args: container.args.clone().unwrap(),
+        config_dir: mount("config"),
+        queue_dir: mount("queue"),
+    }
+}
 
 struct Images {
     docker: String,
@@ -222,33 +275,22 @@ async fn the_ingestor_refuses_a_queue_volume_it_cannot_write() {
     let root_owned = tempfile::tempdir().unwrap();
     let owned = tempfile::tempdir().unwrap();
     std::os::unix::fs::chown(owned.path(), Some(NONROOT), Some(NONROOT)).unwrap();
+    let run = rendered_ingestor();
     let cases = [
-        (mount(root_owned.path(), QUEUE_DIR, false), "Permission denied"),
-        (mount(owned.path(), QUEUE_DIR, true), "Read-only file system"),
+        (mount(root_owned.path(), &run.queue_dir, false), "Permission denied"),
+        (mount(owned.path(), &run.queue_dir, true), "Read-only file system"),
     ];
     for (queue, cause) in cases {
-        let config = mount(&example_plant(), CONFIG_DIR, true);
+        let config = mount(&example_plant(), &run.config_dir, true);
         let mut args = vec!["run", "--rm"];
         args.extend(LOCKED_DOWN);
-        args.extend([
-            "-v",
-            &config,
-            "-v",
-            &queue,
-            &images.ingestor,
-            "run",
-            "-f",
-            CONFIG_DIR,
-            "--queue-dir",
-            QUEUE_DIR,
-        ]);
+        args.extend(["-v", &config, "-v", &queue, &images.ingestor]);
+        args.extend(run.args.iter().map(String::as_str));
         let output = scene.docker(&args).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{queue}: started");
-        assert!(
-            stderr.contains(&format!("the queue directory {QUEUE_DIR} is not writable")) && stderr.contains(cause),
-            "{queue}: {stderr}"
-        );
+        let refused = format!("the queue directory {} is not writable", run.queue_dir);
+        assert!(stderr.contains(&refused) && stderr.contains(cause), "{queue}: {stderr}");
     }
 }
 
@@ -290,8 +332,9 @@ async fn the_ingestor_image_publishes_the_example_plant_from_a_simulator_contain
         "0.0.0.0",
     ]);
     scene.start("simulator", &simulator_args).await;
-    let config = mount(&plant, CONFIG_DIR, true);
-    let queue_mount = mount(queue.path(), QUEUE_DIR, false);
+    let run = rendered_ingestor();
+    let config = mount(&plant, &run.config_dir, true);
+    let queue_mount = mount(queue.path(), &run.queue_dir, false);
     let mut ingestor_args = vec!["--network", &network];
     ingestor_args.extend(LOCKED_DOWN);
     ingestor_args.extend([
@@ -302,20 +345,8 @@ async fn the_ingestor_image_publishes_the_example_plant_from_a_simulator_contain
         "-p",
         "127.0.0.1::9464",
         &images.ingestor,
-        // The operator's arguments (operator/src/render.rs).
-        "run",
-        "-f",
-        CONFIG_DIR,
-        "--queue-dir",
-        QUEUE_DIR,
-        "--credentials-dir",
-        "/etc/tagstream/credentials",
-        "--tls-dir",
-        "/etc/tagstream/tls",
-        "--http",
-        "0.0.0.0:9464",
-        "--log-json",
     ]);
+    ingestor_args.extend(run.args.iter().map(String::as_str));
     let ingestor = scene.start("ingestor", &ingestor_args).await;
     let http = scene.published(&ingestor, "9464/tcp").await;
 
