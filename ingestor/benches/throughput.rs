@@ -1,0 +1,219 @@
+//! The ingestor's CPU per point, end to end, as a user runs it: the release
+//! `tagstream-ingestor run` in its own process polls N simulated devices served by a
+//! separate `tagstream-ingestor simulate` process over loopback TCP and publishes to a real
+//! `nats-server -js`. Each device has 62 float32 tags (124 holding registers, one read per
+//! poll) changing every poll, so every point is published.
+//!
+//! Run: `cargo bench -p tagstream-ingestor --bench throughput -- [--devices 16,80,160] [--interval-ms 10] [--seconds 15]`
+//!
+//! Profile: `cargo build --profile profiling -p tagstream-ingestor`, then add
+//! `--ingestor target/profiling/tagstream-ingestor --perf perf.data` to record the
+//! ingestor with `perf record -g` over each measurement window (`perf report -i
+//! perf.data-<devices>`).
+//!
+//! For each device count it reports the points offered (devices x 62 / interval), the
+//! points delivered (polled and derived, out of the queue), the ingestor's CPU (user +
+//! system, from /proc), the CPU per 100k points/s, and the poll cycles skipped (polling
+//! falling behind: acked < offered).
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, reason = "the benchmark uses part of the test support")]
+mod support;
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::nats::{Nats, free_port};
+
+const TAGS: usize = 62;
+
+fn arg(name: &str) -> Option<String> {
+    std::env::args().skip_while(|a| a != name).nth(1)
+}
+
+/// A child process, killed and reaped on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], dir: &Path) -> Process {
+    let log = std::fs::File::create(dir.join(format!("{}.log", args[0]))).expect("log file");
+    let binary = arg("--ingestor").unwrap_or_else(|| env!("CARGO_BIN_EXE_tagstream-ingestor").to_owned());
+    Process(
+        Command::new(binary)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tagstream-ingestor"),
+    )
+}
+
+/// The site and its devices, one port each from `first_port`.
+fn manifests(dir: &Path, devices: usize, first_port: u16, interval_ms: u64, nats_url: &str) {
+    let site = format!(
+        "apiVersion: tagstream.io/v1alpha1\nkind: Site\nmetadata: {{name: bench}}\nspec:\n  broker: {{urls: [\"{nats_url}\"]}}\n  queue: {{maxSize: 4Gi, flushInterval: 5ms}}\n  storage: {{size: 8Gi}}\n"
+    );
+    std::fs::write(dir.join("site.yaml"), site).unwrap();
+    for d in 0..devices {
+        let mut yaml = format!(
+            "apiVersion: tagstream.io/v1alpha1\nkind: Device\nmetadata: {{name: dev{d}}}\nspec:\n  site: bench\n  connection: {{tcp: {{host: 127.0.0.1, port: {}}}}}\n  pollInterval: {interval_ms}ms\n  timeout: 1s\n  tags:\n",
+            first_port + d as u16
+        );
+        for t in 0..TAGS {
+            let _ = writeln!(
+                yaml,
+                "    - {{name: t{t}, register: holding, address: {}, type: float32, unit: degC, simulation: {{waveform: sine, min: 0, max: 100, period: 1s}}}}",
+                t * 2
+            );
+        }
+        std::fs::write(dir.join(format!("dev{d}.yaml")), yaml).unwrap();
+    }
+}
+
+/// The first of `count` consecutive free ports on loopback.
+fn free_ports(count: usize) -> u16 {
+    loop {
+        let first = free_port();
+        let all_free = (0..count as u16).all(|i| {
+            first
+                .checked_add(i)
+                .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        });
+        if all_free {
+            return first;
+        }
+    }
+}
+
+fn status(port: u16) -> Option<serde_json::Value> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET /status HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    serde_json::from_str(response.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// Points out of the queue (published and acked), and poll cycles skipped.
+fn delivered(status: &serde_json::Value) -> (u64, u64) {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let out = (n(&status["pointsPolled"]) + n(&status["pointsDerived"]))
+        .saturating_sub(n(&status["queue"]["points"]) + n(&status["queue"]["droppedPoints"]));
+    let skipped = status["devices"]
+        .as_object()
+        .map_or(0, |d| d.values().map(|d| n(&d["pollCyclesSkipped"])).sum());
+    (out, skipped)
+}
+
+/// User + system CPU seconds of `pid` (clock ticks of 10 ms, Linux's `USER_HZ`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of /proc/<pid>/stat; `fields` starts at field 3.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Waits for `done`; on time-out, fails with the logs of the processes in `dir`.
+fn wait_for(what: &str, limit: Duration, dir: &Path, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() >= deadline {
+            let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+            panic!(
+                "timed out waiting for {what}\nrun.log:\n{}\nsimulate.log:\n{}",
+                log("run.log"),
+                log("simulate.log")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn main() {
+    let counts: Vec<usize> = arg("--devices")
+        .unwrap_or_else(|| "16,80,160".into())
+        .split(',')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let interval_ms: u64 = arg("--interval-ms").and_then(|v| v.parse().ok()).unwrap_or(10);
+    let seconds: u64 = arg("--seconds").and_then(|v| v.parse().ok()).unwrap_or(15);
+    println!(
+        "| devices | offered points/s | delivered points/s | ingestor CPU (% of a core) | % of a core per 100k points/s | poll cycles skipped |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    for devices in counts {
+        let nats = Nats::start();
+        let dir = tempfile::tempdir().unwrap();
+        let first_port = free_ports(devices);
+        manifests(dir.path(), devices, first_port, interval_ms, &nats.url());
+        let manifests_dir = dir.path().to_str().unwrap();
+        let _simulator = spawn(&["simulate", "-f", manifests_dir, "--listen", "127.0.0.1"], dir.path());
+        let http = free_port();
+        // Outside the manifests' directory, which the ingestor watches for changes.
+        let queue = tempfile::tempdir().unwrap();
+        let ingestor = spawn(
+            &[
+                "run",
+                "-f",
+                manifests_dir,
+                "--queue-dir",
+                queue.path().to_str().unwrap(),
+                "--http",
+                &format!("127.0.0.1:{http}"),
+            ],
+            dir.path(),
+        );
+        wait_for("every device to answer", Duration::from_secs(30), dir.path(), || {
+            status(http).is_some_and(|s| {
+                s["devices"]
+                    .as_object()
+                    .is_some_and(|d| d.len() == devices && d.values().all(|d| d["connected"] == true))
+            })
+        });
+        // Warm up: connections, the stream, the queue's first segments.
+        std::thread::sleep(Duration::from_secs(3));
+        let pid = ingestor.0.id();
+        let (cpu0, at0, start) = (cpu_seconds(pid), Instant::now(), status(http).expect("status"));
+        if let Some(perf) = arg("--perf") {
+            let recorded = Command::new("perf")
+                .args(["record", "-F", "499", "-g", "-o", &format!("{perf}-{devices}"), "-p"])
+                .arg(pid.to_string())
+                .args(["--", "sleep", &seconds.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            assert!(recorded.is_ok_and(|s| s.success()), "perf record failed (Debian's linux-perf)");
+        } else {
+            std::thread::sleep(Duration::from_secs(seconds));
+        }
+        let (cpu1, elapsed, end) = (
+            cpu_seconds(pid),
+            at0.elapsed().as_secs_f64(),
+            status(http).expect("status"),
+        );
+        let ((out0, skipped0), (out1, skipped1)) = (delivered(&start), delivered(&end));
+        let offered = (devices * TAGS) as f64 * 1000.0 / interval_ms as f64;
+        let rate = (out1 - out0) as f64 / elapsed;
+        let cpu = (cpu1 - cpu0) / elapsed * 100.0;
+        println!(
+            "| {devices} | {offered:.0} | {rate:.0} | {cpu:.1} | {:.1} | {} |",
+            cpu / (rate / 100_000.0),
+            skipped1 - skipped0
+        );
+        drop(ingestor);
+    }
+}
