@@ -196,7 +196,10 @@ fn main() {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
-            assert!(recorded.is_ok_and(|s| s.success()), "perf record failed (Debian's linux-perf)");
+            assert!(
+                recorded.is_ok_and(|s| s.success()),
+                "perf record failed (Debian's linux-perf)"
+            );
         } else {
             std::thread::sleep(Duration::from_secs(seconds));
         }
