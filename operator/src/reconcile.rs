@@ -204,7 +204,7 @@ fn input_may_be_arriving(
     }
     let created = formula.metadata.creation_timestamp.as_ref()?.0;
     let age = Duration::try_from(now.duration_since(created)).unwrap_or_default();
-    Some(window.checked_sub(age)?).filter(|wait| !wait.is_zero())
+    window.checked_sub(age).filter(|wait| !wait.is_zero())
 }
 
 async fn apply<K>(ctx: &Context, api: &Api<K>, object: K) -> Result<(String, Outcome), Error>
