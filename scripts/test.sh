@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test of the workspace, installing the real peers the tests use
-# (helm, socat, nats-server) when they are missing, then builds the container images and
-# runs them (scripts/images.sh) where a Docker engine can be had: as root (Debian's
-# docker.io is installed and dockerd started when missing) or with one already running.
+# (helm, socat, nats-server, pymodbus in a virtualenv) when they are missing, then
+# builds the container images and runs them (scripts/images.sh) where a Docker engine
+# can be had: as root (Debian's docker.io is installed and dockerd started when missing)
+# or with one already running.
 # Elsewhere the images step says SKIPPED; TAGSTREAM_REQUIRE_IMAGES=1 (CI) makes that a
 # failure. Usage: scripts/test.sh
 set -euo pipefail
@@ -27,14 +28,32 @@ ensure_packages() {
   done
   [ ${#missing[@]} -eq 0 ] && return
   echo "==> installing ${missing[*]}"
+  ensure_packages_now "${missing[@]}"
+}
+
+# pymodbus from PyPI, in a virtualenv of its own, for the acquisition test against a
+# Modbus server someone else wrote.
+ensure_pymodbus() {
+  local venv=target/pymodbus-venv
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import pymodbus' 2>/dev/null; then
+    echo "==> installing pymodbus 3.8.6 (PyPI) in $venv"
+    python3 -m venv --clear "$venv" 2>/dev/null || { ensure_packages_now python3-venv && python3 -m venv --clear "$venv"; }
+    "$venv/bin/pip" install -q --disable-pip-version-check pymodbus==3.8.6
+  fi
+  TAGSTREAM_PYMODBUS_PYTHON="$PWD/$venv/bin/python"
+  export TAGSTREAM_PYMODBUS_PYTHON
+}
+
+ensure_packages_now() {
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
 ensure_helm
-ensure_packages socat:socat nats-server:nats-server
+ensure_packages socat:socat nats-server:nats-server python3:python3
+ensure_pymodbus
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

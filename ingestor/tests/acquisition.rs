@@ -1,5 +1,6 @@
 //! Acquisition against real peers: the simulator over loopback TCP, RTU framing over TCP,
-//! RTU over a pty pair made by socat, and a hand-written misbehaving server.
+//! RTU over a pty pair made by socat, a hand-written misbehaving server, and a server
+//! written by someone else (pymodbus, in `support/pymodbus_server.py`).
 
 use std::{
     process::{Child, Command, Stdio},
@@ -610,4 +611,102 @@ spec:
     assert_eq!(first.points.len(), 3);
     // 300 ms after connecting, then two 150 ms pauses between the three requests.
     assert!(elapsed >= Duration::from_millis(600), "first poll after {elapsed:?}");
+}
+
+/// The pymodbus helper, killed and reaped on drop.
+struct PymodbusServer(Child);
+
+impl Drop for PymodbusServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const PYMODBUS_DEVICE: &str = r"
+apiVersion: tagstream.io/v1alpha1
+kind: Device
+metadata: {name: pymodbus-UNIT}
+spec:
+  site: s
+  connection: {tcp: {host: 127.0.0.1, port: PORT}}
+  unitId: UNIT
+  timeout: 2s
+  tags:
+    - {name: temp, register: holding, address: 0, type: float32, byteOrder: ORDER}
+    - {name: count, register: holding, address: 2, type: uint16}
+    - {name: delta, register: holding, address: 3, type: int16}
+    - {name: volts, register: input, address: 0, type: uint16, scale: 0.1}
+    - {name: running, register: coil, address: 0, type: bool}
+    - {name: stopped, register: coil, address: 1, type: bool}
+    - {name: door, register: discreteInput, address: 1, type: bool}
+    - {name: missing, register: holding, address: 50, type: uint16}
+";
+
+/// Holding, input, coil and discrete-input tags of two units of a pymodbus server, and an
+/// exception answer. `scripts/test.sh` makes a virtualenv with pymodbus from `PyPI` and
+/// names its python in `TAGSTREAM_PYMODBUS_PYTHON`; without it the test says SKIPPED.
+#[tokio::test]
+async fn a_pymodbus_server_reads_as_its_tables_say() {
+    let Some(python) = std::env::var_os("TAGSTREAM_PYMODBUS_PYTHON") else {
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED pymodbus: TAGSTREAM_PYMODBUS_PYTHON is not set (scripts/test.sh sets it)\n",
+        );
+        return;
+    };
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/pymodbus_server.py");
+    let _server = PymodbusServer(
+        Command::new(python)
+            .args([script, &port.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the pymodbus server"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "pymodbus did not listen within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let expected = [
+        (1, "ABCD", 1234, -2, 230.5, [true, false, true]),
+        (2, "CDAB", 4321, -3, 111.1, [false, true, false]),
+    ];
+    for (unit, order, count, delta, volts, [running, stopped, door]) in expected {
+        let yaml = PYMODBUS_DEVICE
+            .replace("UNIT", &unit.to_string())
+            .replace("PORT", &port.to_string())
+            .replace("ORDER", order);
+        let spec = device(&yaml).spec;
+        let mut context = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get())
+            .await
+            .unwrap();
+        let mut reads: Vec<Read> = plan::plan(&spec).into_iter().flat_map(|g| g.reads).collect();
+        let readings = poller::poll_reads(&mut context, &spec, &poller::layouts(&spec), &mut reads, 0)
+            .await
+            .unwrap();
+        let value = |name: &str| {
+            let reading = readings.iter().find(|r| spec.tags[r.tag].name == name).unwrap();
+            (reading.sample.value.clone(), reading.sample.quality.reason.clone())
+        };
+        assert_eq!(value("temp").0, Some(PointValue::Double(21.5)), "unit {unit}");
+        assert_eq!(value("count").0, Some(PointValue::UInt(count)), "unit {unit}");
+        assert_eq!(value("delta").0, Some(PointValue::Int(delta)), "unit {unit}");
+        assert_eq!(value("volts").0, Some(PointValue::Double(volts)), "unit {unit}");
+        assert_eq!(value("running").0, Some(PointValue::Bool(running)), "unit {unit}");
+        assert_eq!(value("stopped").0, Some(PointValue::Bool(stopped)), "unit {unit}");
+        assert_eq!(value("door").0, Some(PointValue::Bool(door)), "unit {unit}");
+        assert_eq!(
+            value("missing"),
+            (None, Some("exception 2: Illegal data address".to_owned())),
+            "unit {unit}"
+        );
+    }
 }
