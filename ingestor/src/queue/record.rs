@@ -88,6 +88,14 @@ pub fn header(value: &[u8]) -> Result<(u32, i64), CorruptRecord> {
 pub fn decode(value: &[u8]) -> Result<Record, CorruptRecord> {
     let (points, enqueued_ns) = header(value)?;
     let body = QueueRecord::decode(&value[HEADER..]).map_err(|e| CorruptRecord(e.to_string()))?;
+    // A value cut at a field boundary still parses, with batches missing: the header's
+    // count is what tells (found by tests/hostile_input.rs).
+    let held: usize = body.batches.iter().map(|b| b.points.len()).sum();
+    if held != points as usize {
+        return Err(CorruptRecord(format!(
+            "the header counts {points} points, the body holds {held}"
+        )));
+    }
     let before = body
         .points_before
         .zip(body.bytes_before)
