@@ -1,23 +1,29 @@
 //! Input nobody planned for, fuzzed on stable Rust with proptest: register answers fed to
-//! the decoder, queue records read back after random byte flips and truncation, and
-//! manifests mutated at random or built to hurt (YAML bombs, deep nesting, huge strings,
-//! unicode names, numbers out of range). Nothing may panic; every bad input is an error.
+//! the decoder, whole Modbus TCP answers fed to the connection layer over loopback, queue
+//! records read back after random byte flips and truncation, and manifests mutated at
+//! random or built to hurt (YAML bombs, deep nesting, huge strings, unicode names,
+//! numbers out of range). Nothing may panic or hang; every bad input is an error.
 //!
 //! `scripts/test.sh` runs 256 cases per property; longer:
 //! `TAGSTREAM_FUZZ_CASES=100000 cargo test --release -p tagstream-ingestor --test hostile_input`.
 
-use std::path::Path;
+use std::{path::Path, sync::OnceLock, time::Duration};
 
 use proptest::prelude::*;
 use tagstream_crds::{
-    device::{ByteOrder, DataType},
+    device::{ByteOrder, Connection, DataType, RegisterKind, TcpEndpoint},
     manifest::{Report, parse_into},
 };
 use tagstream_ingestor::{
-    acquisition::decode::{Layout, decode_registers},
+    acquisition::{
+        connection,
+        decode::{Layout, decode_registers},
+        plan::Read,
+    },
     queue::record::{self, Totals},
 };
 use tagstream_proto::v1::{Point, PointBatch, point::Value};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn cases() -> u32 {
     std::env::var("TAGSTREAM_FUZZ_CASES")
@@ -132,8 +138,76 @@ fn apply(text: &str, edits: &[Edit]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// One runtime for every case of the connection property.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| tokio::runtime::Runtime::new().unwrap())
+}
+
+/// Serves one connection that answers the first request with `answer` (behind a valid
+/// MBAP header echoing the request's transaction when `framed`), then closes; polls it
+/// once and returns what the connection layer made of it.
+async fn answered_with(
+    answer: Vec<u8>,
+    framed: bool,
+    kind: RegisterKind,
+) -> Result<connection::Data, connection::ReadError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut request = [0u8; 12];
+        if stream.read_exact(&mut request).await.is_err() {
+            return;
+        }
+        let mut frame = Vec::new();
+        if framed {
+            let length = u16::try_from(answer.len() + 1).unwrap_or(u16::MAX);
+            frame.extend_from_slice(&request[..4]);
+            frame.extend_from_slice(&length.to_be_bytes());
+            frame.push(request[6]);
+        }
+        frame.extend_from_slice(&answer);
+        let _ = stream.write_all(&frame).await;
+        let _ = stream.shutdown().await;
+    });
+    let endpoint = Connection {
+        tcp: Some(TcpEndpoint {
+            host: "127.0.0.1".into(),
+            port,
+        }),
+        ..Connection::default()
+    };
+    let mut link = connection::connect(&endpoint, 1, Duration::from_secs(2)).await.unwrap();
+    let read = Read {
+        kind,
+        start: 0,
+        count: 4,
+        tags: Vec::new(),
+    };
+    let result = connection::execute(&mut link, &read, Duration::from_millis(300)).await;
+    server.abort();
+    result
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    #[test]
+    fn any_modbus_answer_is_data_or_an_error(
+        answer in prop::collection::vec(any::<u8>(), 0..300),
+        framed in any::<bool>(),
+        kind in prop::sample::select(vec![RegisterKind::Holding, RegisterKind::Input, RegisterKind::Coil, RegisterKind::DiscreteInput]),
+    ) {
+        let result = runtime().block_on(answered_with(answer, framed, kind));
+        if let Ok(data) = result {
+            // What is accepted fits the request: four registers or at least four bits.
+            match data {
+                connection::Data::Registers(r) => prop_assert_eq!(r.len(), 4),
+                connection::Data::Bits(b) => prop_assert_eq!(b.len(), 4),
+            }
+        }
+    }
 
     #[test]
     fn any_register_answer_decodes_or_is_refused(registers in prop::collection::vec(any::<u16>(), 0..300), layout in any_layout()) {
