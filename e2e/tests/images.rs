@@ -104,12 +104,15 @@ struct Images {
 
 fn images(test: &str) -> Option<Images> {
     let var = |name: &str| std::env::var(name).ok();
-    let images = Some(Images {
-        docker: var("TAGSTREAM_IMAGES_DOCKER").unwrap_or_else(|| "docker".into()),
-        ingestor: var("TAGSTREAM_INGESTOR_IMAGE")?,
-        operator: var("TAGSTREAM_OPERATOR_IMAGE")?,
-        nats: var("TAGSTREAM_NATS_IMAGE")?,
-    });
+    let named = || {
+        Some(Images {
+            docker: var("TAGSTREAM_IMAGES_DOCKER").unwrap_or_else(|| "docker".into()),
+            ingestor: var("TAGSTREAM_INGESTOR_IMAGE")?,
+            operator: var("TAGSTREAM_OPERATOR_IMAGE")?,
+            nats: var("TAGSTREAM_NATS_IMAGE")?,
+        })
+    };
+    let images = named();
     if images.is_none() {
         // Straight to stderr, past the test harness's capture, so the skip is always seen.
         let _ = writeln!(
