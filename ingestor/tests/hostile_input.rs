@@ -1,5 +1,6 @@
 //! Input nobody planned for, fuzzed on stable Rust with proptest: register answers fed to
-//! the decoder, whole Modbus TCP answers fed to the connection layer over loopback, queue
+//! the decoder, whole Modbus answers (TCP, and RTU with and without a valid CRC) fed to the
+//! connection layer over loopback, queue
 //! records read back after random byte flips and truncation, and manifests mutated at
 //! random or built to hurt (YAML bombs, deep nesting, huge strings, unicode names,
 //! numbers out of range). Nothing may panic or hang; every bad input is an error.
@@ -144,41 +145,78 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     RUNTIME.get_or_init(|| tokio::runtime::Runtime::new().unwrap())
 }
 
-/// Serves one connection that answers the first request with `answer` (behind a valid
-/// MBAP header echoing the request's transaction when `framed`), then closes; polls it
-/// once and returns what the connection layer made of it.
+/// How a fuzzed answer is put on the wire.
+#[derive(Clone, Copy, Debug)]
+enum Framing {
+    /// Modbus TCP, the bytes alone.
+    TcpRaw,
+    /// Modbus TCP, behind a valid MBAP header echoing the request's transaction.
+    Mbap,
+    /// RTU over TCP, the bytes alone.
+    RtuRaw,
+    /// RTU over TCP, behind the unit id and with a valid CRC, so parsing goes past it.
+    RtuCrc,
+}
+
+/// CRC-16/Modbus of `bytes`.
+fn crc16(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0xFFFF, |crc, byte| {
+        (0..8).fold(crc ^ u16::from(*byte), |crc, _| {
+            if crc & 1 == 1 { (crc >> 1) ^ 0xA001 } else { crc >> 1 }
+        })
+    })
+}
+
+/// Serves one connection that answers the first request with `answer`, framed as
+/// `framing` says, then closes; polls it once and returns what the connection layer made
+/// of it.
 async fn answered_with(
     answer: Vec<u8>,
-    framed: bool,
+    framing: Framing,
     kind: RegisterKind,
 ) -> Result<connection::Data, connection::ReadError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let rtu = matches!(framing, Framing::RtuRaw | Framing::RtuCrc);
     let server = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
-        let mut request = [0u8; 12];
+        // An MBAP read request is 12 bytes; an RTU one 8 (unit, function, 4, CRC).
+        let mut request = vec![0u8; if rtu { 8 } else { 12 }];
         if stream.read_exact(&mut request).await.is_err() {
             return;
         }
-        let mut frame = Vec::new();
-        if framed {
-            let length = u16::try_from(answer.len() + 1).unwrap_or(u16::MAX);
-            frame.extend_from_slice(&request[..4]);
-            frame.extend_from_slice(&length.to_be_bytes());
-            frame.push(request[6]);
-        }
-        frame.extend_from_slice(&answer);
+        let frame = match framing {
+            Framing::TcpRaw | Framing::RtuRaw => answer,
+            Framing::Mbap => {
+                let length = u16::try_from(answer.len() + 1).unwrap_or(u16::MAX);
+                [&request[..4], &length.to_be_bytes(), &[request[6]], &answer].concat()
+            }
+            Framing::RtuCrc => {
+                let body = [&[request[0]], answer.as_slice()].concat();
+                [body.as_slice(), &crc16(&body).to_le_bytes()].concat()
+            }
+        };
         let _ = stream.write_all(&frame).await;
         let _ = stream.shutdown().await;
     });
-    let endpoint = Connection {
-        tcp: Some(TcpEndpoint {
-            host: "127.0.0.1".into(),
-            port,
-        }),
-        ..Connection::default()
+    let endpoint = TcpEndpoint {
+        host: "127.0.0.1".into(),
+        port,
     };
-    let mut link = connection::connect(&endpoint, 1, Duration::from_secs(2)).await.unwrap();
+    let connection = if rtu {
+        Connection {
+            rtu_over_tcp: Some(endpoint),
+            ..Connection::default()
+        }
+    } else {
+        Connection {
+            tcp: Some(endpoint),
+            ..Connection::default()
+        }
+    };
+    let mut link = connection::connect(&connection, 1, Duration::from_secs(2))
+        .await
+        .unwrap();
     let read = Read {
         kind,
         start: 0,
@@ -190,16 +228,34 @@ async fn answered_with(
     result
 }
 
+/// The framings reach the parser: a well-formed answer behind each is data.
+#[test]
+fn well_formed_answers_behind_each_framing_are_data() {
+    let holding = vec![0x03, 8, 0, 1, 0, 2, 0, 3, 0, 4];
+    for framing in [Framing::Mbap, Framing::RtuCrc] {
+        let data = runtime()
+            .block_on(answered_with(holding.clone(), framing, RegisterKind::Holding))
+            .unwrap_or_else(|e| panic!("{framing:?}: {e}"));
+        assert_eq!(data, connection::Data::Registers(vec![1, 2, 3, 4]), "{framing:?}");
+    }
+}
+
+#[test]
+fn the_crc_is_the_modbus_one() {
+    // The example from the Modbus over serial line specification: 02 07 -> CRC 0x1241.
+    assert_eq!(crc16(&[0x02, 0x07]), 0x1241);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn any_modbus_answer_is_data_or_an_error(
         answer in prop::collection::vec(any::<u8>(), 0..300),
-        framed in any::<bool>(),
+        framing in prop::sample::select(vec![Framing::TcpRaw, Framing::Mbap, Framing::RtuRaw, Framing::RtuCrc]),
         kind in prop::sample::select(vec![RegisterKind::Holding, RegisterKind::Input, RegisterKind::Coil, RegisterKind::DiscreteInput]),
     ) {
-        let result = runtime().block_on(answered_with(answer, framed, kind));
+        let result = runtime().block_on(answered_with(answer, framing, kind));
         if let Ok(data) = result {
             // What is accepted fits the request: four registers or at least four bits.
             match data {
