@@ -166,7 +166,7 @@ fn under_order(
         ..Layout::of(tag, device_order)
     };
     match decode::decode_registers(registers, &layout) {
-        Ok(raw) => shown(&decode::scale(raw, tag.scale, tag.offset)),
+        Ok(raw) => shown(&layout.scaling.apply(raw)),
         Err(e) => Sample::bad(e.to_string(), 0).quality.to_string(),
     }
 }

@@ -18,7 +18,7 @@ use tagstream_crds::{
 use tagstream_ingestor::{
     acquisition::{
         connection,
-        decode::{Layout, decode_registers},
+        decode::{Layout, Scaling, decode_registers},
         plan::Read,
     },
     queue::record::{self, Totals},
@@ -63,6 +63,7 @@ fn any_layout() -> impl Strategy<Value = Layout> {
             bit,
             length,
             chars_per_register,
+            scaling: Scaling::default(),
         })
 }
 

@@ -52,7 +52,7 @@ pub enum DecodeError {
 }
 
 /// How a tag's raw value is read: its type and layout, without scaling.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Layout {
     pub data_type: DataType,
     pub order: ByteOrder,
@@ -60,6 +60,8 @@ pub struct Layout {
     /// Registers of a string.
     pub length: u16,
     pub chars_per_register: u8,
+    /// What turns the decoded number into the tag's value.
+    pub scaling: Scaling,
 }
 
 impl Layout {
@@ -70,6 +72,7 @@ impl Layout {
             bit: tag.bit.unwrap_or(0),
             length: tag.register_count(),
             chars_per_register: tag.chars_per_register.unwrap_or(2),
+            scaling: Scaling::of(tag.scale, tag.offset),
         }
     }
 
@@ -210,26 +213,46 @@ fn encode_string(value: &PointValue, layout: Layout) -> Vec<u16> {
         .collect()
 }
 
-/// Applies `raw * scale + offset`; without either the raw value is kept as it is.
+/// A tag's `raw * scale + offset`, worked out once per tag: the polling path applies it
+/// to every point.
 ///
 /// An integer times a scale written with `n` decimals (plus an offset with at most `n`)
 /// is a number with `n` decimals, but binary floating point says `111.10000000000001`
 /// for 1111 x 0.1: the result is rounded to those decimals, so it reads, publishes and
 /// stores as the decimal a person expects. A float register's value is not rounded: the
 /// scale says nothing of its precision.
-pub fn scale(raw: PointValue, scale: Option<f64>, offset: Option<f64>) -> PointValue {
-    if scale.is_none() && offset.is_none() {
-        return raw;
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Scaling {
+    /// `None` when the tag has neither scale nor offset: the raw value is kept as it is.
+    linear: Option<(f64, f64)>,
+    /// Decimals of the scale or the offset, whichever has more.
+    places: u32,
+}
+
+impl Scaling {
+    pub fn of(scale: Option<f64>, offset: Option<f64>) -> Self {
+        if scale.is_none() && offset.is_none() {
+            return Self::default();
+        }
+        let (scale, offset) = (scale.unwrap_or(1.0), offset.unwrap_or(0.0));
+        Self {
+            linear: Some((scale, offset)),
+            places: decimals(scale).max(decimals(offset)),
+        }
     }
-    let (scale, offset) = (scale.unwrap_or(1.0), offset.unwrap_or(0.0));
-    let number = match raw {
-        PointValue::Int(i) => i as f64,
-        PointValue::UInt(u) => u as f64,
-        PointValue::Double(d) => return PointValue::Double(d * scale + offset),
-        other => return other,
-    };
-    let scaled = number * scale + offset;
-    PointValue::Double(round_to(scaled, decimals(scale).max(decimals(offset))))
+
+    pub fn apply(&self, raw: PointValue) -> PointValue {
+        let Some((scale, offset)) = self.linear else {
+            return raw;
+        };
+        let number = match raw {
+            PointValue::Int(i) => i as f64,
+            PointValue::UInt(u) => u as f64,
+            PointValue::Double(d) => return PointValue::Double(d * scale + offset),
+            other => return other,
+        };
+        PointValue::Double(round_to(number * scale + offset, self.places))
+    }
 }
 
 /// Decimals of `x` as written in its shortest exact form (`0.1` has 1, `0.05` 2, `10` 0).
@@ -255,7 +278,7 @@ fn round_to(x: f64, places: u32) -> f64 {
     shifted.round() / factor
 }
 
-/// The inverse of [`scale`], for the simulator: the raw value that decodes to `value`.
+/// The inverse of [`Scaling`], for the simulator: the raw value that decodes to `value`.
 pub fn unscale(value: f64, scale: Option<f64>, offset: Option<f64>) -> f64 {
     (value - offset.unwrap_or(0.0)) / scale.filter(|s| *s != 0.0).unwrap_or(1.0)
 }
@@ -266,8 +289,13 @@ mod tests {
 
     use super::*;
 
+    fn scale(raw: PointValue, scale: Option<f64>, offset: Option<f64>) -> PointValue {
+        Scaling::of(scale, offset).apply(raw)
+    }
+
     fn layout(data_type: DataType, order: ByteOrder) -> Layout {
         Layout {
+            scaling: Scaling::default(),
             data_type,
             order,
             bit: 0,

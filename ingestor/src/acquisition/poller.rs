@@ -50,8 +50,7 @@ pub struct TagReading {
 }
 
 /// Decodes one tag of a successful read.
-fn reading(device: &DeviceSpec, layouts: &[Layout], slot: &TagSlot, data: &Data, at: i64) -> TagReading {
-    let tag = &device.tags[slot.tag];
+fn reading(layouts: &[Layout], slot: &TagSlot, data: &Data, at: i64) -> TagReading {
     let range = usize::from(slot.offset)..usize::from(slot.offset + slot.count);
     let (raw, decoded) = match data {
         Data::Bits(bits) => {
@@ -66,7 +65,7 @@ fn reading(device: &DeviceSpec, layouts: &[Layout], slot: &TagSlot, data: &Data,
         }
     };
     let sample = match decoded {
-        Ok(raw_value) => Sample::good(decode::scale(raw_value, tag.scale, tag.offset), at),
+        Ok(raw_value) => Sample::good(layouts[slot.tag].scaling.apply(raw_value), at),
         Err(e) => Sample::bad(e.to_string(), at),
     };
     TagReading {
@@ -97,12 +96,7 @@ pub async fn poll_reads(
         }
         match execute_with_busy_retries(context, &reads[index], device).await {
             Ok(data) => {
-                readings.extend(
-                    reads[index]
-                        .tags
-                        .iter()
-                        .map(|slot| reading(device, layouts, slot, &data, at)),
-                );
+                readings.extend(reads[index].tags.iter().map(|slot| reading(layouts, slot, &data, at)));
                 index += 1;
             }
             Err(ReadError::Exception(code)) if reads[index].split().len() > 1 => {
