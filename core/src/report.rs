@@ -87,6 +87,18 @@ pub struct QueueStatus {
     pub corrupt_records: u64,
     pub paused: bool,
     pub moved_aside: Option<String>,
+    /// Whether the filesystem's free space, not `maxSize`, limits the queue.
+    #[serde(default)]
+    pub disk_full: bool,
+    /// Bytes free on the queue's filesystem.
+    #[serde(default)]
+    pub volume_available_bytes: Option<u64>,
+    /// The last failed queue write, until a write succeeds again.
+    #[serde(default)]
+    pub write_error: Option<String>,
+    /// Queue writes that failed and were made again after reopening the store.
+    #[serde(default)]
+    pub write_failures: u64,
 }
 
 /// What the publisher reports for status and metrics.

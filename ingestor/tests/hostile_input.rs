@@ -81,7 +81,7 @@ fn record_bytes(points: usize) -> Vec<u8> {
             .collect(),
         ..PointBatch::default()
     };
-    record::encode(vec![batch.clone(), batch], 42, Totals::default())
+    record::encode(&[batch.clone(), batch], 42, Totals::default())
 }
 
 /// The example plant's manifests, as text, to mutate.
@@ -333,7 +333,7 @@ fn yaml_bombs_and_deep_nesting_are_refused_quickly() {
 fn a_record_cut_between_its_batches_is_corrupt() {
     let whole = record_bytes(2);
     let one_batch = record::encode(
-        vec![record::decode(&whole).unwrap().batches.remove(0)],
+        &[record::decode(&whole).unwrap().batches.remove(0)],
         42,
         Totals::default(),
     );

@@ -308,6 +308,10 @@ pub fn siteless_device_patch(device: &Device, now: Timestamp) -> Option<Value> {
     (!same_conditions(&current.conditions, &conditions)).then(|| json!({"status": {"conditions": conditions}}))
 }
 
+/// `QueueHealthy` reasons that warrant a Warning event when they appear.
+pub const DISK_FULL: &str = "DiskFull";
+pub const QUEUE_WRITE_FAILING: &str = "QueueWriteFailing";
+
 /// The `QueueHealthy` condition from the ingestor's report.
 fn queue_health(report: &Report) -> State {
     let queue = &report.queue;
@@ -316,6 +320,31 @@ fn queue_health(report: &Report) -> State {
             "False",
             "QueueCorrupt",
             format!("the queue was corrupt and moved aside to {path}"),
+        );
+    }
+    if let Some(error) = &queue.write_error {
+        return State::new(
+            "False",
+            QUEUE_WRITE_FAILING,
+            format!("the queue cannot write ({error}); new points are held until it can"),
+        );
+    }
+    if queue.disk_full {
+        let free = queue
+            .volume_available_bytes
+            .map_or_else(String::new, |b| format!(" ({} MiB free)", b >> 20));
+        let policy = if queue.paused {
+            "polling is paused until the broker takes queued points (pausePolling)".to_owned()
+        } else {
+            format!(
+                "the oldest points are dropped to make room (dropOldest; {} dropped so far)",
+                queue.dropped_points
+            )
+        };
+        return State::new(
+            "False",
+            DISK_FULL,
+            format!("the queue's volume is nearly full{free}: {policy}"),
         );
     }
     if queue.paused {
@@ -382,6 +411,14 @@ pub fn turns_false(before: &[Condition], patch: &Value, type_: &str) -> bool {
 pub fn turns(before: &[Condition], patch: &Value, type_: &str, to: &str) -> bool {
     let after: Vec<Condition> = serde_json::from_value(patch["status"]["conditions"].clone()).unwrap_or_default();
     condition_status(&after, type_) == Some(to) && condition_status(before, type_) != Some(to)
+}
+
+/// The condition `type_` in `patch`, when `patch` turns it to a new reason (for events).
+pub fn new_reason(before: &[Condition], patch: &Value, type_: &str) -> Option<Condition> {
+    let after: Vec<Condition> = serde_json::from_value(patch["status"]["conditions"].clone()).unwrap_or_default();
+    let now = after.into_iter().find(|c| c.type_ == type_)?;
+    let was = before.iter().find(|c| c.type_ == type_).map(|c| c.reason.as_str());
+    (was != Some(now.reason.as_str())).then_some(now)
 }
 
 /// The status (`True`, `False`, `Unknown`) of the condition `type_` in `list`.

@@ -17,7 +17,7 @@ use kube::{
 use serde_json::Value;
 use tagstream_crds::{
     Device, Site,
-    condition_types::{CONNECTED, READY},
+    condition_types::{CONNECTED, QUEUE_HEALTHY, READY},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -27,8 +27,8 @@ use crate::{
     reconcile::write_status,
     report::ReportSource,
     status::{
-        Reached, condition_status, device_report_patch, formula_report_patch, site_report_patch, siteless_device_patch,
-        turns, turns_false,
+        DISK_FULL, QUEUE_WRITE_FAILING, Reached, condition_status, device_report_patch, formula_report_patch,
+        new_reason, site_report_patch, siteless_device_patch, turns, turns_false,
     },
 };
 
@@ -223,6 +223,13 @@ impl StatusLoop {
                     .await;
             } else if turns(before, &patch, READY, "True") {
                 tracing::info!(site = %site.name_any(), "the site's ingestor answers");
+            }
+            if let Some(queue) = new_reason(before, &patch, QUEUE_HEALTHY)
+                .filter(|c| [DISK_FULL, QUEUE_WRITE_FAILING].contains(&c.reason.as_str()))
+            {
+                self.ctx
+                    .event(site, EventType::Warning, &queue.reason, queue.message)
+                    .await;
             }
         }
         Ok(())

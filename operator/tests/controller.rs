@@ -696,6 +696,56 @@ async fn a_device_that_keeps_skipping_poll_cycles_gets_a_warning() {
     assert!(note.as_str().unwrap().starts_with("37 poll cycles skipped"), "{note}");
 }
 
+/// A full disk under the queue: the Site's `QueueHealthy` says which policy acts and how
+/// much is free, with one Warning when it starts; a failing write says so too.
+#[tokio::test]
+async fn a_full_disk_under_the_queue_turns_queue_healthy_false_with_one_warning() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.reconcile("plant-a").await;
+    let mut loop_ = status_loop(&world, Duration::ZERO);
+    let full = |dropped: u64, write_error: Option<&str>| {
+        let mut report: Value = serde_json::from_str(&report(true)).unwrap();
+        report["queue"]["diskFull"] = json!(true);
+        report["queue"]["volumeAvailableBytes"] = json!(3 << 20);
+        report["queue"]["droppedPoints"] = json!(dropped);
+        report["queue"]["writeError"] = json!(write_error);
+        report.to_string()
+    };
+    let queue_healthy = |world: &World| {
+        let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+        let conditions = site["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        conditions.into_iter().find(|c| c["type"] == "QueueHealthy").unwrap()
+    };
+    world.server.proxy(PROXY, 200, full(500, None));
+    let requests = world.status_pass(&mut loop_).await;
+    assert_eq!(warnings(&requests), ["\"plant-a\" \"DiskFull\""]);
+    let condition = queue_healthy(&world);
+    assert_eq!(
+        (&condition["status"], &condition["reason"]),
+        (&json!("False"), &json!("DiskFull"))
+    );
+    assert_eq!(
+        condition["message"],
+        "the queue's volume is nearly full (3 MiB free): the oldest points are dropped to make room (dropOldest; 500 dropped so far)"
+    );
+
+    world.server.proxy(PROXY, 200, full(900, None));
+    let requests = world.status_pass(&mut loop_).await;
+    assert_eq!(warnings(&requests), Vec::<String>::new(), "still full: no new warning");
+
+    world
+        .server
+        .proxy(PROXY, 200, full(900, Some("No space left on device (os error 28)")));
+    let requests = world.status_pass(&mut loop_).await;
+    assert_eq!(warnings(&requests), ["\"plant-a\" \"QueueWriteFailing\""]);
+    assert_eq!(queue_healthy(&world)["reason"], "QueueWriteFailing");
+
+    world.server.proxy(PROXY, 200, report(true));
+    world.status_pass(&mut loop_).await;
+    assert_eq!(queue_healthy(&world)["status"], "True");
+}
+
 #[tokio::test]
 async fn the_status_loop_writes_reports_when_they_change_and_not_otherwise() {
     let (site, devices, formulas) = plant();

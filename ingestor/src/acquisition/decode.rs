@@ -92,7 +92,9 @@ pub fn decode_registers(registers: &[u16], layout: &Layout) -> Result<PointValue
     let be = to_big_endian(registers, layout.order);
     let value = match layout.data_type {
         DataType::Bool => PointValue::Bool(registers[0] != 0),
-        DataType::Bit => PointValue::Bool(registers[0] >> layout.bit & 1 == 1),
+        // The schema allows bits 0 to 15; a larger one reads as clear rather than
+        // overflowing the shift (found by tests/hostile_input.rs).
+        DataType::Bit => PointValue::Bool(registers[0].checked_shr(u32::from(layout.bit)).unwrap_or(0) & 1 == 1),
         DataType::Int16 => PointValue::Int(i64::from(i16::from_be_bytes([be[0], be[1]]))),
         DataType::Uint16 => PointValue::UInt(u64::from(u16::from_be_bytes([be[0], be[1]]))),
         DataType::Int32 => PointValue::Int(i64::from(i32::from_be_bytes(array(&be)))),

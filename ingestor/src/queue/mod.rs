@@ -31,6 +31,20 @@
 //! beside it. `dropOldest` removes head records to make room; `pausePolling` holds the
 //! writer (and through the bounded channels, the pollers) until the publisher frees room.
 //!
+//! # A full disk, and failed writes
+//! Each group is also checked against the filesystem's free space ([`volume`]): when the
+//! disk, not `maxSize`, is what is short, the full policy applies the same way and the
+//! queue reports `disk_full`. A write that fails anyway (the disk filled from outside
+//! between two checks, or an I/O error) is not given up: sled refuses every call after a
+//! failed write, so the writer gives up the reserve file, reopens sled, removes what the
+//! failed group left behind, and writes the group again, retrying every second while it
+//! fails. Appenders wait meanwhile (and through the bounded channels, the pollers);
+//! nothing they handed over is lost or reported persisted before it is.
+//!
+//! The publisher reads only records below `durable_next`, the sequence after the last
+//! flushed group, so it never sends a record a failed write or a crash could take back:
+//! a sequence sent to JetStream is never reused for other points.
+//!
 //! # Corruption
 //! A database sled cannot open is moved aside to `<dir>.corrupt-<unix seconds>` and a
 //! fresh queue (new epoch) is started, reported in [`Opened::moved_aside`]. A record that
@@ -38,10 +52,14 @@
 
 pub mod record;
 mod summary;
+pub mod volume;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -51,6 +69,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 pub use record::Record;
+use volume::Volume;
 
 use tagstream_core::point::now_ns;
 
@@ -112,6 +131,8 @@ pub enum QueueError {
     },
     #[error("the queue is closed")]
     Closed,
+    #[error("the queue at {} is reopening after a failed write", path.display())]
+    Reopening { path: PathBuf },
 }
 
 /// Figures for metrics and status.
@@ -126,6 +147,14 @@ pub struct QueueStats {
     pub corrupt_records: u64,
     /// Whether `pausePolling` is holding appends back.
     pub paused: bool,
+    /// Whether the filesystem's free space, not `maxSize`, is limiting the queue.
+    pub disk_full: bool,
+    /// Bytes free on the queue's filesystem for this process.
+    pub volume_available_bytes: Option<u64>,
+    /// The last failed write, until a write succeeds again.
+    pub write_error: Option<String>,
+    /// Writes that failed (each followed by reopening sled and writing again).
+    pub write_failures: u64,
 }
 
 /// A stored record and its sequence.
@@ -148,13 +177,39 @@ struct Append {
     done: oneshot::Sender<Result<(), String>>,
 }
 
+/// The open sled database and its trees; replaced when sled is reopened.
 #[derive(Debug)]
-struct Shared {
-    config: QueueConfig,
+struct Store {
     db: sled::Db,
     records: sled::Tree,
     meta: sled::Tree,
+}
+
+impl Store {
+    fn open(config: &QueueConfig) -> Result<Self, sled::Error> {
+        let db = open_db(config)?;
+        let records = db.open_tree("records")?;
+        let meta = db.open_tree("meta")?;
+        Ok(Self { db, records, meta })
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: QueueConfig,
+    /// `None` while sled is being reopened.
+    store: RwLock<Option<Arc<Store>>>,
+    volume: Volume,
     epoch: u64,
+    /// The sequence after the last flushed record: the publisher reads below it only.
+    durable_next: AtomicU64,
+    /// Set by any failed sled call: sled refuses writes from then on, and the writer
+    /// reopens it.
+    failed: AtomicBool,
+    /// Records the full policy removed since the last flush, as (sequence, points): they
+    /// count as dropped once a flush covers their removal (a reopened sled may bring them
+    /// back otherwise).
+    unflushed_drops: Mutex<Vec<(u64, u64)>>,
     stats: Mutex<QueueStats>,
     /// The totals of every record appended so far: what the next record follows.
     totals: Mutex<record::Totals>,
@@ -193,12 +248,56 @@ fn u64_at(tree: &sled::Tree, key: &str) -> Result<Option<u64>, sled::Error> {
         .map(u64::from_be_bytes))
 }
 
+fn sequence_of(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key.try_into().unwrap_or_default())
+}
+
+impl Shared {
+    /// The open store, or `Reopening` while the writer replaces it.
+    fn store(&self) -> Result<Arc<Store>, QueueError> {
+        self.store
+            .read()
+            .expect("store lock")
+            .clone()
+            .ok_or_else(|| QueueError::Reopening {
+                path: self.config.dir.clone(),
+            })
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, QueueStats> {
+        self.stats.lock().expect("stats lock")
+    }
+
+    /// Maps a sled error to the queue's, noting that sled must be reopened.
+    fn storage_error(&self) -> impl Fn(sled::Error) -> QueueError + '_ {
+        move |source| {
+            let error = storage(&self.config.dir)(source);
+            self.failed.store(true, Ordering::Release);
+            self.stats().write_error = Some(error.to_string());
+            error
+        }
+    }
+
+    /// Counts the drops a flush now covers.
+    fn commit_drops(&self) {
+        let dropped: u64 = self
+            .unflushed_drops
+            .lock()
+            .expect("drops lock")
+            .drain(..)
+            .map(|(_, p)| p)
+            .sum();
+        self.stats().dropped_points += dropped;
+    }
+}
+
 impl Queue {
     /// Opens (or creates) the queue and starts its writer on the current tokio runtime.
     pub fn open(config: QueueConfig) -> Result<Opened, QueueError> {
         check_writable(&config.dir)?;
-        let (db, moved_aside) = match open_db(&config) {
-            Ok(db) => (db, None),
+        let volume = Volume::new(&config.dir);
+        let (store, moved_aside) = match open_store(&config, &volume) {
+            Ok(store) => (store, None),
             Err(e @ (sled::Error::Corruption { .. } | sled::Error::Unsupported(_) | sled::Error::ReportableBug(_))) => {
                 let aside = PathBuf::from(format!("{}.corrupt-{}", config.dir.display(), now_ns() / 1_000_000_000));
                 error!(queue = %config.dir.display(), moved_to = %aside.display(), error = %e, "the queue is corrupt: moving it aside and starting a fresh one");
@@ -206,38 +305,40 @@ impl Queue {
                     path: config.dir.clone(),
                     source,
                 })?;
-                (open_db(&config).map_err(storage(&config.dir))?, Some(aside))
+                (open_store(&config, &volume).map_err(storage(&config.dir))?, Some(aside))
             }
             Err(e) => return Err(storage(&config.dir)(e)),
         };
         let dir = config.dir.clone();
         let err = storage(&dir);
-        let records = db.open_tree("records").map_err(&err)?;
-        let meta = db.open_tree("meta").map_err(&err)?;
-        let epoch = if let Some(epoch) = u64_at(&meta, "epoch").map_err(&err)? {
+        let epoch = if let Some(epoch) = u64_at(&store.meta, "epoch").map_err(&err)? {
             epoch
         } else {
             let epoch = fastrand::u64(1..);
-            meta.insert("epoch", &epoch.to_be_bytes()).map_err(&err)?;
-            meta.insert("format", &1u64.to_be_bytes()).map_err(&err)?;
-            db.flush().map_err(&err)?;
+            store.meta.insert("epoch", &epoch.to_be_bytes()).map_err(&err)?;
+            store.meta.insert("format", &1u64.to_be_bytes()).map_err(&err)?;
+            store.db.flush().map_err(&err)?;
             epoch
         };
-        let (stats, totals) = summary::summarize(&records, &meta, &db).map_err(&err)?;
+        let (stats, totals) = summary::summarize(&store.records, &store.meta, &store.db).map_err(&err)?;
+        let next = next_sequence(&store).map_err(&err)?;
+        volume.ensure_reserve();
         info!(queue = %config.dir.display(), epoch = format!("{epoch:016x}"), records = stats.records, points = stats.points, "queue opened");
         let (appends, rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
             config,
-            db,
-            records,
-            meta,
+            store: RwLock::new(Some(Arc::new(store))),
+            volume,
             epoch,
+            durable_next: AtomicU64::new(next),
+            failed: AtomicBool::new(false),
+            unflushed_drops: Mutex::new(Vec::new()),
             stats: Mutex::new(stats),
             totals: Mutex::new(totals),
             room: Notify::new(),
             appended: Notify::new(),
         });
-        tokio::spawn(writer(Arc::clone(&shared), rx));
+        tokio::spawn(writer(Arc::clone(&shared), rx, next));
         Ok(Opened {
             queue: Self { shared, appends },
             moved_aside,
@@ -250,8 +351,11 @@ impl Queue {
     }
 
     pub fn stats(&self) -> QueueStats {
-        let mut stats = self.shared.stats.lock().expect("stats lock").clone();
-        stats.disk_bytes = self.shared.db.size_on_disk().unwrap_or(0);
+        let mut stats = self.shared.stats().clone();
+        if let Ok(store) = self.shared.store() {
+            stats.disk_bytes = store.db.size_on_disk().unwrap_or(stats.disk_bytes);
+        }
+        stats.volume_available_bytes = self.shared.volume.space().map(|s| s.available);
         stats
     }
 
@@ -275,30 +379,39 @@ impl Queue {
         }
     }
 
-    /// Up to `max` records with a sequence above `after` (from the head when `None`), in
-    /// order. Memory is bounded by `max`, whatever the backlog.
+    /// Up to `max` flushed records with a sequence above `after` (from the head when
+    /// `None`), in order. Memory is bounded by `max`, whatever the backlog.
     pub async fn read(&self, after: Option<u64>, max: usize) -> Result<Vec<Stored>, QueueError> {
         let shared = Arc::clone(&self.shared);
         run_blocking(move || {
+            let store = shared.store()?;
+            let err = shared.storage_error();
             let start = after.map_or(0, |s| s.saturating_add(1));
+            let durable = shared.durable_next.load(Ordering::Acquire);
+            if start >= durable {
+                return Ok(Vec::new());
+            }
             let mut out = Vec::with_capacity(max.min(1024));
-            for entry in shared.records.range(start.to_be_bytes()..).take(max) {
-                let (key, value) = entry.map_err(storage(&shared.config.dir))?;
-                let sequence = u64::from_be_bytes(key.as_ref().try_into().unwrap_or_default());
+            for entry in store
+                .records
+                .range(start.to_be_bytes()..durable.to_be_bytes())
+                .take(max)
+            {
+                let (key, value) = entry.map_err(&err)?;
+                let sequence = sequence_of(&key);
                 match record::decode(&value) {
                     Ok(record) => out.push(Stored { sequence, record }),
                     Err(e) => {
                         error!(sequence, error = %e, "skipping a corrupt queue record; its points are lost");
-                        let err = storage(&shared.config.dir);
-                        let counted = summary::counted_for(&shared.records, sequence).map_err(&err)?;
-                        summary::note_hole(&shared.meta, sequence).map_err(&err)?;
-                        shared.records.remove(&key).map_err(&err)?;
+                        let counted = summary::counted_for(&store.records, sequence).map_err(&err)?;
+                        summary::note_hole(&store.meta, sequence).map_err(&err)?;
+                        store.records.remove(&key).map_err(&err)?;
                         let counted = counted.unwrap_or(record::Totals {
                             points: 0,
                             bytes: value.len() as u64,
                         });
                         uncount(&shared, counted.points, counted.bytes);
-                        shared.stats.lock().expect("stats lock").corrupt_records += 1;
+                        shared.stats().corrupt_records += 1;
                     }
                 }
             }
@@ -316,7 +429,8 @@ impl Queue {
     pub async fn ack_through(&self, sequence: u64) -> Result<(), QueueError> {
         let shared = Arc::clone(&self.shared);
         run_blocking(move || {
-            remove_head(&shared, |key| key <= sequence, false)?;
+            let store = shared.store()?;
+            remove_head(&shared, &store, |key| key <= sequence, false)?;
             shared.room.notify_waiters();
             Ok(())
         })
@@ -337,8 +451,9 @@ impl Queue {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let dir = shared.config.dir.clone();
-        shared.db.flush_async().await.map_err(storage(&dir))?;
+        let store = shared.store()?;
+        store.db.flush_async().await.map_err(shared.storage_error())?;
+        shared.commit_drops();
         Ok(())
     }
 }
@@ -365,6 +480,17 @@ fn open_db(config: &QueueConfig) -> Result<sled::Db, sled::Error> {
         .open()
 }
 
+/// Opens sled; opening writes, so on a full disk the reserve file is given up for it.
+fn open_store(config: &QueueConfig, volume: &Volume) -> Result<Store, sled::Error> {
+    match Store::open(config) {
+        Err(sled::Error::Io(e)) if volume.release_reserve() => {
+            warn!(error = %e, "opening the queue failed; trying again with the reserve file's space");
+            Store::open(config)
+        }
+        other => other,
+    }
+}
+
 async fn run_blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
 ) -> Result<T, QueueError> {
@@ -375,44 +501,42 @@ async fn run_blocking<T: Send + 'static>(
 
 /// Removes head records while `take(sequence)` holds; `dropped` counts their points as
 /// dropped by the full policy. Returns the payload bytes freed.
-fn remove_head(shared: &Shared, take: impl Fn(u64) -> bool, dropped: bool) -> Result<u64, QueueError> {
-    let err = storage(&shared.config.dir);
+fn remove_head(shared: &Shared, store: &Store, take: impl Fn(u64) -> bool, dropped: bool) -> Result<u64, QueueError> {
+    let err = shared.storage_error();
     let mut freed = 0;
-    while let Some((key, _)) = shared.records.first().map_err(&err)? {
-        let sequence = u64::from_be_bytes(key.as_ref().try_into().unwrap_or_default());
+    while let Some((key, _)) = store.records.first().map_err(&err)? {
+        let sequence = sequence_of(&key);
         if !take(sequence) {
             break;
         }
-        let Some(value) = shared.records.remove(&key).map_err(&err)? else {
+        let Some(value) = store.records.remove(&key).map_err(&err)? else {
             continue;
         };
         let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
         freed += value.len() as u64;
         uncount(shared, points, value.len() as u64);
         if dropped {
-            shared.stats.lock().expect("stats lock").dropped_points += points;
+            shared
+                .unflushed_drops
+                .lock()
+                .expect("drops lock")
+                .push((sequence, points));
         }
     }
-    let oldest = shared
+    let oldest = store
         .records
         .first()
         .map_err(&err)?
         .and_then(|(_, v)| record::header(&v).ok())
         .map(|(_, at)| at);
-    shared.stats.lock().expect("stats lock").oldest_enqueued_ns = oldest;
+    shared.stats().oldest_enqueued_ns = oldest;
     Ok(freed)
 }
 
 /// The writer task: gathers appends for one flush interval, writes them as records of
-/// about `record_bytes`, flushes once, then answers every appender.
-async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>) {
-    let mut next_seq = match next_sequence(&shared) {
-        Ok(next) => next,
-        Err(e) => {
-            error!(error = %e, "cannot read the queue's sequence; refusing appends");
-            return;
-        }
-    };
+/// about `record_bytes`, flushes once, then answers every appender. A group that cannot
+/// be written is kept and written again once sled is reopened; only shutdown gives up.
+async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>, mut next_seq: u64) {
     while let Some(first) = rx.recv().await {
         let deadline = tokio::time::Instant::now() + shared.config.flush_interval;
         let mut group = vec![first];
@@ -420,127 +544,257 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>) {
             group.push(more);
         }
         let (batches, waiters): (Vec<Vec<PointBatch>>, Vec<_>) = group.into_iter().map(|a| (a.batches, a.done)).unzip();
-        let incoming: u64 = batches.iter().flatten().map(|b| record::batch_size(b) as u64).sum();
-        make_room(&shared, incoming, &mut rx).await;
-        let result = {
-            let shared = Arc::clone(&shared);
-            let first_seq = next_seq;
-            tokio::task::spawn_blocking(move || write_group(&shared, batches.into_iter().flatten(), first_seq)).await
-        };
-        let outcome = match result {
-            Ok(Ok(next)) => {
-                next_seq = next;
-                shared.appended.notify_waiters();
-                Ok(())
+        let batches: Vec<PointBatch> = batches.into_iter().flatten().collect();
+        let outcome = loop {
+            let failure = match write_with_room(&shared, &batches, next_seq, &mut rx).await {
+                Ok(next) => {
+                    next_seq = next;
+                    shared.stats().write_error = None;
+                    shared.appended.notify_waiters();
+                    break Ok(());
+                }
+                Err(failure) => failure,
+            };
+            error!(error = %failure, "cannot write to the queue; reopening it and writing the same points again");
+            {
+                let mut stats = shared.stats();
+                stats.write_error = Some(failure.clone());
+                stats.write_failures += 1;
             }
-            Ok(Err(e)) => {
-                error!(error = %e, "cannot write to the queue; the points of this group are not persisted");
-                Err(e.to_string())
+            if rx.is_closed() {
+                break Err(failure);
             }
-            Err(e) => Err(format!("queue writer failed: {e}")),
+            reopen_until_open(&shared, next_seq, &rx).await;
         };
+        if let Err(failure) = &outcome {
+            error!(error = %failure, "shutting down with a group the queue could not write; its points are lost");
+        }
         for waiter in waiters {
             let _ = waiter.send(outcome.clone());
         }
     }
 }
 
-fn next_sequence(shared: &Shared) -> Result<u64, sled::Error> {
-    let stored = u64_at(&shared.meta, "next_seq")?.unwrap_or(0);
-    let after_last = shared
-        .records
-        .last()?
-        .and_then(|(k, _)| k.as_ref().try_into().ok())
-        .map_or(0, |k| u64::from_be_bytes(k) + 1);
+/// Applies the full policy for `batches`, then writes them from `first_seq` on; returns
+/// the next sequence, or why the write failed.
+async fn write_with_room(
+    shared: &Arc<Shared>,
+    batches: &[PointBatch],
+    first_seq: u64,
+    rx: &mut mpsc::Receiver<Append>,
+) -> Result<u64, String> {
+    let now = now_ns();
+    let start = *shared.totals.lock().expect("totals lock");
+    let values = pack(batches, shared.config.record_bytes, now, start);
+    let incoming: u64 = values.iter().map(|v| v.len() as u64).sum();
+    make_room(shared, incoming, rx).await;
+    if shared.failed.load(Ordering::Acquire) {
+        // A read, an acknowledgement or the full policy's drop found sled failed.
+        return Err(shared
+            .stats()
+            .write_error
+            .clone()
+            .unwrap_or_else(|| "sled failed".into()));
+    }
+    let shared2 = Arc::clone(shared);
+    let written = tokio::task::spawn_blocking(move || write_group(&shared2, &values, first_seq, now))
+        .await
+        .map_err(|e| format!("queue writer failed: {e}"))?;
+    written.map_err(|e| e.to_string())
+}
+
+/// Batches as record values of about `record_bytes` each, each after the totals of the
+/// ones before it.
+fn pack(batches: &[PointBatch], record_bytes: usize, now: i64, mut totals: record::Totals) -> Vec<Vec<u8>> {
+    let mut values = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, batch) in batches.iter().enumerate() {
+        bytes += record::batch_size(batch);
+        if bytes >= record_bytes || i + 1 == batches.len() {
+            let value = record::encode(&batches[start..=i], now, totals);
+            let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
+            totals = totals.then(points, value.len() as u64);
+            values.push(value);
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    values
+}
+
+/// Writes record values from `first_seq` on, then the next sequence, flushes, and only
+/// then counts them and lets the publisher see them. Returns the next sequence.
+fn write_group(shared: &Shared, values: &[Vec<u8>], first_seq: u64, now: i64) -> Result<u64, QueueError> {
+    let err = shared.storage_error();
+    let store = shared.store()?;
+    let mut next = first_seq;
+    for value in values {
+        store
+            .records
+            .insert(next.to_be_bytes(), value.as_slice())
+            .map_err(&err)?;
+        next += 1;
+    }
+    store.meta.insert("next_seq", &next.to_be_bytes()).map_err(&err)?;
+    store.db.flush().map_err(&err)?;
+    shared.commit_drops();
+    let mut totals = shared.totals.lock().expect("totals lock");
+    for value in values {
+        let points = record::header(value).map_or(0, |(p, _)| u64::from(p));
+        count(shared, points, value.len() as u64, now);
+        *totals = totals.then(points, value.len() as u64);
+    }
+    shared.durable_next.store(next, Ordering::Release);
+    Ok(next)
+}
+
+fn next_sequence(store: &Store) -> Result<u64, sled::Error> {
+    let stored = u64_at(&store.meta, "next_seq")?.unwrap_or(0);
+    let after_last = store.records.last()?.map_or(0, |(k, _)| sequence_of(&k) + 1);
     Ok(stored.max(after_last))
+}
+
+/// Reopens sled after a failed write, once a second until it opens or the queue shuts
+/// down. Records at or after `next_seq` were never flushed as a group nor seen by the
+/// publisher: whatever of them sled kept is removed, and the group is written again.
+async fn reopen_until_open(shared: &Arc<Shared>, next_seq: u64, rx: &mpsc::Receiver<Append>) {
+    loop {
+        let shared2 = Arc::clone(shared);
+        match run_blocking(move || reopen(&shared2, next_seq)).await {
+            Ok(()) => {
+                info!(queue = %shared.config.dir.display(), "queue reopened after a failed write");
+                return;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot reopen the queue; trying again in a second");
+                shared.stats().write_error = Some(e.to_string());
+            }
+        }
+        if rx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
+    let err = storage(&shared.config.dir);
+    let old = shared.store.write().expect("store lock").take();
+    if let Some(old) = old {
+        // Readers that cloned the store finish within their blocking call; sled's file
+        // lock is released only when the last handle is gone.
+        for _ in 0..500 {
+            if Arc::strong_count(&old) == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    shared.volume.release_reserve();
+    let store = Store::open(&shared.config).map_err(&err)?;
+    let unflushed: Vec<sled::IVec> = store
+        .records
+        .range(next_seq.to_be_bytes()..)
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(&err)?;
+    for key in &unflushed {
+        store.records.remove(key).map_err(&err)?;
+    }
+    store.db.flush().map_err(&err)?;
+    // Removals are recovered as a prefix: a dropped record is gone if the head is past it.
+    let head = store.records.first().map_err(&err)?.map(|(k, _)| sequence_of(&k));
+    let dropped: u64 = shared
+        .unflushed_drops
+        .lock()
+        .expect("drops lock")
+        .drain(..)
+        .filter(|(sequence, _)| head.is_none_or(|h| *sequence < h))
+        .map(|(_, points)| points)
+        .sum();
+    let (stats, totals) = summary::summarize(&store.records, &store.meta, &store.db).map_err(&err)?;
+    {
+        let mut current = shared.stats();
+        *current = QueueStats {
+            dropped_points: current.dropped_points + dropped,
+            corrupt_records: current.corrupt_records,
+            write_error: current.write_error.take(),
+            write_failures: current.write_failures,
+            ..stats
+        };
+    }
+    *shared.totals.lock().expect("totals lock") = totals;
+    *shared.store.write().expect("store lock") = Some(Arc::new(store));
+    shared.failed.store(false, Ordering::Release);
+    Ok(())
+}
+
+/// The payload the queue may hold now, and whether the disk (not `maxSize`) sets it.
+fn payload_limit(shared: &Shared) -> (u64, bool) {
+    let configured = (shared.config.max_bytes as f64 / DISK_AMPLIFICATION) as u64;
+    let disk_bytes = shared.store().ok().and_then(|s| s.db.size_on_disk().ok()).unwrap_or(0);
+    match shared.volume.payload_limit(disk_bytes) {
+        Some(disk) if disk < configured => (disk, true),
+        _ => (configured, false),
+    }
 }
 
 /// Applies the full policy before `incoming` payload bytes are written.
 async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<Append>) {
-    let limit = shared.config.max_bytes;
     let fits = |shared: &Shared| {
-        let payload = shared.stats.lock().expect("stats lock").payload_bytes + incoming;
-        (payload as f64 * DISK_AMPLIFICATION) as u64 <= limit
+        let (limit, by_disk) = payload_limit(shared);
+        let payload = shared.stats().payload_bytes;
+        let fits = payload + incoming <= limit;
+        shared.stats().disk_full = by_disk && !fits;
+        (fits, limit)
     };
-    if fits(shared) {
+    let (fit, limit) = fits(shared);
+    if fit {
+        shared.volume.ensure_reserve();
         return;
     }
     match shared.config.policy {
         FullPolicy::DropOldest => {
             let shared2 = Arc::clone(shared);
-            let dropped = tokio::task::spawn_blocking(move || {
-                let target = (limit as f64 / DISK_AMPLIFICATION) as u64;
-                let over = |s: &Shared| s.stats.lock().expect("stats lock").payload_bytes + incoming > target;
-                remove_head(&shared2, |_| over(&shared2), true)
+            let dropped = run_blocking(move || {
+                let over = |s: &Shared| s.stats().payload_bytes + incoming > limit;
+                let store = shared2.store()?;
+                remove_head(&shared2, &store, |_| over(&shared2), true)
             })
             .await;
-            if let Ok(Ok(freed)) = dropped {
-                warn!(
+            match dropped {
+                Ok(freed) => warn!(
                     freed_bytes = freed,
+                    disk_full = shared.stats().disk_full,
                     "queue full: dropped the oldest points (policy dropOldest)"
-                );
+                ),
+                Err(e) => error!(error = %e, "queue full, and dropping the oldest points failed"),
             }
         }
         FullPolicy::PausePolling => {
-            shared.stats.lock().expect("stats lock").paused = true;
-            warn!("queue full: holding new points until the broker takes some (policy pausePolling)");
-            while !fits(shared) {
+            shared.stats().paused = true;
+            warn!(
+                disk_full = shared.stats().disk_full,
+                "queue full: holding new points until the broker takes some (policy pausePolling)"
+            );
+            while !fits(shared).0 {
                 // Appends wait in the channel meanwhile; when it fills, pollers wait too.
                 let room = shared.room.notified();
-                if rx.is_closed() {
+                if rx.is_closed() || shared.failed.load(Ordering::Acquire) {
                     break;
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(200), room).await;
             }
-            shared.stats.lock().expect("stats lock").paused = false;
+            shared.stats().paused = false;
             info!("queue has room again; polling resumes");
         }
     }
 }
 
-/// Writes batches as records from `first_seq` on, then the next sequence, then flushes.
-/// Returns the next sequence.
-fn write_group(shared: &Shared, batches: impl Iterator<Item = PointBatch>, first_seq: u64) -> Result<u64, QueueError> {
-    let err = storage(&shared.config.dir);
-    let now = now_ns();
-    let mut next = first_seq;
-    let mut pending: Vec<PointBatch> = Vec::new();
-    let mut pending_bytes = 0;
-    let write_record = |pending: &mut Vec<PointBatch>, next: &mut u64| -> Result<(), QueueError> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let before = *shared.totals.lock().expect("totals lock");
-        let value = record::encode(std::mem::take(pending), now, before);
-        let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
-        // Counted before it is inserted: the publisher may read, send, ack and delete it
-        // before this function returns, and a delete must never find it uncounted.
-        count(shared, points, value.len() as u64, now);
-        if let Err(e) = shared.records.insert(next.to_be_bytes(), value.as_slice()) {
-            uncount(shared, points, value.len() as u64);
-            return Err(err(e));
-        }
-        *shared.totals.lock().expect("totals lock") = before.then(points, value.len() as u64);
-        *next += 1;
-        Ok(())
-    };
-    for batch in batches {
-        pending_bytes += record::batch_size(&batch);
-        pending.push(batch);
-        if pending_bytes >= shared.config.record_bytes {
-            write_record(&mut pending, &mut next)?;
-            pending_bytes = 0;
-        }
-    }
-    write_record(&mut pending, &mut next)?;
-    shared.meta.insert("next_seq", &next.to_be_bytes()).map_err(&err)?;
-    shared.db.flush().map_err(&err)?;
-    Ok(next)
-}
-
 /// Counts one record in the queue's figures.
 fn count(shared: &Shared, points: u64, bytes: u64, enqueued_ns: i64) {
-    let mut stats = shared.stats.lock().expect("stats lock");
+    let mut stats = shared.stats();
     stats.records += 1;
     stats.points += points;
     stats.payload_bytes += bytes;
@@ -549,7 +803,7 @@ fn count(shared: &Shared, points: u64, bytes: u64, enqueued_ns: i64) {
 
 /// Takes one record out of the queue's figures.
 fn uncount(shared: &Shared, points: u64, bytes: u64) {
-    let mut stats = shared.stats.lock().expect("stats lock");
+    let mut stats = shared.stats();
     stats.records = stats.records.saturating_sub(1);
     stats.points = stats.points.saturating_sub(points);
     stats.payload_bytes = stats.payload_bytes.saturating_sub(bytes);

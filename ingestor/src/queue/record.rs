@@ -54,18 +54,23 @@ pub struct Record {
     pub before: Option<Totals>,
 }
 
-/// Encodes batches into one record value, after records totalling `before`.
-pub fn encode(batches: Vec<PointBatch>, enqueued_ns: i64, before: Totals) -> Vec<u8> {
+/// Encodes batches into one record value, after records totalling `before`. The batches
+/// are encoded where they are (as `QueueRecord` fields 1, 2 and 3), not moved into a
+/// message: a write that fails is made again from the same batches.
+pub fn encode(batches: &[PointBatch], enqueued_ns: i64, before: Totals) -> Vec<u8> {
+    use prost::encoding::{message, uint64};
     let points: usize = batches.iter().map(|b| b.points.len()).sum();
-    let body = QueueRecord {
-        batches,
-        points_before: Some(before.points),
-        bytes_before: Some(before.bytes),
-    };
-    let mut value = Vec::with_capacity(HEADER + body.encoded_len());
+    let body_len = batches.iter().map(|b| message::encoded_len(1, b)).sum::<usize>()
+        + uint64::encoded_len(2, &before.points)
+        + uint64::encoded_len(3, &before.bytes);
+    let mut value = Vec::with_capacity(HEADER + body_len);
     value.extend_from_slice(&u32::try_from(points).unwrap_or(u32::MAX).to_be_bytes());
     value.extend_from_slice(&enqueued_ns.to_be_bytes());
-    body.encode(&mut value).expect("a Vec grows as needed");
+    for batch in batches {
+        message::encode(1, batch, &mut value);
+    }
+    uint64::encode(2, &before.points, &mut value);
+    uint64::encode(3, &before.bytes, &mut value);
     value
 }
 

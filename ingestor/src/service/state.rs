@@ -132,6 +132,10 @@ impl SiteState {
                 corrupt_records: q.corrupt_records,
                 paused: q.paused,
                 moved_aside: self.queue_moved_aside.as_ref().map(|p| p.display().to_string()),
+                disk_full: q.disk_full,
+                volume_available_bytes: q.volume_available_bytes,
+                write_error: q.write_error,
+                write_failures: q.write_failures,
             },
             publisher: self.publisher.lock().expect("publisher lock").clone(),
             points_polled: self.points_polled.load(Ordering::Relaxed),
@@ -221,6 +225,11 @@ impl Collector for Metrics {
                 one(status.queue.corrupt_records),
             ),
             (
+                "tagstream_queue_write_failures",
+                "Queue writes that failed (a full disk, an I/O error) and were made again",
+                one(status.queue.write_failures),
+            ),
+            (
                 "tagstream_published_batches",
                 "Batches sent to JetStream",
                 one(status.publisher.published_batches),
@@ -272,6 +281,16 @@ impl Collector for Metrics {
                 "tagstream_queue_paused",
                 "1 while pausePolling holds new points",
                 one(flag(status.queue.paused)),
+            ),
+            (
+                "tagstream_queue_disk_full",
+                "1 while the filesystem's free space, not maxSize, limits the queue",
+                one(flag(status.queue.disk_full)),
+            ),
+            (
+                "tagstream_queue_volume_available_bytes",
+                "Bytes free on the queue's filesystem",
+                one(status.queue.volume_available_bytes.unwrap_or(0) as f64),
             ),
             (
                 "tagstream_queue_recovered_from_corruption",
