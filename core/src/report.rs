@@ -109,6 +109,9 @@ pub struct PublisherStatus {
     pub published_batches: u64,
     pub acked_records: u64,
     pub duplicates: u64,
+    /// Records JetStream stored after a later record (a failover while in flight).
+    #[serde(default)]
+    pub reordered: u64,
     pub failures: u64,
     pub last_error: Option<String>,
     /// Seconds from publish to ack of the latest ack.
@@ -127,6 +130,7 @@ impl Default for PublisherStatus {
             published_batches: 0,
             acked_records: 0,
             duplicates: 0,
+            reordered: 0,
             failures: 0,
             last_error: None,
             last_ack_latency: None,

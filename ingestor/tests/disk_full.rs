@@ -6,6 +6,7 @@
 //! Mounting needs root: elsewhere these tests say SKIPPED, and `TAGSTREAM_REQUIRE_ROOT=1`
 //! (CI) makes that a failure.
 
+#[allow(dead_code, reason = "these tests use part of the test support")]
 mod support;
 
 use std::{
@@ -17,14 +18,15 @@ use std::{
 };
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use tagstream_crds::site::FullPolicy;
 use tagstream_ingestor::queue::{Queue, QueueConfig, Stored};
 use tagstream_proto::v1::{Point, PointBatch, point::Value as PointValue};
 
 use support::{
+    http::http_get,
     nats::{Nats, free_port},
+    points::counter_values,
     stream::{assert_exactly_once_in_order, stream_contents},
 };
 
@@ -144,15 +146,7 @@ async fn append_all(queue: &Queue, first: u64, appends: u64, limit: Duration) {
 }
 
 fn numbers(stored: &[Stored]) -> Vec<u64> {
-    stored
-        .iter()
-        .flat_map(|s| &s.record.batches)
-        .flat_map(|b| &b.points)
-        .map(|p| match p.value {
-            Some(PointValue::UintValue(n)) => n,
-            ref other => panic!("unexpected {other:?}"),
-        })
-        .collect()
+    counter_values(stored.iter().flat_map(|s| &s.record.batches))
 }
 
 /// Reopens the queue and checks what it holds: not moved aside, every record readable, a
@@ -380,17 +374,6 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-async fn http_get(address: SocketAddr, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
 }
 
 /// `/status` once it satisfies `done`, within `limit`.

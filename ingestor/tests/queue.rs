@@ -1,6 +1,9 @@
 //! The sled queue on real files: order, sequences across restarts, group commit, both
 //! full policies, a corrupt directory, and crashes of a real child process (SIGKILL).
 
+#[allow(dead_code, reason = "these tests use part of the test support")]
+mod support;
+
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
@@ -10,6 +13,8 @@ use std::{
 use tagstream_crds::site::FullPolicy;
 use tagstream_ingestor::queue::{Queue, QueueConfig, Stored};
 use tagstream_proto::v1::{Point, PointBatch, point::Value};
+
+use support::points::counter_values;
 
 fn batch(n: u64) -> PointBatch {
     PointBatch {
@@ -25,15 +30,7 @@ fn batch(n: u64) -> PointBatch {
 }
 
 fn numbers(stored: &[Stored]) -> Vec<u64> {
-    stored
-        .iter()
-        .flat_map(|s| &s.record.batches)
-        .flat_map(|b| &b.points)
-        .map(|p| match p.value {
-            Some(Value::UintValue(n)) => n,
-            ref other => panic!("unexpected {other:?}"),
-        })
-        .collect()
+    counter_values(stored.iter().flat_map(|s| &s.record.batches))
 }
 
 async fn everything(queue: &Queue) -> Vec<Stored> {

@@ -1,6 +1,7 @@
 //! Store and forward against a real `nats-server -js` (Debian's package) on a free
 //! loopback port: broker outages, killed ingestors (SIGKILL), authentication, and reloads.
 
+#[allow(dead_code, reason = "these tests use part of the test support")]
 mod support;
 
 use std::{
@@ -20,11 +21,13 @@ use tagstream_ingestor::{
     service::{self, RunOptions},
 };
 use tagstream_proto::v1::{Point, PointBatch, point::Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use support::{
+    http::http_get,
     nats::{Nats, free_port},
+    points::counter_values,
+    publisher::{self, RunningPublisher},
     stream::{assert_exactly_once_in_order, stream_contents},
 };
 
@@ -83,14 +86,11 @@ async fn a_broker_outage_loses_nothing_and_keeps_the_order() {
     let mut config = QueueConfig::new(dir.path().join("q"));
     config.flush_interval = Duration::from_millis(2);
     let queue = Queue::open(config).unwrap().queue;
-    let status = Arc::new(Mutex::new(PublisherStatus::default()));
-    let stop = CancellationToken::new();
-    let publisher = tokio::spawn(publish::run(
-        queue.clone(),
-        publisher_config(&nats.url(), "outage"),
-        Arc::clone(&status),
-        stop.clone(),
-    ));
+    let RunningPublisher {
+        status,
+        stop,
+        task: publisher,
+    } = publisher::start(&queue, publisher_config(&nats.url(), "outage"));
 
     let feeder = tokio::spawn({
         let queue = queue.clone();
@@ -127,14 +127,7 @@ async fn a_broker_outage_loses_nothing_and_keeps_the_order() {
     publisher.await.unwrap();
 
     let stored = read_stream(&nats.url(), async_nats::ConnectOptions::new()).await;
-    let values: Vec<u64> = stored
-        .iter()
-        .flat_map(|(_, b)| &b.points)
-        .map(|p| match p.value {
-            Some(Value::UintValue(n)) => n,
-            ref other => panic!("{other:?}"),
-        })
-        .collect();
+    let values = counter_values(stored.iter().map(|(_, b)| b));
     assert_eq!(values, (0..TOTAL).collect::<Vec<_>>(), "every point once, in order");
     assert!(
         queued_during_outage > 0,
@@ -379,21 +372,8 @@ async fn killed_ingestors_deliver_every_record_exactly_once() {
     assert_exactly_once_in_order(&stored);
 }
 
-async fn http_get(address: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
-}
-
 async fn status(address: SocketAddr) -> serde_json::Value {
-    serde_json::from_str(&http_get(address, "/status").await).unwrap()
+    serde_json::from_str(&http_get(address, "/status").await.unwrap()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,7 +450,7 @@ spec: {site: crashy, inputs: {s: pump/speed}, expression: s +}
         assert!(Instant::now() < deadline, "no result in /status: {s}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let metrics = http_get(address, "/metrics").await;
+    let metrics = http_get(address, "/metrics").await.unwrap();
     assert!(metrics.contains("tagstream_formulas_invalid{} 1.0"), "{metrics}");
     assert!(
         metrics.contains("# TYPE tagstream_poll_cycles_skipped counter")

@@ -8,10 +8,12 @@
 //! tail and deletes at the head (2.7x measured on a full 8 MiB tmpfs, ARCHITECTURE.md).
 //! So each group's write is also checked against the free space the filesystem reports.
 //!
-//! When the free space falls below [`Volume::margin`], the payload the queue may hold
-//! becomes what sled's file and the free space left can take at
-//! [`FULL_DISK_AMPLIFICATION`]; the full policy then applies as for `maxSize`. The margin
-//! absorbs sled's lag in reusing the space of deleted records.
+//! When the free space falls below [`Volume::margin`], the queue stops growing its files:
+//! the payload it may hold becomes what sled's file can take at
+//! [`FULL_DISK_AMPLIFICATION`], and the full policy applies as for `maxSize`. The margin
+//! absorbs sled's lag in reusing the space of deleted records. sled's file is never
+//! counted out: a queue that keeps up with its broker needs no new space, and must not
+//! drop points because the disk around it is full.
 //!
 //! sled stops for good after a failed write (its first I/O error is kept and returned by
 //! every later call) and reopening it writes too, so a disk filled to the last byte from
@@ -50,21 +52,21 @@ pub struct Space {
 }
 
 impl Volume {
-    /// The reserve is a 16th of the filesystem, between 2 MiB and 128 MiB.
+    /// The reserve is a 16th of the filesystem, between 2 MiB and 16 MiB: room for sled to reopen and delete (its segments are 512 KiB).
     pub fn new(dir: &Path) -> Self {
         let total = space(dir).map_or(0, |s| s.total);
         Self {
             dir: dir.to_path_buf(),
             total_bytes: total,
-            reserve_bytes: (total / 16).clamp(2 << 20, 128 << 20),
+            reserve_bytes: (total / 16).clamp(2 << 20, 16 << 20),
         }
     }
 
     /// The free space below which the disk, not `maxSize`, limits the queue: a tenth of
-    /// the filesystem (kubelet's default eviction threshold for a node's disk), at least
-    /// 4 MiB.
+    /// the filesystem, between 4 MiB and 256 MiB (a tenth alone is 25 GB of a 250 GB
+    /// node disk, which can be 90% full and fine).
     pub fn margin(&self) -> u64 {
-        (self.total_bytes / 10).max(4 << 20)
+        (self.total_bytes / 10).clamp(4 << 20, 256 << 20)
     }
 
     pub fn space(&self) -> Option<Space> {
@@ -76,9 +78,7 @@ impl Volume {
     /// the queue can reuse.
     pub fn payload_limit(&self, disk_bytes: u64) -> Option<u64> {
         let space = self.space()?;
-        (space.available < self.margin()).then(|| {
-            ((disk_bytes + space.available).saturating_sub(self.margin()) as f64 / FULL_DISK_AMPLIFICATION) as u64
-        })
+        (space.available < self.margin()).then(|| (disk_bytes as f64 / FULL_DISK_AMPLIFICATION) as u64)
     }
 
     /// Makes the reserve file when it is missing and the filesystem has room for it and

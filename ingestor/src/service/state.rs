@@ -245,6 +245,11 @@ impl Collector for Metrics {
                 one(status.publisher.duplicates),
             ),
             (
+                "tagstream_publish_reordered",
+                "Batches JetStream stored after a later one (a failover while they were in flight)",
+                one(status.publisher.reordered),
+            ),
+            (
                 "tagstream_publish_failures",
                 "Publish attempts that failed and were retried",
                 one(status.publisher.failures),

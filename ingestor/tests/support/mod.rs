@@ -1,4 +1,8 @@
 //! Real peers shared by the integration tests and the benchmarks.
 
+pub mod cluster;
+pub mod http;
 pub mod nats;
+pub mod points;
+pub mod publisher;
 pub mod stream;

@@ -12,25 +12,28 @@
 //! can only repeat a message, and the repeat is dropped as a duplicate.
 
 use std::{
-    collections::VecDeque,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use async_nats::{
-    ConnectOptions,
-    jetstream::{self, context::PublishAckFuture, message::PublishMessage, stream},
+    ConnectOptions, Event,
+    jetstream::{self, ErrorCode, context::GetStreamErrorKind, message::PublishMessage, stream},
 };
 use bytes::Bytes;
 use prost::Message as _;
 use tagstream_core::report::PublisherStatus;
 use tagstream_crds::site::{Broker, CredentialsKind, StreamStorage};
 use tagstream_proto::v1::PointBatch;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::queue::{Queue, Stored};
+
+mod window;
+use window::AckWindow;
 
 /// Where the publisher sends and how.
 #[derive(Clone, Debug)]
@@ -170,6 +173,12 @@ pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfi
             Ok(())
         }
         Err(e) if !spec.create => Err(fail(format!("cannot be read and stream.create is false: {e}"))),
+        // Created only when JetStream says it does not exist: a cluster electing a leader
+        // answers other errors (timeouts, no responders), and a stream is not made anew
+        // on those.
+        Err(e) if !matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {
+            Err(fail(format!("cannot be read: {e}")))
+        }
         Err(_) => {
             let storage = match spec.storage {
                 StreamStorage::File => stream::StorageType::File,
@@ -192,13 +201,9 @@ pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfi
     }
 }
 
-/// A publish waiting for its ack.
-struct InFlight {
-    sequence: u64,
-    last_part: bool,
-    sent: Instant,
-    ack: PublishAckFuture,
-}
+/// The first wait before resending after a publish failure; it doubles while failures
+/// follow each other, up to 5 s.
+const FIRST_DELAY: Duration = Duration::from_millis(100);
 
 /// How long points may wait in the queue with no ack arriving before the publisher
 /// drops its connection and makes a new one.
@@ -213,10 +218,10 @@ pub async fn run(
 ) {
     let mut delay = Duration::from_millis(200);
     loop {
-        let context = tokio::select! {
+        let (context, disconnects) = tokio::select! {
             () = shutdown.cancelled() => return,
             connected = connect(&config) => match connected {
-                Ok(context) => context,
+                Ok(connected) => connected,
                 Err(e) => {
                     warn!(error = %e, retry_in = ?delay, "broker not reachable; points stay in the queue");
                     status.lock().expect("status lock").last_error = Some(e.to_string());
@@ -240,6 +245,7 @@ pub async fn run(
         let connection = Connection {
             queue: &queue,
             context,
+            disconnects,
             config: &config,
             status: &status,
             shutdown: &shutdown,
@@ -254,6 +260,8 @@ pub async fn run(
 struct Connection<'a> {
     queue: &'a Queue,
     context: jetstream::Context,
+    /// Counts the client's disconnections (see [`connect`]).
+    disconnects: watch::Receiver<u64>,
     config: &'a PublisherConfig,
     status: &'a Mutex<PublisherStatus>,
     shutdown: &'a CancellationToken,
@@ -269,9 +277,11 @@ impl Connection<'_> {
             config,
             status,
             shutdown,
+            ..
         } = self;
-        let mut delay = Duration::from_millis(100);
+        let mut delay = FIRST_DELAY;
         loop {
+            let acked_before = status.lock().expect("status lock").acked_records;
             let outcome = tokio::select! {
                 result = self.publish_backlog() => result,
                 () = stalled(queue, status) => {
@@ -283,6 +293,12 @@ impl Connection<'_> {
             let Err(e) = outcome else { return true };
             {
                 let mut s = status.lock().expect("status lock");
+                // The backoff is for failures in a row: one after records went through
+                // starts again from the shortest wait (it had grown to 5 s, and every
+                // later failover paused that long).
+                if s.acked_records != acked_before {
+                    delay = FIRST_DELAY;
+                }
                 s.failures += 1;
                 s.connected = false;
                 if s.last_error.as_deref() != Some(&e.to_string()) {
@@ -295,9 +311,13 @@ impl Connection<'_> {
                 () = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(5));
-            // The stream may be what failed (deleted, or lost with the broker's disk).
-            if let Err(e) = ensure_stream(context, config).await {
-                debug!(error = %e, "stream check before retrying failed");
+            // The stream may be what failed (deleted, or lost with the broker's disk). A
+            // cluster electing the stream's leader does not answer: the check is bounded so
+            // it does not add the request timeout to every failover.
+            match tokio::time::timeout(Duration::from_secs(1), ensure_stream(context, config)).await {
+                Ok(Err(e)) => debug!(error = %e, "stream check before retrying failed"),
+                Err(_) => debug!("stream check before retrying got no answer within a second"),
+                Ok(Ok(())) => {}
             }
         }
     }
@@ -312,7 +332,7 @@ impl Connection<'_> {
             ..
         } = *self;
         let epoch = queue.epoch();
-        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut window = AckWindow::new(self.disconnects.clone());
         // The next chunk is read (and decoded, on the blocking pool) while this one is sent.
         let read_after = |after: Option<u64>| {
             let queue = queue.clone();
@@ -325,7 +345,7 @@ impl Connection<'_> {
                 .await
                 .map_err(|e| PublishError::Publish(format!("queue reader failed: {e}")))??;
             let Some(last) = chunk.last().map(|s| s.sequence) else {
-                if let Some(sequence) = settle(&mut in_flight, 0, status).await? {
+                if let Some(sequence) = window.settle(0, status).await? {
                     queue.ack_through(sequence).await?;
                 }
                 if shutdown.is_cancelled() {
@@ -343,10 +363,8 @@ impl Connection<'_> {
             // Acked records leave the queue once per chunk: one delete pass, not one per record.
             let mut acked_through = None;
             for stored in chunk {
-                self.send_record(epoch, stored, &mut in_flight).await?;
-                acked_through = settle(&mut in_flight, config.max_in_flight, status)
-                    .await?
-                    .or(acked_through);
+                self.send_record(epoch, stored, &mut window).await?;
+                acked_through = window.settle(config.max_in_flight, status).await?.or(acked_through);
             }
             if let Some(sequence) = acked_through {
                 queue.ack_through(sequence).await?;
@@ -354,12 +372,7 @@ impl Connection<'_> {
         }
     }
 
-    async fn send_record(
-        &self,
-        epoch: u64,
-        stored: Stored,
-        in_flight: &mut VecDeque<InFlight>,
-    ) -> Result<(), PublishError> {
+    async fn send_record(&self, epoch: u64, stored: Stored, window: &mut AckWindow) -> Result<(), PublishError> {
         let Self {
             context,
             config,
@@ -373,6 +386,9 @@ impl Connection<'_> {
             batch.epoch = epoch;
             batch.sequence = stored.sequence;
             batch.part = part as u32;
+            // Nothing more is sent once a publish failed: what follows it must not reach
+            // the stream before it is sent again.
+            window.check()?;
             let message = PublishMessage::build()
                 .payload(Bytes::from(batch.encode_to_vec()))
                 .message_id(message_id(&batch));
@@ -380,12 +396,7 @@ impl Connection<'_> {
                 .send_publish(config.subject(&batch.source), message)
                 .await
                 .map_err(|e| PublishError::Publish(e.to_string()))?;
-            in_flight.push_back(InFlight {
-                sequence: stored.sequence,
-                last_part: part + 1 == parts,
-                sent: Instant::now(),
-                ack,
-            });
+            window.push(stored.sequence, part + 1 == parts, ack);
             status.lock().expect("status lock").published_batches += 1;
         }
         Ok(())
@@ -406,14 +417,30 @@ async fn stalled(queue: &Queue, status: &Mutex<PublisherStatus>) {
     }
 }
 
-async fn connect(config: &PublisherConfig) -> Result<jetstream::Context, PublishError> {
-    let urls = config.broker.urls.join(",");
+/// Connects, makes sure of the stream, and counts the client's disconnections: the ack of
+/// a message sent before a disconnection never comes when the server that took it died,
+/// and waiting out the ack timeout would add it to every failover. The publisher resends
+/// from the first unacknowledged record instead; JetStream drops what it already has
+/// (same message id).
+async fn connect(config: &PublisherConfig) -> Result<(jetstream::Context, watch::Receiver<u64>), PublishError> {
+    let (count, disconnects) = watch::channel(0u64);
+    let count = Arc::new(count);
+    // A list, not one comma-joined string: async-nats parses a string as one URL, so a
+    // Site with several broker URLs never connected (found by tests/jetstream_cluster.rs).
     let client = connect_options(config)
         .await?
-        .connect(urls.as_str())
+        .event_callback(move |event| {
+            let count = Arc::clone(&count);
+            async move {
+                if matches!(event, Event::Disconnected) {
+                    count.send_modify(|n| *n += 1);
+                }
+            }
+        })
+        .connect(config.broker.urls.as_slice())
         .await
         .map_err(|e| PublishError::Connect {
-            urls: urls.clone(),
+            urls: config.broker.urls.join(","),
             message: e.to_string(),
         })?;
     // The publisher bounds what it has in flight itself. async-nats holds an ack permit
@@ -426,41 +453,12 @@ async fn connect(config: &PublisherConfig) -> Result<jetstream::Context, Publish
         .backpressure_on_inflight(false)
         .build(client);
     ensure_stream(&context, config).await?;
-    Ok(context)
+    Ok((context, disconnects))
 }
 
 /// `<epoch as 16 hex digits>-<sequence>-<part>`, as documented in the proto.
 pub fn message_id(batch: &PointBatch) -> String {
     format!("{:016x}-{}-{}", batch.epoch, batch.sequence, batch.part)
-}
-
-/// Awaits acks in order until at most `keep` are in flight; returns the last record whose
-/// every batch is now acked.
-async fn settle(
-    in_flight: &mut VecDeque<InFlight>,
-    keep: usize,
-    status: &Mutex<PublisherStatus>,
-) -> Result<Option<u64>, PublishError> {
-    let mut acked_through = None;
-    while in_flight.len() > keep {
-        let next = in_flight.pop_front().expect("longer than keep");
-        let ack = next.ack.await.map_err(|e| PublishError::Publish(e.to_string()))?;
-        let mut s = status.lock().expect("status lock");
-        s.connected = true;
-        s.last_error = None;
-        let latency = next.sent.elapsed().as_secs_f64();
-        s.last_ack_latency = Some(latency);
-        s.ack_latency.observe(latency);
-        if ack.duplicate {
-            s.duplicates += 1;
-            debug!(sequence = next.sequence, "duplicate dropped by JetStream");
-        }
-        if next.last_part {
-            acked_through = Some(next.sequence);
-            s.acked_records += 1;
-        }
-    }
-    Ok(acked_through)
 }
 
 #[cfg(test)]
