@@ -2,6 +2,9 @@
 //! RTU over a pty pair made by socat, a hand-written misbehaving server, and a server
 //! written by someone else (pymodbus, in `support/pymodbus_server.py`).
 
+#[allow(dead_code, reason = "these tests use part of the test support")]
+mod support;
+
 use std::{
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -24,6 +27,8 @@ use tokio::{
     sync::mpsc,
 };
 use tokio_util::sync::CancellationToken;
+
+use support::pty::PtyPair;
 
 fn device(yaml: &str) -> Device {
     serde_yaml::from_str(yaml).unwrap()
@@ -320,41 +325,6 @@ async fn rtu_framing_over_tcp() {
     assert_eq!(readings[0].sample.value, Some(PointValue::Double(61.5)));
     assert_eq!(readings[7].sample.value, Some(PointValue::String("CODE".into())));
     shutdown.cancel();
-}
-
-/// A pty pair from socat, killed and reaped on drop.
-struct PtyPair {
-    child: Child,
-    _dir: tempfile::TempDir,
-    a: String,
-    b: String,
-}
-
-impl PtyPair {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a").display().to_string();
-        let b = dir.path().join("b").display().to_string();
-        let child = Command::new("socat")
-            .args([format!("pty,raw,echo=0,link={a}"), format!("pty,raw,echo=0,link={b}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is needed for the RTU tests: run scripts/test.sh, which installs it");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(std::path::Path::new(&a).exists() && std::path::Path::new(&b).exists()) {
-            assert!(Instant::now() < deadline, "socat made no pty pair within 10s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, _dir: dir, a, b }
-    }
-}
-
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test]

@@ -1,18 +1,23 @@
 //! Input nobody planned for, fuzzed on stable Rust with proptest: register answers fed to
 //! the decoder, whole Modbus answers (TCP, and RTU with and without a valid CRC) fed to the
-//! connection layer over loopback, queue
+//! connection layer over loopback and RTU answers on a real serial line (a pty pair), queue
 //! records read back after random byte flips and truncation, and manifests mutated at
 //! random or built to hurt (YAML bombs, deep nesting, huge strings, unicode names,
-//! numbers out of range). Nothing may panic or hang; every bad input is an error.
+//! numbers out of range). Nothing may panic or hang; every bad input is an error; the
+//! process's address space is bounded (3 GiB), so an allocation sized by a hostile length
+//! aborts the run.
 //!
 //! `scripts/test.sh` runs 256 cases per property; longer:
 //! `TAGSTREAM_FUZZ_CASES=100000 cargo test --release -p tagstream-ingestor --test hostile_input`.
 
+#[allow(dead_code, reason = "these tests use part of the test support")]
+mod support;
+
 use std::{path::Path, sync::OnceLock, time::Duration};
 
-use proptest::prelude::*;
+use proptest::{prelude::*, test_runner::TestRunner};
 use tagstream_crds::{
-    device::{ByteOrder, Connection, DataType, RegisterKind, TcpEndpoint},
+    device::{ByteOrder, Connection, DataType, Parity, RegisterKind, SerialPort, TcpEndpoint},
     manifest::{Report, parse_into},
 };
 use tagstream_ingestor::{
@@ -25,6 +30,28 @@ use tagstream_ingestor::{
 };
 use tagstream_proto::v1::{Point, PointBatch, point::Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_serial::SerialPortBuilderExt as _;
+
+use support::pty::PtyPair;
+
+/// Bounds the test process's address space once, so that an allocation sized by a
+/// hostile length field (a `u32` of 4 GiB, say) aborts the run instead of passing
+/// unnoticed: every property calls this first. 3 GiB leaves room for the runtime's
+/// threads and malloc's per-thread arenas, which reserve address space they never use.
+fn bound_memory() {
+    static BOUND: OnceLock<()> = OnceLock::new();
+    BOUND.get_or_init(|| {
+        let limit = 3 << 30;
+        rustix::process::setrlimit(
+            rustix::process::Resource::As,
+            rustix::process::Rlimit {
+                current: Some(limit),
+                maximum: None,
+            },
+        )
+        .expect("setrlimit");
+    });
+}
 
 fn cases() -> u32 {
     std::env::var("TAGSTREAM_FUZZ_CASES")
@@ -168,6 +195,41 @@ fn crc16(bytes: &[u8]) -> u16 {
     })
 }
 
+/// What a fuzzed device sends back for `request`: `answer`, framed as `framing` says.
+fn frame(answer: Vec<u8>, framing: Framing, request: &[u8]) -> Vec<u8> {
+    match framing {
+        Framing::TcpRaw | Framing::RtuRaw => answer,
+        Framing::Mbap => {
+            let length = u16::try_from(answer.len() + 1).unwrap_or(u16::MAX);
+            [&request[..4], &length.to_be_bytes(), &[request[6]], &answer].concat()
+        }
+        Framing::RtuCrc => {
+            let body = [&[request[0]], answer.as_slice()].concat();
+            [body.as_slice(), &crc16(&body).to_le_bytes()].concat()
+        }
+    }
+}
+
+/// A read of four registers or bits of `kind` from address 0.
+fn read_of(kind: RegisterKind) -> Read {
+    Read {
+        kind,
+        start: 0,
+        count: 4,
+        tags: Vec::new(),
+    }
+}
+
+/// What is accepted fits the request: four registers or four bits.
+fn fits_the_request(result: Result<connection::Data, connection::ReadError>) -> Result<(), TestCaseError> {
+    match result {
+        Ok(connection::Data::Registers(r)) => prop_assert_eq!(r.len(), 4),
+        Ok(connection::Data::Bits(b)) => prop_assert_eq!(b.len(), 4),
+        Err(_) => {}
+    }
+    Ok(())
+}
+
 /// Serves one connection that answers the first request with `answer`, framed as
 /// `framing` says, then closes; polls it once and returns what the connection layer made
 /// of it.
@@ -186,18 +248,7 @@ async fn answered_with(
         if stream.read_exact(&mut request).await.is_err() {
             return;
         }
-        let frame = match framing {
-            Framing::TcpRaw | Framing::RtuRaw => answer,
-            Framing::Mbap => {
-                let length = u16::try_from(answer.len() + 1).unwrap_or(u16::MAX);
-                [&request[..4], &length.to_be_bytes(), &[request[6]], &answer].concat()
-            }
-            Framing::RtuCrc => {
-                let body = [&[request[0]], answer.as_slice()].concat();
-                [body.as_slice(), &crc16(&body).to_le_bytes()].concat()
-            }
-        };
-        let _ = stream.write_all(&frame).await;
+        let _ = stream.write_all(&frame(answer, framing, &request)).await;
         let _ = stream.shutdown().await;
     });
     let endpoint = TcpEndpoint {
@@ -218,18 +269,77 @@ async fn answered_with(
     let mut link = connection::connect(&connection, 1, Duration::from_secs(2))
         .await
         .unwrap();
-    let read = Read {
-        kind,
-        start: 0,
-        count: 4,
-        tags: Vec::new(),
-    };
-    let result = connection::execute(&mut link, &read, Duration::from_millis(300)).await;
+    let result = connection::execute(&mut link, &read_of(kind), Duration::from_millis(300)).await;
     server.abort();
     result
 }
 
-/// The framings reach the parser: a well-formed answer behind each is data.
+/// The same over a real serial line: the device's end of `pty` answers the first RTU
+/// request with `answer`. A serial line has no end of stream, so a cut answer ends in
+/// the read timeout, kept short.
+async fn answered_on_a_serial_line(
+    pty: &PtyPair,
+    answer: Vec<u8>,
+    framing: Framing,
+    kind: RegisterKind,
+) -> Result<connection::Data, connection::ReadError> {
+    let mut device = tokio_serial::new(&pty.b, 115_200).open_native_async().unwrap();
+    let connection = Connection {
+        rtu: Some(SerialPort {
+            path: pty.a.clone(),
+            baud_rate: 115_200,
+            parity: Parity::None,
+            data_bits: 8,
+            stop_bits: 1,
+        }),
+        ..Connection::default()
+    };
+    let mut link = connection::connect(&connection, 1, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let device_side = async {
+        let mut request = [0u8; 8];
+        let asked = tokio::time::timeout(Duration::from_secs(2), device.read_exact(&mut request)).await;
+        if matches!(asked, Ok(Ok(_))) {
+            let _ = device.write_all(&frame(answer, framing, &request)).await;
+        }
+    };
+    let read = read_of(kind);
+    let poll = connection::execute(&mut link, &read, Duration::from_millis(100));
+    tokio::join!(device_side, poll).1
+}
+
+/// Fuzzed RTU answers on a real serial line (a socat pty pair per case, reaped after
+/// it): raw, or behind the unit id and a valid CRC. A quarter of the cases of the
+/// properties below: each costs a pty pair and, for a cut answer, the read timeout.
+#[test]
+fn any_rtu_answer_on_a_serial_line_is_data_or_an_error() {
+    bound_memory();
+    let mut runner = TestRunner::new(ProptestConfig::with_cases((cases() / 4).max(16)));
+    let strategy = (
+        prop::collection::vec(any::<u8>(), 0..300),
+        prop::sample::select(vec![Framing::RtuRaw, Framing::RtuCrc]),
+        any_kind(),
+    );
+    runner
+        .run(&strategy, |(answer, framing, kind)| {
+            let pty = PtyPair::new();
+            fits_the_request(runtime().block_on(answered_on_a_serial_line(&pty, answer, framing, kind)))
+        })
+        .unwrap();
+}
+
+fn any_kind() -> impl Strategy<Value = RegisterKind> {
+    prop::sample::select(vec![
+        RegisterKind::Holding,
+        RegisterKind::Input,
+        RegisterKind::Coil,
+        RegisterKind::DiscreteInput,
+    ])
+}
+
+/// The framings reach the parser: a well-formed answer behind each is data, over TCP and
+/// on a serial line.
 #[test]
 fn well_formed_answers_behind_each_framing_are_data() {
     let holding = vec![0x03, 8, 0, 1, 0, 2, 0, 3, 0, 4];
@@ -239,6 +349,20 @@ fn well_formed_answers_behind_each_framing_are_data() {
             .unwrap_or_else(|e| panic!("{framing:?}: {e}"));
         assert_eq!(data, connection::Data::Registers(vec![1, 2, 3, 4]), "{framing:?}");
     }
+    let pty = PtyPair::new();
+    let data = runtime()
+        .block_on(answered_on_a_serial_line(
+            &pty,
+            holding,
+            Framing::RtuCrc,
+            RegisterKind::Holding,
+        ))
+        .unwrap_or_else(|e| panic!("RTU on a serial line: {e}"));
+    assert_eq!(
+        data,
+        connection::Data::Registers(vec![1, 2, 3, 4]),
+        "RTU on a serial line"
+    );
 }
 
 #[test]
@@ -254,20 +378,15 @@ proptest! {
     fn any_modbus_answer_is_data_or_an_error(
         answer in prop::collection::vec(any::<u8>(), 0..300),
         framing in prop::sample::select(vec![Framing::TcpRaw, Framing::Mbap, Framing::RtuRaw, Framing::RtuCrc]),
-        kind in prop::sample::select(vec![RegisterKind::Holding, RegisterKind::Input, RegisterKind::Coil, RegisterKind::DiscreteInput]),
+        kind in any_kind(),
     ) {
-        let result = runtime().block_on(answered_with(answer, framing, kind));
-        if let Ok(data) = result {
-            // What is accepted fits the request: four registers or at least four bits.
-            match data {
-                connection::Data::Registers(r) => prop_assert_eq!(r.len(), 4),
-                connection::Data::Bits(b) => prop_assert_eq!(b.len(), 4),
-            }
-        }
+        bound_memory();
+        fits_the_request(runtime().block_on(answered_with(answer, framing, kind)))?;
     }
 
     #[test]
     fn any_register_answer_decodes_or_is_refused(registers in prop::collection::vec(any::<u16>(), 0..300), layout in any_layout()) {
+        bound_memory();
         let _ = decode_registers(&registers, &layout);
     }
 
@@ -277,6 +396,7 @@ proptest! {
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
         keep in any::<prop::sample::Index>(),
     ) {
+        bound_memory();
         let mut bytes = record_bytes(points);
         for (at, value) in &flips {
             let index = at.index(bytes.len());
@@ -293,6 +413,7 @@ proptest! {
 
     #[test]
     fn a_mutated_manifest_loads_or_is_reported(file in any::<prop::sample::Index>(), edits in prop::collection::vec(any_edit(), 1..6)) {
+        bound_memory();
         let manifests = example_manifests();
         let text = apply(&manifests[file.index(manifests.len())], &edits);
         let _ = parse(&text);
@@ -301,6 +422,7 @@ proptest! {
 
 #[test]
 fn yaml_bombs_and_deep_nesting_are_refused_quickly() {
+    bound_memory();
     let laughs = "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n\
                   b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n\
                   d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\n\

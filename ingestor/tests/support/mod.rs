@@ -4,5 +4,6 @@ pub mod cluster;
 pub mod http;
 pub mod nats;
 pub mod points;
+pub mod pty;
 pub mod publisher;
 pub mod stream;
