@@ -330,21 +330,17 @@ fn queue_health(report: &Report) -> State {
         );
     }
     if queue.disk_full {
-        let free = queue
-            .volume_available_bytes
-            .map_or_else(String::new, |b| format!(" ({} MiB free)", b >> 20));
+        // No changing figures in the message: a new message is a status write and an
+        // event; the count is in status.queue.dropped.
         let policy = if queue.paused {
-            "polling is paused until the broker takes queued points (pausePolling)".to_owned()
+            "polling is paused until the broker takes queued points (pausePolling)"
         } else {
-            format!(
-                "the oldest points are dropped to make room (dropOldest; {} dropped so far)",
-                queue.dropped_points
-            )
+            "the oldest points are dropped to make room (dropOldest; status.queue.dropped counts them)"
         };
         return State::new(
             "False",
             DISK_FULL,
-            format!("the queue's volume is nearly full{free}: {policy}"),
+            format!("the queue's volume is nearly full: {policy}"),
         );
     }
     if queue.paused {

@@ -727,12 +727,16 @@ async fn a_full_disk_under_the_queue_turns_queue_healthy_false_with_one_warning(
     );
     assert_eq!(
         condition["message"],
-        "the queue's volume is nearly full (3 MiB free): the oldest points are dropped to make room (dropOldest; 500 dropped so far)"
+        "the queue's volume is nearly full: the oldest points are dropped to make room (dropOldest; \
+         status.queue.dropped counts them)"
     );
+    let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+    assert_eq!(site["status"]["queue"]["dropped"], 500);
 
     world.server.proxy(PROXY, 200, full(900, None));
     let requests = world.status_pass(&mut loop_).await;
     assert_eq!(warnings(&requests), Vec::<String>::new(), "still full: no new warning");
+    assert_eq!(queue_healthy(&world)["reason"], "DiskFull");
 
     world
         .server

@@ -6,8 +6,8 @@
 //! full, so after a stream leader died the publisher went on sending for as long as the
 //! window took to fill; a message sent once the new leader was elected was stored while
 //! an earlier one, lost with the old leader, was stored again only after it: the stream
-//! held records out of order (found by `tests/jetstream_cluster.rs`, about one run in
-//! four). A disconnection fails the window at once too: the acks of what the dead
+//! held records out of order (found by `tests/jetstream_cluster.rs`, one run in
+//! seven). A disconnection fails the window at once too: the acks of what the dead
 //! server took never come, and waiting for them added the ack timeout to every
 //! failover.
 //!

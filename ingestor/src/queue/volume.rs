@@ -5,7 +5,8 @@
 //! files stay near [`super::DISK_AMPLIFICATION`] times the payload. Neither always holds:
 //! on k3s's local-path provisioner a claim is a directory on the node's disk, which
 //! anything on the node can fill, and sled's files grow past 1.6x while it appends at the
-//! tail and deletes at the head (2.7x measured on a full 8 MiB tmpfs, ARCHITECTURE.md).
+//! tail and deletes at the head (2.7x on a full 8 MiB tmpfs, 3.0-3.4x on a 24 MiB one;
+//! BENCHMARKS.md).
 //! So each group's write is also checked against the free space the filesystem reports.
 //!
 //! When the free space falls below [`Volume::margin`], the queue stops growing its files:
@@ -31,7 +32,7 @@ use std::{
 use tracing::{info, warn};
 
 /// sled's file per byte of payload while records are appended at the tail and deleted
-/// at the head on a full disk (2.7x measured; see the module documentation).
+/// at the head on a full disk (2.7-3.4x measured; see the module documentation).
 pub const FULL_DISK_AMPLIFICATION: f64 = 3.0;
 
 const RESERVE_FILE: &str = "tagstream-reserve";
@@ -52,7 +53,8 @@ pub struct Space {
 }
 
 impl Volume {
-    /// The reserve is a 16th of the filesystem, between 2 MiB and 16 MiB: room for sled to reopen and delete (its segments are 512 KiB).
+    /// The reserve is a 16th of the filesystem, between 2 MiB and 16 MiB: room for sled
+    /// to reopen and delete (its segments are 512 KiB; 1 MiB was not always enough).
     pub fn new(dir: &Path) -> Self {
         let total = space(dir).map_or(0, |s| s.total);
         Self {
