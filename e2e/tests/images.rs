@@ -7,6 +7,8 @@
 //! the docker client in `TAGSTREAM_IMAGES_DOCKER`); without them each test prints one
 //! `SKIPPED images: ...` line and passes.
 
+#[path = "../../ingestor/tests/support/http.rs"]
+mod http;
 #[path = "../../ingestor/tests/support/stream.rs"]
 mod stream;
 
@@ -17,15 +19,12 @@ use std::{
     time::Duration,
 };
 
+use http::http_get;
 use serde_json::Value;
 use stream::{assert_exactly_once_in_order, stream_contents};
 use tagstream_crds::manifest::load;
 use tagstream_operator::render::{Settings, render};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-    process::Command,
-};
+use tokio::process::Command;
 
 /// The container's user: the image's nonroot user and the pod's `runAsUser`/`fsGroup`.
 const NONROOT: u32 = 65_532;
@@ -221,21 +220,6 @@ impl Drop for Scene {
     }
 }
 
-/// `GET path` on `address`, HTTP/1.0; the body.
-async fn http_get(address: &str, path: &str) -> Result<String, String> {
-    let mut stream = TcpStream::connect(address).await.map_err(|e| e.to_string())?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.map_err(|e| e.to_string())?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .ok_or_else(|| format!("no HTTP answer: {response:?}"))
-}
-
 /// Polls `check` every 500 ms until it gives a value, for at most `limit`.
 async fn wait_for<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Result<Option<T>, String>) -> T {
     let deadline = tokio::time::Instant::now() + limit;
@@ -357,7 +341,11 @@ async fn the_ingestor_image_publishes_the_example_plant_from_a_simulator_contain
         "every device connected, every formula valid, records acked",
         Duration::from_secs(90),
         async || {
-            let status: Value = serde_json::from_str(&http_get(&http, "/status").await?).map_err(|e| e.to_string())?;
+            let address = http.parse().map_err(|e| format!("{http}: {e}"))?;
+            let body = http_get(address, "/status")
+                .await
+                .ok_or_else(|| format!("no HTTP answer from {http}"))?;
+            let status: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
             let devices = status["devices"]
                 .as_object()
                 .map_or(0, |d| d.values().filter(|d| d["connected"] == true).count());

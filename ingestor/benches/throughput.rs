@@ -25,11 +25,14 @@ use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use support::nats::{Nats, free_port};
+use support::{
+    child::KilledOnDrop,
+    nats::{Nats, free_port},
+};
 
 const TAGS: usize = 62;
 
@@ -37,20 +40,10 @@ fn arg(name: &str) -> Option<String> {
     std::env::args().skip_while(|a| a != name).nth(1)
 }
 
-/// A child process, killed and reaped on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], dir: &Path) -> Process {
+fn spawn(args: &[&str], dir: &Path) -> KilledOnDrop {
     let log = std::fs::File::create(dir.join(format!("{}.log", args[0]))).expect("log file");
     let binary = arg("--ingestor").unwrap_or_else(|| env!("CARGO_BIN_EXE_tagstream-ingestor").to_owned());
-    Process(
+    KilledOnDrop(
         Command::new(binary)
             .args(args)
             .stdout(Stdio::null())

@@ -6,7 +6,7 @@
 mod support;
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -28,7 +28,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use support::pty::PtyPair;
+use support::{child::KilledOnDrop, pty::PtyPair};
 
 fn device(yaml: &str) -> Device {
     serde_yaml::from_str(yaml).unwrap()
@@ -583,16 +583,6 @@ spec:
     assert!(elapsed >= Duration::from_millis(600), "first poll after {elapsed:?}");
 }
 
-/// The pymodbus helper, killed and reaped on drop.
-struct PymodbusServer(Child);
-
-impl Drop for PymodbusServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 const PYMODBUS_DEVICE: &str = r"
 apiVersion: tagstream.io/v1alpha1
 kind: Device
@@ -632,7 +622,7 @@ async fn a_pymodbus_server_reads_as_its_tables_say() {
         .unwrap()
         .port();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/pymodbus_server.py");
-    let _server = PymodbusServer(
+    let _server = KilledOnDrop(
         Command::new(python)
             .args([script, &port.to_string()])
             .stdout(Stdio::null())

@@ -13,7 +13,7 @@ use std::{
     io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -24,6 +24,7 @@ use tagstream_ingestor::queue::{Queue, QueueConfig, Stored};
 use tagstream_proto::v1::{Point, PointBatch, point::Value as PointValue};
 
 use support::{
+    child::KilledOnDrop,
     http::http_get,
     nats::{Nats, free_port},
     points::counter_values,
@@ -343,7 +344,7 @@ spec:
 }
 
 /// The ingestor on `manifests` with its queue in `queue`, answering on `http`.
-fn ingestor(manifests: &Path, queue: &Path, http: SocketAddr, nats_url: Option<&str>) -> ChildGuard {
+fn ingestor(manifests: &Path, queue: &Path, http: SocketAddr, nats_url: Option<&str>) -> KilledOnDrop {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tagstream-ingestor"));
     command
         .args([
@@ -363,17 +364,7 @@ fn ingestor(manifests: &Path, queue: &Path, http: SocketAddr, nats_url: Option<&
     if let Some(url) = nats_url {
         command.args(["--nats-url", url]);
     }
-    ChildGuard(command.spawn().unwrap())
-}
-
-/// Killed and reaped on drop.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    KilledOnDrop(command.spawn().unwrap())
 }
 
 /// `/status` once it satisfies `done`, within `limit`.

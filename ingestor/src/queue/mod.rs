@@ -733,7 +733,7 @@ fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
 /// The payload the queue may hold now, and whether the disk (not `maxSize`) sets it.
 fn payload_limit(shared: &Shared) -> (u64, bool) {
     let configured = (shared.config.max_bytes as f64 / DISK_AMPLIFICATION) as u64;
-    let disk_bytes = shared.store().ok().and_then(|s| s.db.size_on_disk().ok()).unwrap_or(0);
+    let disk_bytes = || shared.store().ok().and_then(|s| s.db.size_on_disk().ok()).unwrap_or(0);
     match shared.volume.payload_limit(disk_bytes) {
         Some(disk) if disk < configured => (disk, true),
         _ => (configured, false),

@@ -76,11 +76,12 @@ impl Volume {
     }
 
     /// The payload that fits when the disk is what limits the queue, or `None` while it
-    /// has more than the margin free. `disk_bytes` is what sled's files take now: space
-    /// the queue can reuse.
-    pub fn payload_limit(&self, disk_bytes: u64) -> Option<u64> {
+    /// has more than the margin free. `disk_bytes` gives what sled's files take now
+    /// (space the queue can reuse); it is asked only below the margin, as it reads the
+    /// file's metadata and sled's blob directory.
+    pub fn payload_limit(&self, disk_bytes: impl FnOnce() -> u64) -> Option<u64> {
         let space = self.space()?;
-        (space.available < self.margin()).then(|| (disk_bytes as f64 / FULL_DISK_AMPLIFICATION) as u64)
+        (space.available < self.margin()).then(|| (disk_bytes() as f64 / FULL_DISK_AMPLIFICATION) as u64)
     }
 
     /// Makes the reserve file when it is missing and the filesystem has room for it and

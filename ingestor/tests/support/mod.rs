@@ -1,5 +1,6 @@
 //! Real peers shared by the integration tests and the benchmarks.
 
+pub mod child;
 pub mod cluster;
 pub mod http;
 pub mod nats;

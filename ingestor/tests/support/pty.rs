@@ -1,13 +1,15 @@
 //! A real serial line for RTU tests: two ptys joined by socat.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+use super::child::KilledOnDrop;
+
 /// A pty pair from socat, killed and reaped on drop.
 pub struct PtyPair {
-    child: Child,
+    _socat: KilledOnDrop,
     _dir: tempfile::TempDir,
     /// One end's path (the poller's side in the tests).
     pub a: String,
@@ -31,13 +33,11 @@ impl PtyPair {
             assert!(Instant::now() < deadline, "socat made no pty pair within 10s");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { child, _dir: dir, a, b }
-    }
-}
-
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Self {
+            _socat: KilledOnDrop(child),
+            _dir: dir,
+            a,
+            b,
+        }
     }
 }
