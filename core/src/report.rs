@@ -60,6 +60,9 @@ pub struct Status {
     pub points_polled: u64,
     pub points_derived: u64,
     pub points_lost: u64,
+    /// Write attempts by outcome (`written`, `refused`, `out_of_range`, ...).
+    #[serde(default)]
+    pub writes: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

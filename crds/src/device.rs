@@ -281,6 +281,11 @@ impl Default for ReadPlanning {
 
 /// Device workarounds.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[x_kube(
+    cel,
+    validation = Rule::new("!(self.writeSingle && self.writeMultiple)")
+        .message("writeSingle and writeMultiple exclude each other"),
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Quirks {
     /// Pause after opening the connection before the first request (some gateways drop
@@ -298,6 +303,15 @@ pub struct Quirks {
     #[serde(default)]
     #[schemars(range(max = 10))]
     pub busy_retries: u8,
+    /// Write multi-register values one register at a time with function code 6, for
+    /// devices that refuse function code 16. The registers of one value are then written
+    /// in separate requests, so the device holds a half-written value in between.
+    #[serde(default)]
+    pub write_single: bool,
+    /// Write single coils and registers with function codes 15 and 16, for devices that
+    /// implement only the multiple-write codes (5 and 6 are used otherwise).
+    #[serde(default)]
+    pub write_multiple: bool,
 }
 
 /// The four Modbus data tables.
@@ -372,6 +386,14 @@ impl DataType {
         .message("charsPerRegister applies only to type string").field_path(".charsPerRegister"),
     validation = Rule::new("self.type in ['int16', 'uint16', 'int32', 'uint32', 'int64', 'uint64', 'float32', 'float64'] || !(has(self.scale) || has(self.offset) || has(self.deadband))")
         .message("scale, offset and deadband apply only to numeric types"),
+    validation = Rule::new("!has(self.writable) || !self.writable || self.register == 'holding' || self.register == 'coil'")
+        .message("only holding registers and coils can be written").field_path(".writable"),
+    validation = Rule::new("(has(self.writable) && self.writable) || !(has(self.min) || has(self.max))")
+        .message("min and max bound writes and apply only to writable tags"),
+    validation = Rule::new("self.type in ['int16', 'uint16', 'int32', 'uint32', 'int64', 'uint64', 'float32', 'float64'] || !(has(self.min) || has(self.max))")
+        .message("min and max apply only to numeric types"),
+    validation = Rule::new("!(has(self.min) && has(self.max)) || self.min <= self.max")
+        .message("a writable tag's max must not be below its min").field_path(".max"),
     validation = Rule::new("self.address + (self.type == 'string' ? self.length : self.type in ['int64', 'uint64', 'float64'] ? 4 : self.type in ['int32', 'uint32', 'float32'] ? 2 : 1) <= 65536")
         .message("the value runs past the last register address (65535)").field_path(".address"),
 )]
@@ -426,6 +448,17 @@ pub struct Tag {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("duration(self) >= duration('10ms')").message("must be at least 10ms"))]
     pub poll_interval: Option<Duration>,
+    /// Whether the value may be written (setpoints, reset coils, recipe values): only
+    /// holding registers and coils, and only through an ingestor whose Site sets
+    /// `writes.enabled`. Bits of a register are written by read-modify-write.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub writable: bool,
+    /// Lowest value a write may set, in engineering units (after scale and offset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// Highest value a write may set, in engineering units (after scale and offset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
     /// How `tagstream-ingestor simulate` makes this value move. Ignored when polling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulation: Option<Simulation>,

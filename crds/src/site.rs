@@ -30,9 +30,14 @@ use crate::{Duration, condition::Conditions};
     validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 52")
         .message("metadata.name: a Site name is used as a NATS subject token and in the names of its ingestor's objects, so it must be a DNS label of at most 52 characters"),
 )]
-#[x_kube(validation = Rule::new("quantity(self.queue.maxSize).isLessThan(quantity(self.storage.size))")
-    .message("queue.maxSize must be smaller than storage.size, or the volume fills before the queue limit applies")
-    .field_path(".queue.maxSize"))]
+#[x_kube(
+    validation = Rule::new("quantity(self.queue.maxSize).isLessThan(quantity(self.storage.size))")
+        .message("queue.maxSize must be smaller than storage.size, or the volume fills before the queue limit applies")
+        .field_path(".queue.maxSize"),
+    validation = Rule::new("self.writes.subjectPrefix != self.stream.subjectPrefix && !self.writes.subjectPrefix.startsWith(self.stream.subjectPrefix + '.')")
+        .message("writes.subjectPrefix must not be stream.subjectPrefix or under it: the stream would store the write requests and answer them itself")
+        .field_path(".writes.subjectPrefix"),
+)]
 #[serde(rename_all = "camelCase")]
 pub struct SiteSpec {
     /// The NATS servers to publish to.
@@ -50,6 +55,9 @@ pub struct SiteSpec {
     /// Where and with what resources the ingestor pod runs.
     #[serde(default)]
     pub placement: Placement,
+    /// Whether the ingestor takes write requests for the site's writable tags.
+    #[serde(default)]
+    pub writes: Writes,
 }
 
 /// NATS connection settings.
@@ -259,6 +267,37 @@ impl Default for Storage {
         Self {
             storage_class_name: None,
             size: default_storage_size(),
+        }
+    }
+}
+
+/// Setpoint writes through the ingestor: off unless enabled. A request is a NATS request
+/// on `<subjectPrefix>.<namespace>.<site>.<device>.<tag>` (a `WriteRequest`, answered with
+/// a `WriteReply`, see `proto/tagstream/v1/write.proto`); every attempt is published as an
+/// audit point. Restrict who may publish on those subjects with NATS permissions.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Writes {
+    /// Take write requests. When false the ingestor does not subscribe to the write
+    /// subjects, and a request gets NATS's "no responders".
+    #[serde(default)]
+    pub enabled: bool,
+    /// First tokens of the write subjects. Not under `stream.subjectPrefix`: the stream
+    /// would store the requests and answer them with its own acknowledgement.
+    #[serde(default = "default_writes_subject_prefix")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"))]
+    pub subject_prefix: String,
+}
+
+fn default_writes_subject_prefix() -> String {
+    "tagstream-write".to_owned()
+}
+
+impl Default for Writes {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            subject_prefix: default_writes_subject_prefix(),
         }
     }
 }

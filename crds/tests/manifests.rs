@@ -328,6 +328,55 @@ fn bad_manifests() -> Vec<Case> {
             "greater than the maximum of 10",
         ),
         case(
+            "both write quirks",
+            with_device(&[
+                ("/spec/quirks/writeSingle", json!(true)),
+                ("/spec/quirks/writeMultiple", json!(true)),
+            ]),
+            "spec.quirks",
+            "writeSingle and writeMultiple exclude each other",
+        ),
+        case(
+            "writable input register",
+            with_device(&[
+                ("/spec/tags/0/register", json!("input")),
+                ("/spec/tags/0/writable", json!(true)),
+            ]),
+            "spec.tags[0].writable",
+            "only holding registers and coils can be written",
+        ),
+        case(
+            "write bounds on a read-only tag",
+            with_device(&[("/spec/tags/0/max", json!(90))]),
+            "spec.tags[0]",
+            "min and max bound writes and apply only to writable tags",
+        ),
+        case(
+            "write bounds on a coil",
+            with_device(&[("/spec/tags/1/writable", json!(true)), ("/spec/tags/1/min", json!(0))]),
+            "spec.tags[1]",
+            "min and max apply only to numeric types",
+        ),
+        case(
+            "write max below min",
+            with_device(&[
+                ("/spec/tags/0/writable", json!(true)),
+                ("/spec/tags/0/min", json!(10)),
+                ("/spec/tags/0/max", json!(5)),
+            ]),
+            "spec.tags[0].max",
+            "a writable tag's max must not be below its min",
+        ),
+        case(
+            "write subjects under the stream's",
+            vec![edit(
+                site(),
+                &[("/spec/writes/subjectPrefix", json!("tagstream.write"))],
+            )],
+            "spec.writes.subjectPrefix",
+            "must not be stream.subjectPrefix or under it",
+        ),
+        case(
             "simulation max below min",
             with_device(&[(
                 "/spec/tags/0/simulation",

@@ -5,7 +5,13 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tagstream_crds::device::RegisterKind;
-use tagstream_ingestor::{service::RunOptions, simulate::Faults, simulate_cmd::SimulateOptions};
+use tagstream_ingestor::{
+    acquisition::write::Outcome,
+    service::RunOptions,
+    simulate::Faults,
+    simulate_cmd::SimulateOptions,
+    write_cmd::{self, WriteOptions},
+};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Polls Modbus devices into NATS JetStream without losing a point")]
@@ -38,6 +44,10 @@ enum Command {
         #[arg(long)]
         all_orders: bool,
     },
+    /// Write one value to a writable tag: directly on the device of a manifest (`-f`, for
+    /// commissioning), or through the site's running ingestor over NATS (`--subject`), which
+    /// performs it between polls and audits it. Exits 1 unless the value was written.
+    Write(WriteOptions),
     /// Run the ingestor: poll the site's devices, evaluate its formulas, queue every point
     /// on disk and publish it to JetStream. Reloads the manifests when they change.
     Run(RunOptions),
@@ -106,7 +116,7 @@ fn main() -> ExitCode {
     // Tools that print their own output keep the logs to warnings.
     let level = if matches!(
         cli.command,
-        Command::Tail { .. } | Command::Read { .. } | Command::Check { .. }
+        Command::Tail { .. } | Command::Read { .. } | Command::Check { .. } | Command::Write(_)
     ) {
         "warn"
     } else {
@@ -142,6 +152,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let text = runtime.block_on(tagstream_ingestor::read::read(&paths, device.as_deref(), all_orders))?;
             print!("{text}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Write(options) => {
+            let report = runtime.block_on(write_cmd::write(options))?;
+            println!("{}", write_cmd::describe(&report));
+            Ok(if report.outcome == Outcome::Written {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Run(options) => {
             runtime.block_on(async {

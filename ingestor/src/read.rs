@@ -14,7 +14,7 @@ use tagstream_crds::{
 use tagstream_core::point::{PointValue, Sample};
 
 use crate::acquisition::{
-    connection::{self, Data},
+    connection::Data,
     decode::{self, Layout},
     plan,
     poller::{self, TagReading},
@@ -48,15 +48,13 @@ pub async fn read(paths: &[PathBuf], only: Option<&str>, all_orders: bool) -> an
 /// Polls every tag of one device once, in tag order.
 pub async fn read_device(device: &Device) -> anyhow::Result<Vec<TagReading>> {
     let spec = &device.spec;
-    let mut context = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get()).await?;
-    if let Some(pause) = spec.quirks.connect_delay {
-        tokio::time::sleep(pause.get()).await;
-    }
+    let mut link = None;
+    let context = poller::connected(&mut link, spec).await?;
     let layouts = poller::layouts(spec);
     let mut readings = Vec::new();
     for mut group in plan::plan(spec) {
         let at = tagstream_core::point::now_ns();
-        readings.extend(poller::poll_reads(&mut context, spec, &layouts, &mut group.reads, at).await?);
+        readings.extend(poller::poll_reads(context, spec, &layouts, &mut group.reads, at).await?);
     }
     readings.sort_by_key(|r| r.tag);
     Ok(readings)

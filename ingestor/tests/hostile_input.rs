@@ -221,7 +221,7 @@ fn read_of(kind: RegisterKind) -> Read {
 }
 
 /// What is accepted fits the request: four registers or four bits.
-fn fits_the_request(result: Result<connection::Data, connection::ReadError>) -> Result<(), TestCaseError> {
+fn fits_the_request(result: Result<connection::Data, connection::RequestError>) -> Result<(), TestCaseError> {
     match result {
         Ok(connection::Data::Registers(r)) => prop_assert_eq!(r.len(), 4),
         Ok(connection::Data::Bits(b)) => prop_assert_eq!(b.len(), 4),
@@ -237,7 +237,7 @@ async fn answered_with(
     answer: Vec<u8>,
     framing: Framing,
     kind: RegisterKind,
-) -> Result<connection::Data, connection::ReadError> {
+) -> Result<connection::Data, connection::RequestError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let rtu = matches!(framing, Framing::RtuRaw | Framing::RtuCrc);
@@ -282,7 +282,7 @@ async fn answered_on_a_serial_line(
     answer: Vec<u8>,
     framing: Framing,
     kind: RegisterKind,
-) -> Result<connection::Data, connection::ReadError> {
+) -> Result<connection::Data, connection::RequestError> {
     let mut device = tokio_serial::new(&pty.b, 115_200).open_native_async().unwrap();
     let connection = Connection {
         rtu: Some(SerialPort {

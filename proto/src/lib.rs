@@ -40,6 +40,7 @@ mod tests {
                     unit: "bar".into(),
                 },
             ],
+            write: None,
         };
         let bytes = batch.encode_to_vec();
         assert_eq!(PointBatch::decode(bytes.as_slice()).unwrap(), batch);

@@ -36,9 +36,9 @@ pub enum Data {
     Bits(Vec<bool>),
 }
 
-/// Why a read failed.
+/// Why a request (a read or a write) failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ReadError {
+pub enum RequestError {
     /// The device answered with an exception; the connection is still good.
     #[error("exception {}: {}", u8::from(*.0), .0)]
     Exception(ExceptionCode),
@@ -53,7 +53,7 @@ pub enum ReadError {
     Garbage(String),
 }
 
-impl ReadError {
+impl RequestError {
     /// Whether the connection must be dropped: after a timeout a late answer could be
     /// taken for the next request's, and after garbage the framing cannot be trusted.
     pub fn breaks_connection(&self) -> bool {
@@ -89,7 +89,7 @@ impl Link {
 }
 
 /// Opens a connection to `connection`, addressed to `unit`.
-pub async fn connect(connection: &Connection, unit: u8, timeout: Duration) -> Result<Link, ReadError> {
+pub async fn connect(connection: &Connection, unit: u8, timeout: Duration) -> Result<Link, RequestError> {
     let slave = Slave(unit);
     let closed = Arc::new(AtomicBool::new(false));
     let watched = |stream: TcpStream| Watched {
@@ -122,10 +122,10 @@ pub async fn connect(connection: &Connection, unit: u8, timeout: Duration) -> Re
                 .data_bits(data_bits)
                 .stop_bits(stop_bits)
                 .open_native_async()
-                .map_err(|e| ReadError::Connect(format!("{}: {e}", port.path)))?;
+                .map_err(|e| RequestError::Connect(format!("{}: {e}", port.path)))?;
             rtu::attach_slave(stream, slave)
         }
-        None => return Err(ReadError::Connect("no connection kind set".into())),
+        None => return Err(RequestError::Connect("no connection kind set".into())),
     };
     Ok(Link { context, closed })
 }
@@ -170,20 +170,35 @@ impl AsyncWrite for Watched {
     }
 }
 
-async fn open_tcp(endpoint: &TcpEndpoint, timeout: Duration) -> Result<TcpStream, ReadError> {
+async fn open_tcp(endpoint: &TcpEndpoint, timeout: Duration) -> Result<TcpStream, RequestError> {
     let what = format!("{}:{}", endpoint.host, endpoint.port);
     let stream = tokio::time::timeout(timeout, TcpStream::connect((endpoint.host.as_str(), endpoint.port)))
         .await
-        .map_err(|_| ReadError::Connect(format!("{what}: no answer within {timeout:?}")))?
-        .map_err(|e| ReadError::Connect(format!("{what}: {e}")))?;
+        .map_err(|_| RequestError::Connect(format!("{what}: no answer within {timeout:?}")))?
+        .map_err(|e| RequestError::Connect(format!("{what}: {e}")))?;
     stream
         .set_nodelay(true)
-        .map_err(|e| ReadError::Connect(format!("{what}: {e}")))?;
+        .map_err(|e| RequestError::Connect(format!("{what}: {e}")))?;
     Ok(stream)
 }
 
+/// Sends one request, bounded by `timeout`, and tells the device's exception apart from
+/// a transport or protocol failure.
+pub async fn call(link: &mut Link, request: Request<'_>, timeout: Duration) -> Result<Response, RequestError> {
+    match tokio::time::timeout(timeout, link.context.call(request)).await {
+        Err(_) => Err(RequestError::Timeout(timeout)),
+        Ok(Err(tokio_modbus::Error::Transport(_))) if link.closed.load(Ordering::Relaxed) => {
+            Err(RequestError::Transport("the device closed the connection".into()))
+        }
+        Ok(Err(tokio_modbus::Error::Transport(e))) => Err(RequestError::Transport(e.to_string())),
+        Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(RequestError::Garbage(e.to_string())),
+        Ok(Ok(Err(exception))) => Err(RequestError::Exception(exception)),
+        Ok(Ok(Ok(response))) => Ok(response),
+    }
+}
+
 /// Performs one read, bounded by `timeout`, and checks the answer's length.
-pub async fn execute(link: &mut Link, read: &Read, timeout: Duration) -> Result<Data, ReadError> {
+pub async fn execute(link: &mut Link, read: &Read, timeout: Duration) -> Result<Data, RequestError> {
     let (start, count) = (read.start, read.count);
     // `Client::call` rather than the `Reader` helpers: those assert on the answer's length,
     // and a device's wrong answer must be an error, never a panic.
@@ -193,19 +208,10 @@ pub async fn execute(link: &mut Link, read: &Read, timeout: Duration) -> Result<
         RegisterKind::Holding => Request::ReadHoldingRegisters(start, count),
         RegisterKind::Input => Request::ReadInputRegisters(start, count),
     };
-    let data = match tokio::time::timeout(timeout, link.context.call(request)).await {
-        Err(_) => return Err(ReadError::Timeout(timeout)),
-        Ok(Err(tokio_modbus::Error::Transport(_))) if link.closed.load(Ordering::Relaxed) => {
-            return Err(ReadError::Transport("the device closed the connection".into()));
-        }
-        Ok(Err(tokio_modbus::Error::Transport(e))) => return Err(ReadError::Transport(e.to_string())),
-        Ok(Err(tokio_modbus::Error::Protocol(e))) => return Err(ReadError::Garbage(e.to_string())),
-        Ok(Ok(Err(exception))) => return Err(ReadError::Exception(exception)),
-        Ok(Ok(Ok(Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits)))) => Data::Bits(bits),
-        Ok(Ok(Ok(Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words)))) => {
-            Data::Registers(words)
-        }
-        Ok(Ok(Ok(other))) => return Err(ReadError::Garbage(format!("unexpected answer {other:?}"))),
+    let data = match call(link, request, timeout).await? {
+        Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits) => Data::Bits(bits),
+        Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words) => Data::Registers(words),
+        other => return Err(RequestError::Garbage(format!("unexpected answer {other:?}"))),
     };
     let wanted = usize::from(count);
     match data {
@@ -215,11 +221,11 @@ pub async fn execute(link: &mut Link, read: &Read, timeout: Duration) -> Result<
             Ok(Data::Bits(bits))
         }
         Data::Registers(registers) if registers.len() == wanted => Ok(Data::Registers(registers)),
-        Data::Bits(bits) => Err(ReadError::Garbage(format!(
+        Data::Bits(bits) => Err(RequestError::Garbage(format!(
             "asked for {wanted} bits, got {}",
             bits.len()
         ))),
-        Data::Registers(registers) => Err(ReadError::Garbage(format!(
+        Data::Registers(registers) => Err(RequestError::Garbage(format!(
             "asked for {wanted} registers, got {}",
             registers.len()
         ))),

@@ -255,6 +255,19 @@ impl Scaling {
         };
         PointValue::Double(round_to(number * scale + offset, self.places))
     }
+
+    /// The raw number that scales to `value`: what a write of `value` sends.
+    pub fn raw(&self, value: f64) -> f64 {
+        match self.linear {
+            Some((scale, offset)) => unscale(value, Some(scale), Some(offset)),
+            None => value,
+        }
+    }
+
+    /// Whether a scale or an offset applies.
+    pub fn is_identity(&self) -> bool {
+        self.linear.is_none()
+    }
 }
 
 /// Decimals of `x` as written in its shortest exact form (`0.1` has 1, `0.05` 2, `10` 0).

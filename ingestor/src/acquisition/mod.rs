@@ -4,10 +4,13 @@
 //! - [`decode`]: registers to values and back (byte orders, strings, scaling); pure.
 //! - [`filter`]: deadband and heartbeat.
 //! - [`connection`]: connecting (TCP, RTU over TCP, RTU) and one bounded read.
-//! - [`poller`]: one task per endpoint polling its devices, with backoff and quirks.
+//! - [`poller`]: one task per endpoint polling its devices, with backoff and quirks, and
+//!   performing the writes routed to them between polls.
+//! - [`write`]: one tag written: checked, laid out, read before and after.
 
 pub mod connection;
 pub mod decode;
 pub mod filter;
 pub mod plan;
 pub mod poller;
+pub mod write;

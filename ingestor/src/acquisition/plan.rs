@@ -59,6 +59,32 @@ pub struct PollGroup {
     pub reads: Vec<Read>,
 }
 
+/// The protocol address of tag `index`'s first register or bit.
+pub fn protocol_address(spec: &DeviceSpec, index: usize) -> u16 {
+    let address = spec.tags[index].address;
+    match spec.addressing {
+        Addressing::ZeroBased => address,
+        Addressing::OneBased => address.saturating_sub(1),
+    }
+}
+
+impl Read {
+    /// A read of tag `index` alone.
+    pub fn of_tag(spec: &DeviceSpec, index: usize) -> Self {
+        let tag = &spec.tags[index];
+        Self {
+            kind: tag.register,
+            start: protocol_address(spec, index),
+            count: tag.register_count(),
+            tags: vec![TagSlot {
+                tag: index,
+                offset: 0,
+                count: tag.register_count(),
+            }],
+        }
+    }
+}
+
 /// Plans a device's reads: tags grouped by interval and table, sorted by address, joined
 /// while the joined read stays within the device's limits and gaps.
 pub fn plan(spec: &DeviceSpec) -> Vec<PollGroup> {
@@ -68,11 +94,13 @@ pub fn plan(spec: &DeviceSpec) -> Vec<PollGroup> {
         .enumerate()
         .map(|(index, tag)| {
             let interval = tag.poll_interval.unwrap_or(spec.poll_interval).get();
-            let address = match spec.addressing {
-                Addressing::ZeroBased => tag.address,
-                Addressing::OneBased => tag.address.saturating_sub(1),
-            };
-            (interval, tag.register, address, index, tag.register_count())
+            (
+                interval,
+                tag.register,
+                protocol_address(spec, index),
+                index,
+                tag.register_count(),
+            )
         })
         .collect();
     slots.sort_unstable();

@@ -3,6 +3,10 @@
 //! different endpoints poll in parallel. A device that fails backs off exponentially with
 //! jitter and is skipped while it does, so it never delays its neighbours for longer than
 //! one timeout, and never those on other endpoints.
+//!
+//! Writes to a device are sent to its endpoint's task, which performs them between two
+//! polls: the task owns the connection, so a write never races a poll on a single-connection
+//! gateway or a serial bus.
 
 use std::{
     collections::BTreeMap,
@@ -11,7 +15,7 @@ use std::{
 };
 
 use tagstream_crds::{Device, DeviceSpec};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_modbus::ExceptionCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -19,12 +23,30 @@ use tracing::{debug, info, warn};
 use tagstream_core::report::DeviceHealth;
 
 use super::{
-    connection::{self, Data, Link, ReadError},
+    connection::{self, Data, Link, RequestError},
     decode::{self, Layout},
     filter::Filter,
     plan::{self, PollGroup, Read, TagSlot},
+    write::{self, Outcome, WriteReport},
 };
 use tagstream_core::point::{PointValue, Sample, now_ns};
+
+/// A write for the endpoint task of the device to perform between polls.
+#[derive(Debug)]
+pub struct WriteJob {
+    pub device: String,
+    pub tag: String,
+    /// In engineering units.
+    pub value: PointValue,
+    /// Write only if the tag reads this now.
+    pub expected: Option<PointValue>,
+    /// Not started after this: the requester has given up waiting by then.
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<WriteReport>,
+}
+
+/// Write jobs an endpoint task holds before new ones are refused as busy.
+pub const WRITE_QUEUE: usize = 16;
 
 /// A device as the rest of the ingestor sees it.
 #[derive(Debug)]
@@ -85,7 +107,7 @@ pub async fn poll_reads(
     layouts: &[Layout],
     reads: &mut Vec<Read>,
     at: i64,
-) -> Result<Vec<TagReading>, ReadError> {
+) -> Result<Vec<TagReading>, RequestError> {
     let mut readings = Vec::new();
     let mut index = 0;
     while index < reads.len() {
@@ -99,12 +121,12 @@ pub async fn poll_reads(
                 readings.extend(reads[index].tags.iter().map(|slot| reading(layouts, slot, &data, at)));
                 index += 1;
             }
-            Err(ReadError::Exception(code)) if reads[index].split().len() > 1 => {
+            Err(RequestError::Exception(code)) if reads[index].split().len() > 1 => {
                 let parts = reads[index].split();
                 debug!(start = reads[index].start, count = reads[index].count, exception = %code, "splitting a refused read");
                 reads.splice(index..=index, parts);
             }
-            Err(error @ ReadError::Exception(_)) => {
+            Err(error @ RequestError::Exception(_)) => {
                 let reason = error.to_string();
                 readings.extend(reads[index].tags.iter().map(|slot| TagReading {
                     tag: slot.tag,
@@ -119,11 +141,11 @@ pub async fn poll_reads(
     Ok(readings)
 }
 
-async fn execute_with_busy_retries(context: &mut Link, read: &Read, device: &DeviceSpec) -> Result<Data, ReadError> {
+async fn execute_with_busy_retries(context: &mut Link, read: &Read, device: &DeviceSpec) -> Result<Data, RequestError> {
     let mut retries = device.quirks.busy_retries;
     loop {
         match connection::execute(context, read, device.timeout.get()).await {
-            Err(ReadError::Exception(ExceptionCode::ServerDeviceBusy)) if retries > 0 => {
+            Err(RequestError::Exception(ExceptionCode::ServerDeviceBusy)) if retries > 0 => {
                 retries -= 1;
                 tokio::time::sleep(device.timeout.get() / 4).await;
             }
@@ -189,7 +211,7 @@ impl DevicePoller {
             .min_by_key(|(_, due)| *due)
     }
 
-    fn backoff(&mut self, error: &ReadError) {
+    fn backoff(&mut self, error: &RequestError) {
         self.failures += 1;
         let base = Duration::from_millis(500).saturating_mul(1 << self.failures.min(7).saturating_sub(1));
         let delay = base.min(Duration::from_secs(60)).mul_f64(0.8 + fastrand::f64() * 0.4);
@@ -210,8 +232,13 @@ pub fn layouts(spec: &DeviceSpec) -> Vec<Layout> {
 }
 
 /// Polls every device behind one endpoint until `shutdown`, sending published points to
-/// `out`. Ends early when `out` is closed.
-pub async fn run_endpoint(mut devices: Vec<DevicePoller>, out: mpsc::Sender<PolledBatch>, shutdown: CancellationToken) {
+/// `out`, and performs the `writes` between polls. Ends early when `out` is closed.
+pub async fn run_endpoint(
+    mut devices: Vec<DevicePoller>,
+    out: mpsc::Sender<PolledBatch>,
+    mut writes: mpsc::Receiver<WriteJob>,
+    shutdown: CancellationToken,
+) {
     let Some(first) = devices.first() else { return };
     let endpoint = first.device.spec.connection.endpoint().unwrap_or_default();
     let mut context: Option<Link> = None;
@@ -228,6 +255,10 @@ pub async fn run_endpoint(mut devices: Vec<DevicePoller>, out: mpsc::Sender<Poll
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            Some(job) = writes.recv() => {
+                serve_write(&mut context, &mut devices, job).await;
+                continue;
+            }
             () = tokio::time::sleep_until(due.into()) => {}
         }
         let device = &mut devices[d];
@@ -291,14 +322,8 @@ pub async fn run_endpoint(mut devices: Vec<DevicePoller>, out: mpsc::Sender<Poll
     }
 }
 
-/// Polls one group of one device, connecting first when needed; returns the points the
-/// filters let through.
-async fn poll_group(
-    context: &mut Option<Link>,
-    device: &mut DevicePoller,
-    group: usize,
-) -> Result<Vec<(usize, Sample)>, ReadError> {
-    let spec = &device.device.spec;
+/// The endpoint's connection, opened when needed, addressed to the device.
+pub async fn connected<'a>(context: &'a mut Option<Link>, spec: &DeviceSpec) -> Result<&'a mut Link, RequestError> {
     if context.is_none() {
         let fresh = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get()).await?;
         if let Some(pause) = spec.quirks.connect_delay {
@@ -306,8 +331,59 @@ async fn poll_group(
         }
         *context = Some(fresh);
     }
-    let ctx = context.as_mut().expect("connected above");
-    ctx.set_unit(spec.unit_id);
+    let link = context.as_mut().expect("connected above");
+    link.set_unit(spec.unit_id);
+    Ok(link)
+}
+
+/// Performs one write job on the endpoint's connection and replies to it.
+async fn serve_write(context: &mut Option<Link>, devices: &mut [DevicePoller], job: WriteJob) {
+    let report = if Instant::now() > job.deadline {
+        WriteReport::not_done(
+            Outcome::Timeout,
+            "the device's bus was busy past the request's deadline; not written",
+        )
+    } else if let Some(device) = devices.iter().find(|d| d.device.name == job.device) {
+        let spec = &device.device.spec;
+        match spec.tags.iter().position(|t| t.name == job.tag) {
+            None => WriteReport::not_done(
+                Outcome::NotWritable,
+                format!("device {} has no tag {}", job.device, job.tag),
+            ),
+            Some(index) => {
+                let written = match connected(context, spec).await {
+                    Ok(link) => {
+                        write::write_tag(link, spec, &device.layouts, index, &job.value, job.expected.as_ref()).await
+                    }
+                    Err(error) => Err(error),
+                };
+                match written {
+                    Ok(report) => report,
+                    Err(error) => {
+                        if error.breaks_connection() {
+                            *context = None;
+                        }
+                        WriteReport::failed(&error, None)
+                    }
+                }
+            }
+        }
+    } else {
+        WriteReport::not_done(Outcome::NotWritable, format!("no device {}", job.device))
+    };
+    info!(device = %job.device, tag = %job.tag, value = %job.value, outcome = %report.outcome, detail = %report.detail, "write");
+    let _ = job.reply.send(report);
+}
+
+/// Polls one group of one device, connecting first when needed; returns the points the
+/// filters let through.
+async fn poll_group(
+    context: &mut Option<Link>,
+    device: &mut DevicePoller,
+    group: usize,
+) -> Result<Vec<(usize, Sample)>, RequestError> {
+    let spec = &device.device.spec;
+    let ctx = connected(context, spec).await?;
     let at = now_ns();
     let readings = poll_reads(ctx, spec, &device.layouts, &mut device.groups[group].0.reads, at).await?;
     if device.failures > 0 {
@@ -336,13 +412,22 @@ pub fn by_endpoint(devices: &[Device]) -> BTreeMap<String, Vec<Device>> {
     map
 }
 
-/// Starts the polling task of devices that share one endpoint; returns it and each
-/// device's health.
+/// A started endpoint task.
+#[derive(Debug)]
+pub struct EndpointTask {
+    pub task: tokio::task::JoinHandle<()>,
+    /// Each device's health, by device name.
+    pub health: HealthMap,
+    /// Where writes to its devices go.
+    pub writes: mpsc::Sender<WriteJob>,
+}
+
+/// Starts the polling task of devices that share one endpoint.
 pub fn spawn_endpoint(
     devices: &[Device],
     out: &mpsc::Sender<PolledBatch>,
     shutdown: &CancellationToken,
-) -> (tokio::task::JoinHandle<()>, HealthMap) {
+) -> EndpointTask {
     let mut health = BTreeMap::new();
     let pollers = devices
         .iter()
@@ -353,8 +438,9 @@ pub fn spawn_endpoint(
             DevicePoller::new(&name, &device.spec, state)
         })
         .collect();
-    let task = tokio::spawn(run_endpoint(pollers, out.clone(), shutdown.clone()));
-    (task, health)
+    let (writes, jobs) = mpsc::channel(WRITE_QUEUE);
+    let task = tokio::spawn(run_endpoint(pollers, out.clone(), jobs, shutdown.clone()));
+    EndpointTask { task, health, writes }
 }
 
 /// Starts one polling task per endpoint for `devices`; returns each device's health.
@@ -367,9 +453,9 @@ pub fn spawn(
     let tasks = by_endpoint(devices)
         .values()
         .map(|group| {
-            let (task, group_health) = spawn_endpoint(group, out, shutdown);
-            health.extend(group_health);
-            task
+            let endpoint = spawn_endpoint(group, out, shutdown);
+            health.extend(endpoint.health);
+            endpoint.task
         })
         .collect();
     (tasks, health)

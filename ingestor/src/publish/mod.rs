@@ -25,7 +25,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use tagstream_core::report::PublisherStatus;
 use tagstream_crds::site::{Broker, CredentialsKind, StreamStorage};
-use tagstream_proto::v1::PointBatch;
+use tagstream_proto::v1::{PointBatch, SourceKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -58,6 +58,15 @@ impl PublisherConfig {
             "{}.{}.{}.{source}",
             self.stream.subject_prefix, self.namespace, self.site
         )
+    }
+
+    /// The subject of a batch: its source's, and for a write audit the `write` token after it.
+    pub fn batch_subject(&self, batch: &PointBatch) -> String {
+        if batch.source_kind == i32::from(SourceKind::Write) {
+            self.subject(&format!("{}.write", batch.source))
+        } else {
+            self.subject(&batch.source)
+        }
     }
 
     /// The subjects the stream is created on: everything under the prefix, so one stream
@@ -393,7 +402,7 @@ impl Connection<'_> {
                 .payload(Bytes::from(batch.encode_to_vec()))
                 .message_id(message_id(&batch));
             let ack = context
-                .send_publish(config.subject(&batch.source), message)
+                .send_publish(config.batch_subject(&batch), message)
                 .await
                 .map_err(|e| PublishError::Publish(e.to_string()))?;
             window.push(stored.sequence, part + 1 == parts, ack);

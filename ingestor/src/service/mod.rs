@@ -5,11 +5,14 @@
 //! not mtimes): only the endpoints whose devices changed are restarted, formulas are
 //! recompiled where they changed, and the queue is never touched.
 //!
-//! Shutdown (SIGTERM): stop polling, persist what was polled, publish what is queued
+//! With `writes.enabled`, a write service takes setpoint requests over NATS and hands
+//! them to the endpoint tasks ([`crate::writes`]).
+//!
+//! Shutdown (SIGTERM): answer the writes in progress, stop polling, persist what was polled, publish what is queued
 //! until the queue is empty or the drain deadline passes, close the queue.
 
 pub mod http;
-mod pipeline;
+pub(crate) mod pipeline;
 pub mod state;
 
 use std::{
@@ -34,10 +37,11 @@ use self::{pipeline::Derivation, state::SiteState};
 use tagstream_core::config::{self, SiteConfig, quantity_bytes};
 
 use crate::{
-    acquisition::poller::{self, PolledBatch},
+    acquisition::poller::{self, PolledBatch, WriteJob},
     publish::{self, PublisherConfig},
     queue::{Queue, QueueConfig},
     simulate::{self, Faults},
+    writes::{Route, WriteRoutes, WriteService},
 };
 
 /// How `run` is started (also its command-line arguments).
@@ -183,17 +187,21 @@ struct EndpointPoller {
     devices: Vec<Device>,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    writes: mpsc::Sender<WriteJob>,
 }
 
-/// The polling tasks, one per endpoint, each with its own stop token.
+/// The polling tasks, one per endpoint, each with its own stop token, and where each
+/// device's writes go.
 struct Pollers {
     endpoints: BTreeMap<String, EndpointPoller>,
+    routes: WriteRoutes,
 }
 
 impl Pollers {
     fn start(devices: &[Device], out: &mpsc::Sender<PolledBatch>, state: &SiteState) -> Self {
         let mut pollers = Self {
             endpoints: BTreeMap::new(),
+            routes: WriteRoutes::default(),
         };
         pollers.apply(devices, out, state);
         pollers
@@ -217,18 +225,32 @@ impl Pollers {
                 continue;
             }
             let stop = CancellationToken::new();
-            let (task, group_health) = poller::spawn_endpoint(&group, out, &stop);
-            health.extend(group_health);
+            let started = poller::spawn_endpoint(&group, out, &stop);
+            health.extend(started.health);
             self.endpoints.insert(
                 endpoint,
                 EndpointPoller {
                     devices: group,
                     stop,
-                    task,
+                    task: started.task,
+                    writes: started.writes,
                 },
             );
             restarted += 1;
         }
+        *self.routes.write().expect("routes lock") = self
+            .endpoints
+            .values()
+            .flat_map(|running| {
+                running.devices.iter().map(|device| {
+                    let route = Route {
+                        jobs: running.writes.clone(),
+                        spec: device.spec.clone(),
+                    };
+                    (device.metadata.name.clone().unwrap_or_default(), route)
+                })
+            })
+            .collect();
         restarted
     }
 
@@ -265,9 +287,34 @@ struct Runtime {
     polled: mpsc::Sender<PolledBatch>,
     publisher: JoinHandle<()>,
     publisher_stop: CancellationToken,
+    /// The write service, when the Site enables writes.
+    writes: Option<(JoinHandle<()>, CancellationToken)>,
 }
 
 impl Runtime {
+    fn spawn_writes(&mut self) {
+        if !self.site.spec.writes.enabled {
+            return;
+        }
+        let stop = CancellationToken::new();
+        let service = WriteService {
+            broker: publisher_config(&self.site, &self.options),
+            writes: self.site.spec.writes.clone(),
+            routes: Arc::clone(&self.pollers.routes),
+            queue: self.queue.clone(),
+            state: Arc::clone(&self.state),
+        };
+        self.writes = Some((tokio::spawn(service.run(stop.clone())), stop));
+    }
+
+    /// Stops the write service, once the writes handed to devices are answered.
+    async fn stop_writes(&mut self) {
+        if let Some((task, stop)) = self.writes.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+
     fn spawn_publisher(&mut self) {
         self.publisher_stop = CancellationToken::new();
         let config = publisher_config(&self.site, &self.options);
@@ -306,6 +353,7 @@ impl Runtime {
         };
         pipeline::flush_reconfigured(&self.derivation, &self.queue).await;
         let publisher_changed = next.spec.broker != self.site.spec.broker || next.spec.stream != self.site.spec.stream;
+        let writes_changed = next.spec.broker != self.site.spec.broker || next.spec.writes != self.site.spec.writes;
         if next.spec.queue != self.site.spec.queue {
             warn!("queue settings changed; they apply when the ingestor restarts");
         }
@@ -315,6 +363,11 @@ impl Runtime {
             let _ = (&mut self.publisher).await;
             self.spawn_publisher();
             warn!("broker or stream settings changed: the publisher was restarted");
+        }
+        if writes_changed {
+            self.stop_writes().await;
+            self.spawn_writes();
+            info!(enabled = self.site.spec.writes.enabled, "write settings changed");
         }
         self.state.reloads.fetch_add(1, Ordering::Relaxed);
         info!(
@@ -327,8 +380,10 @@ impl Runtime {
 
     /// Stops polling, persists what was polled, publishes until the queue is empty or the
     /// drain deadline passes, and closes the queue.
-    async fn stop(self, pipeline: JoinHandle<()>) -> anyhow::Result<()> {
+    async fn stop(mut self, pipeline: JoinHandle<()>) -> anyhow::Result<()> {
         info!("stopping: polling stops, queued points are published until the drain deadline");
+        // Before the pollers: the writes they were handed are answered and audited.
+        self.stop_writes().await;
         self.pollers.stop().await;
         drop(self.polled);
         let _ = pipeline.await;
@@ -404,8 +459,10 @@ pub async fn run(
         polled,
         publisher: tokio::spawn(async {}),
         publisher_stop: CancellationToken::new(),
+        writes: None,
     };
     runtime.spawn_publisher();
+    runtime.spawn_writes();
     runtime.state.ready.store(true, Ordering::Relaxed);
     loop {
         tokio::select! {

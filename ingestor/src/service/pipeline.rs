@@ -51,7 +51,8 @@ fn signals(calc: &Calc, site: &tagstream_core::config::SiteConfig) -> HashMap<St
         .collect()
 }
 
-fn wire_point(tag: &str, sample: &Sample, unit: Option<&str>) -> wire::Point {
+/// A sample as a wire point of `tag`.
+pub(crate) fn wire_point(tag: &str, sample: &Sample, unit: Option<&str>) -> wire::Point {
     use wire::point::Value;
     let value = sample.value.as_ref().map(|v| match v {
         PointValue::Bool(b) => Value::BoolValue(*b),

@@ -41,6 +41,8 @@ pub struct SiteState {
     points_derived: AtomicU64,
     points_lost: AtomicU64,
     pub reloads: AtomicU64,
+    /// Write attempts by outcome.
+    writes: Mutex<BTreeMap<String, u64>>,
 }
 
 impl SiteState {
@@ -60,12 +62,22 @@ impl SiteState {
             points_derived: AtomicU64::new(0),
             points_lost: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
+            writes: Mutex::default(),
         }
     }
 
     pub fn count_points(&self, polled: u64, derived: u64) {
         self.points_polled.fetch_add(polled, Ordering::Relaxed);
         self.points_derived.fetch_add(derived, Ordering::Relaxed);
+    }
+
+    pub fn count_write(&self, outcome: &str) {
+        *self
+            .writes
+            .lock()
+            .expect("writes lock")
+            .entry(outcome.to_owned())
+            .or_default() += 1;
     }
 
     pub fn count_lost(&self, points: u64) {
@@ -141,6 +153,7 @@ impl SiteState {
             points_polled: self.points_polled.load(Ordering::Relaxed),
             points_derived: self.points_derived.load(Ordering::Relaxed),
             points_lost: self.points_lost.load(Ordering::Relaxed),
+            writes: self.writes.lock().expect("writes lock").clone(),
         }
     }
 }
@@ -213,6 +226,15 @@ impl Collector for Metrics {
                 "tagstream_points_lost",
                 "Points that could not be persisted",
                 one(status.points_lost),
+            ),
+            (
+                "tagstream_writes",
+                "Write attempts, by outcome",
+                status
+                    .writes
+                    .iter()
+                    .map(|(outcome, n)| (vec![("outcome", outcome.clone())], *n))
+                    .collect(),
             ),
             (
                 "tagstream_queue_dropped_points",

@@ -1,5 +1,9 @@
 //! The simulator's Modbus server: every simulated device behind an endpoint answers on its
 //! unit id with registers encoded exactly as its manifest says, plus injected faults.
+//! Writes (function codes 5, 6, 15, 16) to the registers and coils of writable tags are
+//! kept: the written registers hold their value instead of the waveform's, as a setpoint
+//! does. A write touching anything else is refused with exception 2, as a device refuses
+//! a write to a read-only address.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -8,7 +12,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -47,6 +51,28 @@ pub struct Faults {
 #[derive(Debug)]
 struct SimulatedDevice {
     tags: Vec<(tagstream_crds::device::Tag, Layout, Signal, u16)>,
+    /// Addresses of writable tags' registers and coils.
+    writable: BTreeSet<(RegisterKind, u16)>,
+    /// What was written, by address: it holds instead of the waveform.
+    written: Mutex<BTreeMap<(RegisterKind, u16), u16>>,
+}
+
+impl SimulatedDevice {
+    /// Keeps a write of `values` from `start`, when every address is writable.
+    fn write(&self, kind: RegisterKind, start: u16, values: &[u16]) -> Result<(), ExceptionCode> {
+        let addresses = (u32::from(start)..u32::from(start) + values.len() as u32).map(|a| (kind, a as u16));
+        if values.is_empty()
+            || u32::from(start) + values.len() as u32 > 65536
+            || !addresses.clone().all(|a| self.writable.contains(&a))
+        {
+            return Err(ExceptionCode::IllegalDataAddress);
+        }
+        self.written
+            .lock()
+            .expect("written lock")
+            .extend(addresses.zip(values.iter().copied()));
+        Ok(())
+    }
 }
 
 /// The devices served on one endpoint, by unit id, and the faults to inject.
@@ -57,6 +83,8 @@ pub struct SimulatedEndpoint {
     started: Instant,
     /// Connections accepted so far (TCP endpoints).
     connections: AtomicU64,
+    /// Write requests taken so far.
+    writes: AtomicU64,
 }
 
 impl SimulatedEndpoint {
@@ -77,8 +105,20 @@ impl SimulatedEndpoint {
                             t.address - offset,
                         )
                     })
+                    .collect::<Vec<_>>();
+                let writable = tags
+                    .iter()
+                    .filter(|(tag, ..)| tag.writable)
+                    .flat_map(|(tag, _, _, address)| {
+                        (0..tag.register_count()).map(move |i| (tag.register, address + i))
+                    })
                     .collect();
-                (spec.unit_id, SimulatedDevice { tags })
+                let device = SimulatedDevice {
+                    tags,
+                    writable,
+                    written: Mutex::default(),
+                };
+                (spec.unit_id, device)
             })
             .collect();
         Arc::new(Self {
@@ -86,7 +126,13 @@ impl SimulatedEndpoint {
             faults,
             started: Instant::now(),
             connections: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         })
+    }
+
+    /// Write requests this endpoint took so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
     }
 
     /// Connections this endpoint accepted so far.
@@ -101,6 +147,26 @@ impl SimulatedEndpoint {
         let Some(device) = self.devices.get(&unit) else {
             return Ok(None);
         };
+        let written = match request {
+            Request::WriteSingleCoil(at, on) => Some((RegisterKind::Coil, *at, vec![u16::from(*on)])),
+            Request::WriteMultipleCoils(at, bits) => {
+                Some((RegisterKind::Coil, *at, bits.iter().map(|b| u16::from(*b)).collect()))
+            }
+            Request::WriteSingleRegister(at, word) => Some((RegisterKind::Holding, *at, vec![*word])),
+            Request::WriteMultipleRegisters(at, words) => Some((RegisterKind::Holding, *at, words.to_vec())),
+            _ => None,
+        };
+        if let Some((kind, start, values)) = written {
+            self.refuse_faulty(kind, start, values.len() as u16)?;
+            device.write(kind, start, &values)?;
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(match request {
+                Request::WriteSingleCoil(at, on) => Response::WriteSingleCoil(*at, *on),
+                Request::WriteSingleRegister(at, word) => Response::WriteSingleRegister(*at, *word),
+                Request::WriteMultipleCoils(at, _) => Response::WriteMultipleCoils(*at, values.len() as u16),
+                _ => Response::WriteMultipleRegisters(start, values.len() as u16),
+            }));
+        }
         let (kind, start, count) = match *request {
             Request::ReadCoils(start, count) => (RegisterKind::Coil, start, count),
             Request::ReadDiscreteInputs(start, count) => (RegisterKind::DiscreteInput, start, count),
@@ -108,15 +174,8 @@ impl SimulatedEndpoint {
             Request::ReadInputRegisters(start, count) => (RegisterKind::Input, start, count),
             _ => return Err(ExceptionCode::IllegalFunction),
         };
+        self.refuse_faulty(kind, start, count)?;
         let end = u32::from(start) + u32::from(count);
-        if self
-            .faults
-            .exception_at
-            .iter()
-            .any(|(k, a)| *k == kind && (u32::from(start)..end).contains(&u32::from(*a)))
-        {
-            return Err(ExceptionCode::IllegalDataAddress);
-        }
         let elapsed = self.started.elapsed();
         let mut registers = vec![0u16; usize::from(count)];
         for (tag, layout, signal, address) in device.tags.iter().filter(|t| t.0.register == kind) {
@@ -127,6 +186,15 @@ impl SimulatedEndpoint {
                     registers[(at - u32::from(start)) as usize] = word;
                 }
             }
+        }
+        for ((_, at), word) in device
+            .written
+            .lock()
+            .expect("written lock")
+            .range((kind, start)..)
+            .take_while(|((k, at), _)| *k == kind && u32::from(*at) < end)
+        {
+            registers[usize::from(at - start)] = *word;
         }
         Ok(Some(if kind.is_bit_table() {
             let bits = registers.iter().map(|r| *r != 0).collect();
@@ -140,6 +208,22 @@ impl SimulatedEndpoint {
         } else {
             Response::ReadInputRegisters(registers)
         }))
+    }
+}
+
+impl SimulatedEndpoint {
+    /// The `exception_at` fault: refuses a request covering one of its addresses.
+    fn refuse_faulty(&self, kind: RegisterKind, start: u16, count: u16) -> Result<(), ExceptionCode> {
+        let span = u32::from(start)..u32::from(start) + u32::from(count);
+        if self
+            .faults
+            .exception_at
+            .iter()
+            .any(|(k, a)| *k == kind && span.contains(&u32::from(*a)))
+        {
+            return Err(ExceptionCode::IllegalDataAddress);
+        }
+        Ok(())
     }
 }
 

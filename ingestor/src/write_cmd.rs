@@ -1,0 +1,256 @@
+//! `tagstream-ingestor write`: one value written to a writable tag, either directly on the
+//! device from its manifest (commissioning, with no ingestor running against it) or
+//! through the site's running ingestor over NATS, which serialises it with its polls and
+//! audits it.
+
+use std::{fmt::Write as _, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use prost::Message as _;
+use tagstream_crds::{
+    Device,
+    device::{DataType, Tag},
+    manifest::load,
+};
+use tagstream_proto::v1::{WriteOutcome, WriteReply, WriteRequest};
+
+use tagstream_core::point::PointValue;
+
+use crate::{
+    acquisition::{
+        poller,
+        write::{self, Outcome, WriteReport},
+    },
+    writes::wire,
+};
+
+/// A number as the narrowest value that holds it: an integer when it is one.
+fn number(text: &str) -> Option<PointValue> {
+    text.parse::<i64>()
+        .map(PointValue::Int)
+        .or_else(|_| text.parse::<u64>().map(PointValue::UInt))
+        .or_else(|_| text.parse::<f64>().map(PointValue::Double))
+        .ok()
+}
+
+fn boolean(text: &str) -> Option<bool> {
+    match text.to_ascii_lowercase().as_str() {
+        "true" | "on" => Some(true),
+        "false" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// `text` as a value for `tag`, by the tag's type.
+fn value_for(tag: &Tag, text: &str) -> anyhow::Result<PointValue> {
+    let value = match tag.data_type {
+        DataType::String => Some(PointValue::String(text.to_owned())),
+        DataType::Bool | DataType::Bit => boolean(text).map(PointValue::Bool).or_else(|| number(text)),
+        _ => number(text),
+    };
+    value.with_context(|| {
+        format!(
+            "{text:?} is not a value for tag {} of type {:?}",
+            tag.name, tag.data_type
+        )
+    })
+}
+
+/// `text` as a value when the tag's type is not known here: a boolean, a number, or text.
+pub fn value_of(text: &str, as_text: bool) -> PointValue {
+    if as_text {
+        return PointValue::String(text.to_owned());
+    }
+    boolean(text)
+        .map(PointValue::Bool)
+        .or_else(|| number(text))
+        .unwrap_or_else(|| PointValue::String(text.to_owned()))
+}
+
+/// Writes `text` to `tag` of the device in `paths` (or the one named `only`) directly.
+pub async fn write_direct(
+    paths: &[PathBuf],
+    only: Option<&str>,
+    tag: &str,
+    text: &str,
+    expected: Option<&str>,
+) -> anyhow::Result<WriteReport> {
+    let report = load(paths)?;
+    let devices: Vec<&Device> = report
+        .devices
+        .iter()
+        .map(|d| &d.object)
+        .filter(|d| only.is_none_or(|name| d.metadata.name.as_deref() == Some(name)))
+        .collect();
+    let device = match devices.as_slice() {
+        [device] => *device,
+        [] => anyhow::bail!(
+            "no device{} in the manifests",
+            only.map(|n| format!(" named {n:?}")).unwrap_or_default()
+        ),
+        _ => anyhow::bail!("the manifests hold {} devices; choose one with --device", devices.len()),
+    };
+    let name = device.metadata.name.as_deref().unwrap_or_default();
+    let spec = &device.spec;
+    let index = spec
+        .tags
+        .iter()
+        .position(|t| t.name == tag)
+        .with_context(|| format!("device {name} has no tag {tag:?}"))?;
+    let value = value_for(&spec.tags[index], text)?;
+    let expected = expected.map(|e| value_for(&spec.tags[index], e)).transpose()?;
+    let mut link = None;
+    let context = poller::connected(&mut link, spec)
+        .await
+        .with_context(|| format!("connecting to device {name}"))?;
+    let layouts = poller::layouts(spec);
+    let written = write::write_tag(context, spec, &layouts, index, &value, expected.as_ref()).await;
+    if let Some(link) = link {
+        link.disconnect().await;
+    }
+    Ok(written.unwrap_or_else(|e| WriteReport::failed(&e, None)))
+}
+
+/// The `write` command's arguments.
+#[derive(Clone, Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["paths", "subject"])))]
+pub struct WriteOptions {
+    /// Manifest files or directories with the Device: write to it directly.
+    #[arg(short = 'f', long = "filename", requires = "tag")]
+    pub paths: Vec<PathBuf>,
+    /// The device, when the manifests hold several.
+    #[arg(long, requires = "paths")]
+    pub device: Option<String>,
+    /// The tag to write, with `-f`.
+    #[arg(long, requires = "paths")]
+    pub tag: Option<String>,
+    /// Write through a running ingestor: the tag's write subject,
+    /// `<writes.subjectPrefix>.<namespace>.<site>.<device>.<tag>`.
+    #[arg(long, conflicts_with = "paths")]
+    pub subject: Option<String>,
+    /// NATS server URL, with `--subject`.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Who asks, recorded in the audit (default: $USER).
+    #[arg(long, requires = "subject")]
+    pub requested_by: Option<String>,
+    /// Request id, to repeat a request safely (default: a random one).
+    #[arg(long, requires = "subject")]
+    pub request_id: Option<String>,
+    /// With `--subject`, send VALUE as text even when it reads as a number.
+    #[arg(long, requires = "subject")]
+    pub text: bool,
+    /// Write only if the tag reads this value now.
+    #[arg(long)]
+    pub expected: Option<String>,
+    /// How long to wait for the ingestor's answer.
+    #[arg(long, value_parser = tagstream_core::config::parse_duration, default_value = "15s")]
+    pub timeout: Duration,
+    /// The value, in engineering units (`21.5`, `true`, `text`).
+    pub value: String,
+}
+
+/// Writes as `options` say: directly with `-f`, through an ingestor with `--subject`.
+pub async fn write(options: WriteOptions) -> anyhow::Result<WriteReport> {
+    let Some(subject) = options.subject else {
+        return write_direct(
+            &options.paths,
+            options.device.as_deref(),
+            options.tag.as_deref().unwrap_or_default(),
+            &options.value,
+            options.expected.as_deref(),
+        )
+        .await;
+    };
+    let write = NatsWrite {
+        url: options.nats_url,
+        subject,
+        value: value_of(&options.value, options.text),
+        expected: options.expected.map(|e| value_of(&e, options.text)),
+        request_id: options
+            .request_id
+            .unwrap_or_else(|| format!("{:032x}", fastrand::u128(..))),
+        requested_by: options
+            .requested_by
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_default(),
+        timeout: options.timeout,
+    };
+    Ok(report_of(&write_via_nats(&write).await?))
+}
+
+/// What `write --subject` sends.
+#[derive(Clone, Debug)]
+pub struct NatsWrite {
+    pub url: String,
+    pub subject: String,
+    pub value: PointValue,
+    pub expected: Option<PointValue>,
+    pub request_id: String,
+    pub requested_by: String,
+    pub timeout: Duration,
+}
+
+/// Sends a write request to a running ingestor and waits for its reply.
+pub async fn write_via_nats(write: &NatsWrite) -> anyhow::Result<WriteReply> {
+    let client = async_nats::ConnectOptions::new()
+        .name("tagstream-ingestor write")
+        .request_timeout(Some(write.timeout))
+        .connect(write.url.as_str())
+        .await
+        .with_context(|| format!("connecting to {}", write.url))?;
+    let request = WriteRequest {
+        request_id: write.request_id.clone(),
+        value: Some(wire::to_wire(&write.value)),
+        expected: write.expected.as_ref().map(wire::to_wire),
+        requested_by: write.requested_by.clone(),
+    };
+    let answer = client
+        .request(write.subject.clone(), request.encode_to_vec().into())
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => anyhow::anyhow!(
+                "no ingestor takes writes on {}: is the Site's spec.writes.enabled true, its ingestor running, and the subject <writes.subjectPrefix>.<namespace>.<site>.<device>.<tag>?",
+                write.subject
+            ),
+            _ => anyhow::anyhow!("{e}"),
+        })?;
+    WriteReply::decode(answer.payload).context("the answer is not a WriteReply")
+}
+
+/// One line saying what a write did.
+pub fn describe(report: &WriteReport) -> String {
+    let mut line = report.outcome.to_string();
+    if let Some(previous) = &report.previous {
+        let _ = write!(line, "; was {previous}");
+    }
+    if let Some(read_back) = &report.read_back {
+        let _ = write!(line, "; reads back {read_back}");
+    }
+    if !report.detail.is_empty() {
+        let _ = write!(line, ": {}", report.detail);
+    }
+    line
+}
+
+/// A wire reply as a report, to describe it the same way.
+pub fn report_of(reply: &WriteReply) -> WriteReport {
+    let outcome = match WriteOutcome::try_from(reply.outcome) {
+        Ok(WriteOutcome::Written) => Outcome::Written,
+        Ok(WriteOutcome::Refused) => Outcome::Refused(tokio_modbus::ExceptionCode::new(
+            u8::try_from(reply.exception_code).unwrap_or(0),
+        )),
+        Ok(WriteOutcome::OutOfRange) => Outcome::OutOfRange,
+        Ok(WriteOutcome::NotWritable) => Outcome::NotWritable,
+        Ok(WriteOutcome::Timeout) => Outcome::Timeout,
+        Ok(WriteOutcome::ExpectedMismatch) => Outcome::ExpectedMismatch,
+        Ok(WriteOutcome::Invalid) => Outcome::Invalid,
+        _ => Outcome::Failed,
+    };
+    WriteReport {
+        outcome,
+        detail: reply.detail.clone(),
+        previous: reply.previous.as_ref().and_then(wire::from_wire),
+        read_back: reply.read_back.as_ref().and_then(wire::from_wire),
+    }
+}

@@ -1,0 +1,278 @@
+//! Setpoint writes through the running ingestor: a NATS request/reply service on the
+//! site's write subjects (`proto/tagstream/v1/write.proto`), running only when the Site
+//! sets `writes.enabled`. A request goes to the endpoint task that owns its device's
+//! connection, which performs it between two polls; every attempt on a device of the site
+//! is audited through the queue before it is answered; a request id seen within the
+//! window is answered with its first outcome and written once.
+
+mod requests;
+pub mod wire;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use async_nats::{Client, Message, Subject};
+use bytes::Bytes;
+use futures_util::{StreamExt as _, stream::FuturesUnordered};
+use prost::Message as _;
+use tagstream_core::point::PointValue;
+use tagstream_crds::{DeviceSpec, site::Writes};
+use tagstream_proto::v1::WriteRequest;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use self::{
+    requests::{Requests, Seen},
+    wire::Attempt,
+};
+use crate::{
+    acquisition::{
+        poller::WriteJob,
+        write::{Outcome, WriteReport},
+    },
+    publish::{self, PublisherConfig},
+    queue::Queue,
+    service::state::SiteState,
+};
+
+/// Where a device's writes go, and its spec (for the tags' units in the audit).
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub jobs: mpsc::Sender<WriteJob>,
+    pub spec: DeviceSpec,
+}
+
+/// The site's devices by name, kept current by the pollers across reloads.
+pub type WriteRoutes = Arc<RwLock<HashMap<String, Route>>>;
+
+/// How long a write may wait for its device's bus before it is given up unwritten.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The write service of one site.
+#[derive(Debug)]
+pub struct WriteService {
+    /// The broker connection (the publisher's settings) and the site's names.
+    pub broker: PublisherConfig,
+    pub writes: Writes,
+    pub routes: WriteRoutes,
+    pub queue: Queue,
+    pub state: Arc<SiteState>,
+}
+
+type Running = FuturesUnordered<Pin<Box<dyn Future<Output = (Attempt, WriteReport)> + Send>>>;
+
+impl WriteService {
+    /// `<writes.subjectPrefix>.<namespace>.<site>.`: what every write subject starts with.
+    fn subject_base(&self) -> String {
+        format!(
+            "{}.{}.{}.",
+            self.writes.subject_prefix, self.broker.namespace, self.broker.site
+        )
+    }
+
+    /// Connects and takes requests until `stop`; then answers the writes already handed
+    /// to a device.
+    pub async fn run(self, stop: CancellationToken) {
+        let Some(client) = self.connect(&stop).await else {
+            return;
+        };
+        let subjects = format!("{}>", self.subject_base());
+        let mut subscriber = match client.subscribe(subjects.clone()).await {
+            Ok(subscriber) => subscriber,
+            Err(e) => {
+                error!(subjects, error = %e, "cannot subscribe to the write subjects; writes are not taken");
+                return;
+            }
+        };
+        info!(subjects, "taking write requests");
+        let mut requests = Requests::default();
+        let mut running = Running::new();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                Some(message) = subscriber.next() => self.arrive(&client, message, &mut requests, &mut running).await,
+                Some((attempt, report)) = running.next() => self.finish(&client, &attempt, &report, Target::Waiters(&mut requests)).await,
+            }
+        }
+        let _ = subscriber.unsubscribe().await;
+        let drained = tokio::time::timeout(DEADLINE + Duration::from_secs(5), async {
+            while let Some((attempt, report)) = running.next().await {
+                self.finish(&client, &attempt, &report, Target::Waiters(&mut requests))
+                    .await;
+            }
+        });
+        if drained.await.is_err() {
+            warn!("writes still running at shutdown are left unanswered");
+        }
+        let _ = client.flush().await;
+    }
+
+    async fn connect(&self, stop: &CancellationToken) -> Option<Client> {
+        loop {
+            let connected = match publish::connect_options(&self.broker).await {
+                Ok(options) => options
+                    .connect(self.broker.broker.urls.as_slice())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match connected {
+                Ok(client) => return Some(client),
+                Err(error) => warn!(%error, "the write service cannot connect to the broker; retrying in 5s"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    /// Takes one request: answers what needs no device at once, hands the rest to the
+    /// device's endpoint task.
+    async fn arrive(&self, client: &Client, message: Message, requests: &mut Requests, running: &mut Running) {
+        let Some(reply_to) = message.reply.clone() else {
+            warn!(subject = %message.subject, "a write request without a reply subject is ignored (send it as a request)");
+            return;
+        };
+        let Some((device, tag)) = message
+            .subject
+            .strip_prefix(&self.subject_base())
+            .and_then(|rest| rest.split_once('.'))
+        else {
+            return;
+        };
+        let Some(route) = self.routes.read().expect("routes lock").get(device).cloned() else {
+            warn!(subject = %message.subject, "a write request for a device the site does not have");
+            let report = WriteReport::not_done(Outcome::NotWritable, format!("the site has no device {device}"));
+            publish_reply(client, &reply_to, wire::reply("", &report).encode_to_vec().into()).await;
+            return;
+        };
+        let attempt = |request: WriteRequest| Attempt {
+            device: device.to_owned(),
+            tag: tag.to_owned(),
+            unit: route
+                .spec
+                .tags
+                .iter()
+                .find(|t| t.name == tag)
+                .and_then(|t| t.unit.clone()),
+            request,
+        };
+        let request = match WriteRequest::decode(message.payload.clone()) {
+            Ok(request) => request,
+            Err(e) => {
+                let report = WriteReport::not_done(Outcome::Invalid, format!("not a WriteRequest: {e}"));
+                let attempt = attempt(WriteRequest::default());
+                return self.finish(client, &attempt, &report, Target::One(reply_to)).await;
+            }
+        };
+        let value = match usable(&request) {
+            Ok(value) => value,
+            Err(why) => {
+                let report = WriteReport::not_done(Outcome::Invalid, why);
+                return self
+                    .finish(client, &attempt(request), &report, Target::One(reply_to))
+                    .await;
+            }
+        };
+        let fingerprint = fingerprint(&message.subject, &request);
+        match requests.arrive(&request.request_id, fingerprint, reply_to.clone()) {
+            Seen::New => {}
+            Seen::Running => return,
+            Seen::Answered(reply) => return publish_reply(client, &reply_to, reply).await,
+            Seen::Conflict => {
+                let report = WriteReport::not_done(
+                    Outcome::Invalid,
+                    format!("request id {} was used for a different write", request.request_id),
+                );
+                return self
+                    .finish(client, &attempt(request), &report, Target::One(reply_to))
+                    .await;
+            }
+        }
+        let (reply, outcome) = oneshot::channel();
+        let job = WriteJob {
+            device: device.to_owned(),
+            tag: tag.to_owned(),
+            value,
+            expected: request.expected.as_ref().and_then(wire::from_wire),
+            deadline: Instant::now() + DEADLINE,
+            reply,
+        };
+        let attempt = attempt(request);
+        if let Err(e) = route.jobs.try_send(job) {
+            let detail = match e {
+                mpsc::error::TrySendError::Full(_) => "the device's bus has too many writes waiting; not written",
+                mpsc::error::TrySendError::Closed(_) => "the device's polling restarts; not written",
+            };
+            let report = WriteReport::not_done(Outcome::Failed, detail);
+            return self.finish(client, &attempt, &report, Target::Waiters(requests)).await;
+        }
+        running.push(Box::pin(async move {
+            let report = outcome.await.unwrap_or_else(|_| {
+                WriteReport::not_done(
+                    Outcome::Failed,
+                    "the device's polling stopped before the write; not written",
+                )
+            });
+            (attempt, report)
+        }));
+    }
+
+    /// Audits an attempt through the queue, then answers it.
+    async fn finish(&self, client: &Client, attempt: &Attempt, report: &WriteReport, target: Target<'_>) {
+        let reply = wire::reply(&attempt.request.request_id, report);
+        let encoded = Bytes::from(reply.encode_to_vec());
+        if let Err(e) = self.queue.append(vec![wire::audit(attempt, reply)]).await {
+            error!(device = %attempt.device, tag = %attempt.tag, error = %e, "the audit of a write could not be persisted");
+        }
+        self.state.count_write(report.outcome.label());
+        let subjects = match target {
+            Target::One(subject) => vec![subject],
+            Target::Waiters(requests) => requests.answer(&attempt.request.request_id, encoded.clone()),
+        };
+        for subject in subjects {
+            publish_reply(client, &subject, encoded.clone()).await;
+        }
+    }
+}
+
+/// The value of a request that can be used, or why not.
+fn usable(request: &WriteRequest) -> Result<PointValue, &'static str> {
+    if request.request_id.is_empty() {
+        return Err("request_id is required: it makes a repeated request safe");
+    }
+    request
+        .value
+        .as_ref()
+        .and_then(wire::from_wire)
+        .ok_or("no value to write")
+}
+
+/// What a request asks, whoever asks it: the same id must always ask the same.
+fn fingerprint(subject: &Subject, request: &WriteRequest) -> Bytes {
+    let asked = WriteRequest {
+        request_id: String::new(),
+        requested_by: String::new(),
+        ..request.clone()
+    };
+    [subject.as_bytes(), &asked.encode_to_vec()].concat().into()
+}
+
+/// Who gets a reply: one requester, or every requester waiting on the request id.
+enum Target<'a> {
+    One(Subject),
+    Waiters(&'a mut Requests),
+}
+
+async fn publish_reply(client: &Client, subject: &Subject, reply: Bytes) {
+    if let Err(e) = client.publish(subject.clone(), reply).await {
+        warn!(%subject, error = %e, "a write reply could not be sent");
+    }
+}
