@@ -31,7 +31,7 @@ ensure_packages() {
   ensure_packages_now "${missing[@]}"
 }
 
-# pymodbus from PyPI, in a virtualenv of its own, for the acquisition test against a
+# pymodbus from PyPI, in a virtualenv of its own, for the acquisition and write tests against a
 # Modbus server someone else wrote.
 ensure_pymodbus() {
   local venv=target/pymodbus-venv

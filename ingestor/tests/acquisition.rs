@@ -6,7 +6,6 @@
 mod support;
 
 use std::{
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -28,7 +27,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use support::{child::KilledOnDrop, pty::PtyPair};
+use support::pty::PtyPair;
 
 fn device(yaml: &str) -> Device {
     serde_yaml::from_str(yaml).unwrap()
@@ -608,32 +607,9 @@ spec:
 /// names its python in `TAGSTREAM_PYMODBUS_PYTHON`; without it the test says SKIPPED.
 #[tokio::test]
 async fn a_pymodbus_server_reads_as_its_tables_say() {
-    let Some(python) = std::env::var_os("TAGSTREAM_PYMODBUS_PYTHON") else {
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            b"SKIPPED pymodbus: TAGSTREAM_PYMODBUS_PYTHON is not set (scripts/test.sh sets it)\n",
-        );
+    let Some((_server, port)) = support::pymodbus::start().await else {
         return;
     };
-    let port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/pymodbus_server.py");
-    let _server = KilledOnDrop(
-        Command::new(python)
-            .args([script, &port.to_string()])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the pymodbus server"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "pymodbus did not listen within 20 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     let expected = [
         (1, "ABCD", 1234, -2, 230.5, [true, false, true]),

@@ -7,4 +7,5 @@ pub mod nats;
 pub mod points;
 pub mod pty;
 pub mod publisher;
+pub mod pymodbus;
 pub mod stream;
