@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the example plant end to end on this machine: a local nats-server with JetStream
 # (installed from Debian when missing), the ingestor polling the example devices from its
-# in-process simulator, and a live view of the points arriving in JetStream.
+# in-process simulator, a setpoint written through the ingestor, and a live view of the
+# points (and the write's audit) arriving in JetStream.
 #
 # Usage: scripts/run-example.sh [seconds]   (default 15; 0 runs until Ctrl-C)
 # With no nats-server installable, the ingestor still runs and buffers every point in its
@@ -46,6 +47,11 @@ sleep 1
 echo "    status: curl -s 127.0.0.1:9464/status    metrics: curl -s 127.0.0.1:9464/metrics"
 
 if command -v nats-server >/dev/null 2>&1; then
+  subject=tagstream-write.default.plant-a.boiler.setpoint
+  echo "==> in 3 s, a write through the ingestor: $bin write --nats-url $url --subject $subject 72.5"
+  ( sleep 3; "$bin" write --nats-url "$url" --subject "$subject" --requested-by run-example 72.5 2>&1 \
+      | sed 's/^/    write: /' ) &
+  pids+=($!)
   echo "==> points arriving in JetStream (tagstream.default.plant-a.>):"
   if [ "$seconds" = 0 ]; then
     "$bin" tail --nats-url "$url" --subject 'tagstream.default.plant-a.>'
@@ -59,4 +65,4 @@ else
 fi
 
 echo "==> queue and publisher now:"
-curl -s 127.0.0.1:9464/status | python3 -c 'import json,sys; s=json.load(sys.stdin); print(json.dumps({"queue": s["queue"], "publisher": s["publisher"], "pointsPolled": s["pointsPolled"], "pointsDerived": s["pointsDerived"]}, indent=2))'
+curl -s 127.0.0.1:9464/status | python3 -c 'import json,sys; s=json.load(sys.stdin); print(json.dumps({"queue": s["queue"], "publisher": s["publisher"], "pointsPolled": s["pointsPolled"], "pointsDerived": s["pointsDerived"], "writes": s["writes"]}, indent=2))'

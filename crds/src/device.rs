@@ -283,7 +283,7 @@ impl Default for ReadPlanning {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[x_kube(
     cel,
-    validation = Rule::new("!(self.writeSingle && self.writeMultiple)")
+    validation = Rule::new("!(has(self.writeSingle) && self.writeSingle && has(self.writeMultiple) && self.writeMultiple)")
         .message("writeSingle and writeMultiple exclude each other"),
 )]
 #[serde(rename_all = "camelCase")]
@@ -306,11 +306,11 @@ pub struct Quirks {
     /// Write multi-register values one register at a time with function code 6, for
     /// devices that refuse function code 16. The registers of one value are then written
     /// in separate requests, so the device holds a half-written value in between.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub write_single: bool,
     /// Write single coils and registers with function codes 15 and 16, for devices that
     /// implement only the multiple-write codes (5 and 6 are used otherwise).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub write_multiple: bool,
 }
 

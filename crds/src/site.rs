@@ -34,7 +34,7 @@ use crate::{Duration, condition::Conditions};
     validation = Rule::new("quantity(self.queue.maxSize).isLessThan(quantity(self.storage.size))")
         .message("queue.maxSize must be smaller than storage.size, or the volume fills before the queue limit applies")
         .field_path(".queue.maxSize"),
-    validation = Rule::new("self.writes.subjectPrefix != self.stream.subjectPrefix && !self.writes.subjectPrefix.startsWith(self.stream.subjectPrefix + '.')")
+    validation = Rule::new("!has(self.writes) || (self.writes.subjectPrefix != self.stream.subjectPrefix && !self.writes.subjectPrefix.startsWith(self.stream.subjectPrefix + '.'))")
         .message("writes.subjectPrefix must not be stream.subjectPrefix or under it: the stream would store the write requests and answer them itself")
         .field_path(".writes.subjectPrefix"),
 )]
@@ -56,7 +56,9 @@ pub struct SiteSpec {
     #[serde(default)]
     pub placement: Placement,
     /// Whether the ingestor takes write requests for the site's writable tags.
-    #[serde(default)]
+    // Left out at its defaults: a site without writes renders as before writes existed,
+    // so an operator upgrade rewrites no ConfigMap and older ingestors still read it.
+    #[serde(default, skip_serializing_if = "Writes::is_default")]
     pub writes: Writes,
 }
 
@@ -293,6 +295,12 @@ fn default_writes_subject_prefix() -> String {
     "tagstream-write".to_owned()
 }
 
+impl Writes {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 impl Default for Writes {
     fn default() -> Self {
         Self {
@@ -354,4 +362,21 @@ pub struct QueueStatus {
     /// Points dropped by the `dropOldest` policy since the ingestor started.
     #[serde(default)]
     pub dropped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SiteSpec;
+
+    #[test]
+    fn settings_left_at_their_defaults_are_not_written_out() {
+        let text = serde_yaml::to_string(&SiteSpec::default()).unwrap();
+        assert!(!text.contains("writes"), "{text}");
+        let device: crate::DeviceSpec = serde_yaml::from_str(
+            "site: s\nconnection: {tcp: {host: h}}\ntags: [{name: t, register: holding, address: 0, type: uint16}]\n",
+        )
+        .unwrap();
+        let text = serde_yaml::to_string(&device).unwrap();
+        assert!(!text.contains("write"), "{text}");
+    }
 }

@@ -95,6 +95,15 @@ fn time_text(ns: i64) -> String {
     )
 }
 
+/// The source, and for a write audit who asked: `boiler write by operator-7`.
+fn source_text(batch: &PointBatch) -> String {
+    match &batch.write {
+        Some(audit) if audit.requested_by.is_empty() => format!("{} write", batch.source),
+        Some(audit) => format!("{} write by {}", batch.source, audit.requested_by),
+        None => batch.source.clone(),
+    }
+}
+
 fn table_line(batch: &PointBatch, point: &Point) -> String {
     let value = if point.unit.is_empty() {
         value_text(point)
@@ -105,7 +114,7 @@ fn table_line(batch: &PointBatch, point: &Point) -> String {
         "{:<30}  {:<24}  {:<20}  {:<24}  {:<20}  {}",
         time_text(point.timestamp_ns),
         format!("{}/{}", batch.namespace, batch.site),
-        batch.source,
+        source_text(batch),
         point.tag,
         value,
         quality_text(point)
@@ -121,6 +130,15 @@ fn json_line(batch: &PointBatch, point: &Point) -> String {
         Some(Value::DoubleValue(d)) => (*d).into(),
         Some(Value::StringValue(s)) => s.clone().into(),
     };
+    let write = batch.write.as_ref().map(|audit| {
+        let reply = audit.reply.clone().unwrap_or_default();
+        serde_json::json!({
+            "requestId": audit.request_id,
+            "requestedBy": audit.requested_by,
+            "outcome": reply.outcome().as_str_name(),
+            "detail": reply.detail,
+        })
+    });
     serde_json::json!({
         "time": time_text(point.timestamp_ns),
         "namespace": batch.namespace,
@@ -132,6 +150,7 @@ fn json_line(batch: &PointBatch, point: &Point) -> String {
         "quality": quality_text(point),
         "sequence": batch.sequence,
         "part": batch.part,
+        "write": write,
     })
     .to_string()
 }

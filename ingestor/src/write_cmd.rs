@@ -128,9 +128,12 @@ pub struct WriteOptions {
     /// `<writes.subjectPrefix>.<namespace>.<site>.<device>.<tag>`.
     #[arg(long, conflicts_with = "paths")]
     pub subject: Option<String>,
-    /// NATS server URL, with `--subject`.
+    /// NATS server URL, with `--subject`; `nats://user:password@host:port` authenticates.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// A NATS credentials file (JWT and nkey seed, as `nsc` writes them), with `--subject`.
+    #[arg(long, requires = "subject")]
+    pub creds: Option<PathBuf>,
     /// Who asks, recorded in the audit (default: $USER).
     #[arg(long, requires = "subject")]
     pub requested_by: Option<String>,
@@ -174,6 +177,7 @@ pub async fn write(options: WriteOptions) -> anyhow::Result<WriteReport> {
             .requested_by
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_default(),
+        credentials_file: options.creds,
         timeout: options.timeout,
     };
     Ok(report_of(&write_via_nats(&write).await?))
@@ -188,15 +192,30 @@ pub struct NatsWrite {
     pub expected: Option<PointValue>,
     pub request_id: String,
     pub requested_by: String,
+    /// A NATS credentials file (JWT and nkey seed), unless the URL carries user:password.
+    pub credentials_file: Option<PathBuf>,
     pub timeout: Duration,
 }
 
 /// Sends a write request to a running ingestor and waits for its reply.
 pub async fn write_via_nats(write: &NatsWrite) -> anyhow::Result<WriteReply> {
-    let client = async_nats::ConnectOptions::new()
+    let address: async_nats::ServerAddr = write.url.parse().with_context(|| format!("NATS URL {}", write.url))?;
+    // async-nats does not read credentials from the URL itself.
+    let options = match (address.username(), address.password()) {
+        (Some(user), Some(password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        }
+        _ => match &write.credentials_file {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .with_context(|| format!("reading NATS credentials {}", path.display()))?,
+            None => async_nats::ConnectOptions::new(),
+        },
+    };
+    let client = options
         .name("tagstream-ingestor write")
         .request_timeout(Some(write.timeout))
-        .connect(write.url.as_str())
+        .connect(address)
         .await
         .with_context(|| format!("connecting to {}", write.url))?;
     let request = WriteRequest {

@@ -468,8 +468,9 @@ async fn writes_racing_polls_on_one_serial_bus_never_collide() {
     server.abort();
 }
 
-/// A site whose device is simulated in-process on `port`, publishing to `url`.
-fn write_site(dir: &Path, url: &str, port: u16, writes_enabled: bool) {
+/// A site whose device is simulated in-process on `port`, publishing to `broker` (a
+/// Site's `broker` as YAML).
+fn write_site(dir: &Path, broker: &str, port: u16, writes_enabled: bool) {
     std::fs::write(
         dir.join("site.yaml"),
         format!(
@@ -477,7 +478,7 @@ fn write_site(dir: &Path, url: &str, port: u16, writes_enabled: bool) {
 kind: Site
 metadata: {{name: works}}
 spec:
-  broker: {{urls: [\"{url}\"]}}
+  broker: {broker}
   queue: {{flushInterval: 2ms}}
   writes: {{enabled: {writes_enabled}}}
 ---
@@ -505,6 +506,7 @@ fn request(url: &str, subject: &str, id: &str, value: PointValue) -> NatsWrite {
         expected: None,
         request_id: id.to_owned(),
         requested_by: "operator-7".to_owned(),
+        credentials_file: None,
         timeout: Duration::from_secs(15),
     }
 }
@@ -514,8 +516,8 @@ async fn status(address: std::net::SocketAddr) -> serde_json::Value {
 }
 
 /// Every message of the stream with its subject.
-async fn stream_with_subjects(url: &str) -> Vec<(String, String, PointBatch)> {
-    let client = async_nats::connect(url).await.unwrap();
+async fn stream_with_subjects(url: &str, options: async_nats::ConnectOptions) -> Vec<(String, String, PointBatch)> {
+    let client = options.connect(url).await.unwrap();
     let stream = jetstream::new(client).get_stream("TAGSTREAM").await.unwrap();
     let last = stream.get_info().await.unwrap().state.last_sequence;
     let mut out = Vec::new();
@@ -600,14 +602,14 @@ fn assert_audited(stored: &[(String, String, PointBatch)], first: &WriteReply) {
 /// of `/status`.
 async fn start_ingestor(
     manifests: &Path,
-    queue: &Path,
+    work: &Path,
     shutdown: &CancellationToken,
 ) -> (tokio::task::JoinHandle<anyhow::Result<()>>, std::net::SocketAddr) {
     let options = RunOptions {
         paths: vec![manifests.to_path_buf()],
         site: None,
-        queue_dir: queue.to_path_buf(),
-        credentials_dir: PathBuf::from("/nonexistent"),
+        queue_dir: work.join("queue"),
+        credentials_dir: work.join("credentials"),
         tls_dir: PathBuf::from("/nonexistent"),
         http: "127.0.0.1:0".parse().unwrap(),
         simulate: true,
@@ -642,9 +644,10 @@ async fn writes_through_a_running_ingestor_are_performed_once_and_audited() {
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
     let device_port = free_port();
-    write_site(&manifests, &nats.url(), device_port, true);
+    let broker = format!("{{urls: [\"{}\"]}}", nats.url());
+    write_site(&manifests, &broker, device_port, true);
     let shutdown = CancellationToken::new();
-    let (service, address) = start_ingestor(&manifests, &dir.path().join("queue"), &shutdown).await;
+    let (service, address) = start_ingestor(&manifests, dir.path(), &shutdown).await;
     let subject = "tagstream-write.default.works.boiler.setpoint";
     let url = nats.url();
     let first = first_reply(&request(&url, subject, "r-1", PointValue::Double(72.5))).await;
@@ -721,7 +724,7 @@ async fn writes_through_a_running_ingestor_are_performed_once_and_audited() {
 
     // Writes disabled by a reload: nobody answers any more (asked about a device the site
     // does not have, which is answered without an audit while writes are on).
-    write_site(&manifests, &url, device_port, false);
+    write_site(&manifests, &broker, device_port, false);
     let elsewhere = "tagstream-write.default.works.nosuch.setpoint";
     loop {
         match write_cmd::write_via_nats(&request(&url, elsewhere, "r-9", PointValue::Double(60.0))).await {
@@ -740,7 +743,86 @@ async fn writes_through_a_running_ingestor_are_performed_once_and_audited() {
         .unwrap()
         .unwrap();
 
-    assert_audited(&stream_with_subjects(&url).await, &first);
+    assert_audited(
+        &stream_with_subjects(&url, async_nats::ConnectOptions::new()).await,
+        &first,
+    );
+}
+
+/// The `authorization` block of docs/writes.md, with passwords for its variables.
+fn documented_permissions() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/writes.md")).unwrap();
+    let start = doc
+        .find("authorization {")
+        .expect("docs/writes.md shows the permissions");
+    let block = &doc[start..];
+    let end = block.find("\n```").unwrap();
+    block[..end]
+        .replace("$TAGSTREAM_PASSWORD", "ingest-pw")
+        .replace("$OPERATORS_PASSWORD", "operators-pw")
+        .replace("$HISTORIAN_PASSWORD", "historian-pw")
+}
+
+/// The NATS permissions docs/writes.md shows, on a real nats-server: the ingestor's user
+/// publishes and takes writes, the operators write to their site only, the historian
+/// cannot write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_nats_permissions_let_only_the_operators_write() {
+    let nats = Nats::start_with(Some(&documented_permissions()));
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(credentials.join("username"), "tagstream").unwrap();
+    std::fs::write(credentials.join("password"), "ingest-pw").unwrap();
+    let broker = format!(
+        "{{urls: [\"{}\"], credentials: {{secretName: nats, type: userPassword}}}}",
+        nats.url()
+    );
+    write_site(&manifests, &broker, free_port(), true);
+    // The documented operators may write to site plant-a.
+    let site = manifests.join("site.yaml");
+    let text = std::fs::read_to_string(&site).unwrap().replace("works", "plant-a");
+    std::fs::write(&site, text).unwrap();
+    let shutdown = CancellationToken::new();
+    let (service, address) = start_ingestor(&manifests, dir.path(), &shutdown).await;
+    let as_user = |user: &str| format!("nats://{user}:{user}-pw@127.0.0.1:{}", nats.port);
+    let subject = "tagstream-write.default.plant-a.boiler.setpoint";
+    let operators = request(&as_user("operators"), subject, "p-1", PointValue::Double(60.0));
+    let reply = first_reply(&operators).await;
+    assert_eq!(reply.outcome, i32::from(WriteOutcome::Written), "{reply:?}");
+
+    let quick = |mut write: NatsWrite| {
+        write.timeout = Duration::from_secs(2);
+        write
+    };
+    let historian = quick(request(&as_user("historian"), subject, "p-2", PointValue::Double(61.0)));
+    let refused = write_cmd::write_via_nats(&historian).await;
+    assert!(refused.is_err(), "the historian wrote: {refused:?}");
+    let other_site = "tagstream-write.default.elsewhere.boiler.setpoint";
+    let elsewhere = quick(request(
+        &as_user("operators"),
+        other_site,
+        "p-3",
+        PointValue::Double(61.0),
+    ));
+    assert!(write_cmd::write_via_nats(&elsewhere).await.is_err());
+    assert_eq!(status(address).await["writes"], serde_json::json!({"written": 1}));
+    // The ingestor's user still publishes: the audit of the write reached the stream.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), service)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let historian = async_nats::ConnectOptions::with_user_and_password("historian".into(), "historian-pw".into());
+    let stored = stream_with_subjects(&nats.url(), historian).await;
+    let audits = stored
+        .iter()
+        .filter(|(_, _, batch)| batch.source_kind == i32::from(SourceKind::Write))
+        .count();
+    assert_eq!(audits, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

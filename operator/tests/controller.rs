@@ -200,7 +200,7 @@ async fn the_first_reconcile_applies_the_site_and_records_what_it_deployed() {
         json!(["boiler-delta-t", "boiler-heat-output"])
     );
     let boiler = world.server.get(&format!("{GROUP}/devices/boiler")).unwrap();
-    assert_eq!(boiler["status"]["tagCount"], 6);
+    assert_eq!(boiler["status"]["tagCount"], 7);
     let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
     assert_eq!(
         (&site["status"]["devices"], &site["status"]["formulas"]),
