@@ -20,22 +20,26 @@ use crate::acquisition::{
     poller::{self, TagReading},
 };
 
-/// Reads every device in `paths` (or only `only`) once and renders the tables.
-pub async fn read(paths: &[PathBuf], only: Option<&str>, all_orders: bool) -> anyhow::Result<String> {
-    let report = load(paths)?;
-    let devices: Vec<&Device> = report
+/// The valid Devices in `paths`, or only the one named `only`; an error when there is none.
+pub fn devices(paths: &[PathBuf], only: Option<&str>) -> anyhow::Result<Vec<Device>> {
+    let devices: Vec<Device> = load(paths)?
         .devices
-        .iter()
-        .map(|d| &d.object)
+        .into_iter()
+        .map(|d| d.object)
         .filter(|d| only.is_none_or(|name| d.metadata.name.as_deref() == Some(name)))
         .collect();
     anyhow::ensure!(
         !devices.is_empty(),
-        "no device to read in the manifests{}",
+        "no device in the manifests{}",
         only.map(|n| format!(" named {n:?}")).unwrap_or_default()
     );
+    Ok(devices)
+}
+
+/// Reads every device in `paths` (or only `only`) once and renders the tables.
+pub async fn read(paths: &[PathBuf], only: Option<&str>, all_orders: bool) -> anyhow::Result<String> {
     let mut text = String::new();
-    for device in devices {
+    for device in &devices(paths, only)? {
         let name = device.metadata.name.as_deref().unwrap_or_default();
         let readings = read_device(device)
             .await

@@ -7,11 +7,7 @@ use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use prost::Message as _;
-use tagstream_crds::{
-    Device,
-    device::{DataType, Tag},
-    manifest::load,
-};
+use tagstream_crds::device::{DataType, Tag};
 use tagstream_proto::v1::{WriteOutcome, WriteReply, WriteRequest};
 
 use tagstream_core::point::PointValue;
@@ -21,6 +17,7 @@ use crate::{
         poller,
         write::{self, Outcome, WriteReport},
     },
+    read,
     writes::wire,
 };
 
@@ -75,20 +72,9 @@ pub async fn write_direct(
     text: &str,
     expected: Option<&str>,
 ) -> anyhow::Result<WriteReport> {
-    let report = load(paths)?;
-    let devices: Vec<&Device> = report
-        .devices
-        .iter()
-        .map(|d| &d.object)
-        .filter(|d| only.is_none_or(|name| d.metadata.name.as_deref() == Some(name)))
-        .collect();
-    let device = match devices.as_slice() {
-        [device] => *device,
-        [] => anyhow::bail!(
-            "no device{} in the manifests",
-            only.map(|n| format!(" named {n:?}")).unwrap_or_default()
-        ),
-        _ => anyhow::bail!("the manifests hold {} devices; choose one with --device", devices.len()),
+    let devices = read::devices(paths, only)?;
+    let [device] = devices.as_slice() else {
+        anyhow::bail!("the manifests hold {} devices; choose one with --device", devices.len());
     };
     let name = device.metadata.name.as_deref().unwrap_or_default();
     let spec = &device.spec;

@@ -598,6 +598,46 @@ fn assert_audited(stored: &[(String, String, PointBatch)], first: &WriteReply) {
     assert_eq!(kinds.len(), 2);
 }
 
+/// Requests the running ingestor of site `works` refuses, each with its outcome.
+async fn assert_refusals(url: &str) {
+    let subject = "tagstream-write.default.works.boiler.setpoint";
+    let outcomes = [
+        ("r-2", subject, PointValue::Double(95.0), WriteOutcome::OutOfRange),
+        (
+            "r-3",
+            "tagstream-write.default.works.boiler.temperature",
+            PointValue::Int(1),
+            WriteOutcome::NotWritable,
+        ),
+        (
+            "r-4",
+            "tagstream-write.default.works.boiler.nosuch",
+            PointValue::Int(1),
+            WriteOutcome::NotWritable,
+        ),
+        ("", subject, PointValue::Double(50.0), WriteOutcome::Invalid),
+        // Answered, not audited: no device of the site is named.
+        (
+            "r-5",
+            "tagstream-write.default.works.boiler",
+            PointValue::Int(1),
+            WriteOutcome::Invalid,
+        ),
+        (
+            "r-6",
+            "tagstream-write.default.works.nosuch.t",
+            PointValue::Int(1),
+            WriteOutcome::NotWritable,
+        ),
+    ];
+    for (id, subject, value, outcome) in outcomes {
+        let reply = write_cmd::write_via_nats(&request(url, subject, id, value))
+            .await
+            .unwrap();
+        assert_eq!(reply.outcome, i32::from(outcome), "{subject} {id}: {reply:?}");
+    }
+}
+
 /// `run` on the manifests with the devices simulated in-process; its task and the address
 /// of `/status`.
 async fn start_ingestor(
@@ -620,6 +660,16 @@ async fn start_ingestor(
     let (bound, address) = tokio::sync::oneshot::channel();
     let service = tokio::spawn(service::run(options, shutdown.clone(), Some(bound)));
     (service, address.await.unwrap())
+}
+
+/// Stops `run` as SIGTERM does and waits for it.
+async fn stop_ingestor(shutdown: &CancellationToken, service: tokio::task::JoinHandle<anyhow::Result<()>>) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), service)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 /// The reply to the first request: the write service subscribes right after the ingestor
@@ -665,28 +715,7 @@ async fn writes_through_a_running_ingestor_are_performed_once_and_audited() {
         .await
         .unwrap();
     assert_eq!(reused.outcome, i32::from(WriteOutcome::Invalid), "{reused:?}");
-    let outcomes = [
-        ("r-2", subject, PointValue::Double(95.0), WriteOutcome::OutOfRange),
-        (
-            "r-3",
-            "tagstream-write.default.works.boiler.temperature",
-            PointValue::Int(1),
-            WriteOutcome::NotWritable,
-        ),
-        (
-            "r-4",
-            "tagstream-write.default.works.boiler.nosuch",
-            PointValue::Int(1),
-            WriteOutcome::NotWritable,
-        ),
-        ("", subject, PointValue::Double(50.0), WriteOutcome::Invalid),
-    ];
-    for (id, subject, value, outcome) in outcomes {
-        let reply = write_cmd::write_via_nats(&request(&url, subject, id, value))
-            .await
-            .unwrap();
-        assert_eq!(reply.outcome, i32::from(outcome), "{subject} {id}: {reply:?}");
-    }
+    assert_refusals(&url).await;
     // The write command, as a person would type it.
     let cli = Command::new(env!("CARGO_BIN_EXE_tagstream-ingestor"))
         .args([
@@ -736,12 +765,7 @@ async fn writes_through_a_running_ingestor_are_performed_once_and_audited() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(20), service)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_ingestor(&shutdown, service).await;
 
     assert_audited(
         &stream_with_subjects(&url, async_nats::ConnectOptions::new()).await,
@@ -810,12 +834,7 @@ async fn the_documented_nats_permissions_let_only_the_operators_write() {
     assert!(write_cmd::write_via_nats(&elsewhere).await.is_err());
     assert_eq!(status(address).await["writes"], serde_json::json!({"written": 1}));
     // The ingestor's user still publishes: the audit of the write reached the stream.
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(20), service)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_ingestor(&shutdown, service).await;
     let historian = async_nats::ConnectOptions::with_user_and_password("historian".into(), "historian-pw".into());
     let stored = stream_with_subjects(&nats.url(), historian).await;
     let audits = stored

@@ -242,6 +242,7 @@ pub async fn run_endpoint(
     let Some(first) = devices.first() else { return };
     let endpoint = first.device.spec.connection.endpoint().unwrap_or_default();
     let mut context: Option<Link> = None;
+    let mut wrote_last = false;
     info!(%endpoint, devices = devices.len(), "polling endpoint");
     loop {
         let Some((d, g, due)) = devices
@@ -252,15 +253,20 @@ pub async fn run_endpoint(
         else {
             return;
         };
+        // A write goes first, but never two in a row while a poll is due: a stream of
+        // writes cannot starve polling, nor a device that falls behind starve the writes.
+        let poll_due = Instant::now() >= due;
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            Some(job) = writes.recv() => {
-                serve_write(&mut context, &mut devices, job).await;
+            Some(job) = writes.recv(), if !(wrote_last && poll_due) => {
+                serve_write(&mut context, &devices, job).await;
+                wrote_last = true;
                 continue;
             }
             () = tokio::time::sleep_until(due.into()) => {}
         }
+        wrote_last = false;
         let device = &mut devices[d];
         let result = poll_group(&mut context, device, g).await;
         let interval = device.groups[g].0.interval;
@@ -337,7 +343,7 @@ pub async fn connected<'a>(context: &'a mut Option<Link>, spec: &DeviceSpec) -> 
 }
 
 /// Performs one write job on the endpoint's connection and replies to it.
-async fn serve_write(context: &mut Option<Link>, devices: &mut [DevicePoller], job: WriteJob) {
+async fn serve_write(context: &mut Option<Link>, devices: &[DevicePoller], job: WriteJob) {
     let report = if Instant::now() > job.deadline {
         WriteReport::not_done(
             Outcome::Timeout,
@@ -357,15 +363,12 @@ async fn serve_write(context: &mut Option<Link>, devices: &mut [DevicePoller], j
                     }
                     Err(error) => Err(error),
                 };
-                match written {
-                    Ok(report) => report,
-                    Err(error) => {
-                        if error.breaks_connection() {
-                            *context = None;
-                        }
-                        WriteReport::failed(&error, None)
-                    }
+                // A device shared with another master gets its connection back after a write
+                // as after a poll.
+                if spec.quirks.close_after_poll || written.as_ref().is_err_and(RequestError::breaks_connection) {
+                    *context = None;
                 }
+                written.unwrap_or_else(|error| WriteReport::failed(&error, None))
             }
         }
     } else {

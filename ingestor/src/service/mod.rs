@@ -8,8 +8,9 @@
 //! With `writes.enabled`, a write service takes setpoint requests over NATS and hands
 //! them to the endpoint tasks ([`crate::writes`]).
 //!
-//! Shutdown (SIGTERM): answer the writes in progress, stop polling, persist what was polled, publish what is queued
-//! until the queue is empty or the drain deadline passes, close the queue.
+//! Shutdown (SIGTERM): answer the writes in progress, stop polling, persist what was
+//! polled, publish what is queued until the queue is empty or the drain deadline passes,
+//! close the queue.
 
 pub mod http;
 pub(crate) mod pipeline;

@@ -140,18 +140,29 @@ impl WriteService {
             warn!(subject = %message.subject, "a write request without a reply subject is ignored (send it as a request)");
             return;
         };
+        // Answered without an audit: nothing names a device of the site to audit it under.
+        let unattributed = |report: WriteReport| {
+            let id = WriteRequest::decode(message.payload.clone())
+                .map(|r| r.request_id)
+                .unwrap_or_default();
+            publish_reply(client, &reply_to, wire::reply(&id, &report).encode_to_vec().into())
+        };
         let Some((device, tag)) = message
             .subject
             .strip_prefix(&self.subject_base())
             .and_then(|rest| rest.split_once('.'))
         else {
-            return;
+            let expected = format!("{}<device>.<tag>", self.subject_base());
+            let report = WriteReport::not_done(Outcome::Invalid, format!("the subject is not {expected}"));
+            return unattributed(report).await;
         };
         let Some(route) = self.routes.read().expect("routes lock").get(device).cloned() else {
             warn!(subject = %message.subject, "a write request for a device the site does not have");
-            let report = WriteReport::not_done(Outcome::NotWritable, format!("the site has no device {device}"));
-            publish_reply(client, &reply_to, wire::reply("", &report).encode_to_vec().into()).await;
-            return;
+            return unattributed(WriteReport::not_done(
+                Outcome::NotWritable,
+                format!("the site has no device {device}"),
+            ))
+            .await;
         };
         let attempt = |request: WriteRequest| Attempt {
             device: device.to_owned(),
