@@ -6,12 +6,14 @@
 //! 2. waits for every Device to report `Connected`;
 //! 3. reads the stream and checks raw and derived values against the simulated
 //!    waveforms;
-//! 4. deletes the ingestor pod, then restarts the NATS pod while points flow: the outage
+//! 4. writes the boiler's setpoint through the ingestor over NATS (the example Site enables
+//!    writes) and finds the write's audit and the new value in the stream;
+//! 5. deletes the ingestor pod, then restarts the NATS pod while points flow: the outage
 //!    must show as queued records in the ingestor's `/status`, points stamped after the
 //!    new NATS pod turned Ready must arrive, at least the records queued at the peak must
 //!    be acked and in the stream, and every queue record must be there exactly once, in
 //!    order;
-//! 5. deletes the Site and checks that its workload goes and its queue's claim stays.
+//! 6. deletes the Site and checks that its workload goes and its queue's claim stays.
 
 #[path = "../../ingestor/tests/support/stream.rs"]
 mod stream;
@@ -31,7 +33,8 @@ use stream::{assert_exactly_once_in_order, stream_contents};
 use tagstream_core::report::Status as Report;
 use tagstream_crds::{Device, Formula, Site, device::Waveform, manifest::load};
 use tagstream_e2e::{Diagnostics, configured_client, port_forward};
-use tagstream_proto::v1::{PointBatch, Quality, point::Value};
+use tagstream_ingestor::write_cmd::{self, NatsWrite};
+use tagstream_proto::v1::{PointBatch, Quality, SourceKind, WriteOutcome, point::Value};
 
 const MANAGER: &str = "tagstream-e2e";
 /// Waits for pods and for the backlog.
@@ -162,7 +165,8 @@ fn http_request(path: &str) -> http::Request<Vec<u8>> {
 fn envelopes(devices: &[Device]) -> BTreeMap<(String, String), (f64, f64)> {
     let mut out = BTreeMap::new();
     for device in devices {
-        for tag in &device.spec.tags {
+        // A writable tag holds what the suite writes, not its waveform.
+        for tag in device.spec.tags.iter().filter(|t| !t.writable) {
             if let Some(sim) = &tag.simulation {
                 let (low, high) = if sim.waveform == Waveform::Constant {
                     (sim.min, sim.min)
@@ -199,7 +203,7 @@ fn number(value: Option<&Value>) -> Option<f64> {
 fn check_values(batches: &[&PointBatch], devices: &[Device], formulas: &[Formula]) {
     let envelopes = envelopes(devices);
     let mut good: BTreeMap<String, usize> = BTreeMap::new();
-    for batch in batches {
+    for batch in batches.iter().filter(|b| b.source_kind != SourceKind::Write as i32) {
         for point in &batch.points {
             if point.quality != Quality::Good as i32 {
                 continue;
@@ -269,6 +273,52 @@ async fn our_batches(nats_url: &str, namespace: &str) -> Result<Vec<(String, Poi
 /// The newest queue record in `stored`.
 fn last_record(stored: &[(String, PointBatch)]) -> u64 {
     stored.iter().map(|(_, b)| b.sequence).max().unwrap_or(0)
+}
+
+/// Writes the boiler's setpoint through the ingestor and waits for the write's audit and a
+/// poll reading the new value in the stream.
+async fn write_setpoint(nats_url: &str, namespace: &str, diag: &Diagnostics) {
+    let write = NatsWrite {
+        url: nats_url.to_owned(),
+        subject: format!("tagstream-write.{namespace}.{SITE}.boiler.setpoint"),
+        value: tagstream_core::point::PointValue::Double(72.5),
+        expected: None,
+        request_id: format!("e2e-{namespace}"),
+        requested_by: "tagstream-e2e".to_owned(),
+        credentials_file: None,
+        timeout: Duration::from_secs(15),
+    };
+    let reply = diag
+        .wait_for("the ingestor to answer a write", SHORT, || async {
+            // Repeating the request id is safe: a repeat is answered, not written again.
+            write_cmd::write_via_nats(&write)
+                .await
+                .map(Some)
+                .map_err(|e| format!("{e:#}"))
+        })
+        .await;
+    assert_eq!(reply.outcome, WriteOutcome::Written as i32, "{reply:?}");
+    let read_back = reply.read_back.and_then(|v| v.kind);
+    assert_eq!(read_back, Some(tagstream_proto::v1::value::Kind::DoubleValue(72.5)));
+    diag.wait_for(
+        "the write's audit and the written value in the stream",
+        SHORT,
+        || async {
+            let stored = our_batches(nats_url, namespace).await?;
+            let audited = stored.iter().any(|(_, b)| {
+                b.source_kind == SourceKind::Write as i32
+                    && b.write.as_ref().is_some_and(|w| w.request_id == write.request_id)
+            });
+            let polled = stored.iter().any(|(_, b)| {
+                b.source_kind == SourceKind::Device as i32
+                    && b.points
+                        .iter()
+                        .any(|p| p.tag == "setpoint" && p.value == Some(Value::DoubleValue(72.5)))
+            });
+            Ok((audited && polled).then_some(()))
+        },
+    )
+    .await;
 }
 
 /// Deletes the ingestor pod while points flow and waits for its successor.
@@ -447,6 +497,9 @@ async fn the_example_plant_survives_an_ingestor_kill_and_a_broker_restart() {
         "e2e: {} batches, raw and derived values inside their simulated ranges",
         first.len()
     );
+
+    println!("e2e: writing the boiler's setpoint through the ingestor");
+    write_setpoint(&nats_url, &namespace, &diag).await;
 
     println!("e2e: deleting the ingestor pod while points flow");
     restart_ingestor(&client, &namespace, &diag).await;
