@@ -17,17 +17,21 @@ use async_nats::jetstream;
 use prost::Message as _;
 use tagstream_core::{point::PointValue, report::DeviceHealth};
 use tagstream_crds::{
-    Device,
+    Device, SiteSpec,
     device::{ByteOrder, RegisterKind},
+    site::FullPolicy,
 };
 use tagstream_ingestor::{
     acquisition::{
         connection, poller,
         write::{self, Outcome, WriteReport},
     },
-    service::{self, RunOptions},
+    publish::PublisherConfig,
+    queue::{Queue, QueueConfig},
+    service::{self, RunOptions, state::SiteState},
     simulate::{self, Faults, Framing, SimulatedEndpoint},
     write_cmd::{self, NatsWrite},
+    writes::{Route, WriteRoutes, WriteService},
 };
 use tagstream_proto::v1::{PointBatch, SourceKind, WriteOutcome, WriteReply};
 use tokio::{net::TcpListener, sync::mpsc};
@@ -842,6 +846,68 @@ async fn the_documented_nats_permissions_let_only_the_operators_write() {
         .filter(|(_, _, batch)| batch.source_kind == i32::from(SourceKind::Write))
         .count();
     assert_eq!(audits, 1);
+}
+
+/// With the queue full under pausePolling a write's audit could not be stored: the write
+/// is refused and never reaches the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_write_is_sent_while_the_queue_cannot_keep_its_audit() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("queue"));
+    config.max_bytes = 64 << 10;
+    config.policy = FullPolicy::PausePolling;
+    let queue = Queue::open(config).unwrap().queue;
+    let filler = tokio::spawn({
+        let queue = queue.clone();
+        async move {
+            loop {
+                let batch = PointBatch {
+                    source: "boiler".into(),
+                    points: vec![tagstream_proto::v1::Point::default(); 100],
+                    ..PointBatch::default()
+                };
+                queue.append(vec![batch]).await.unwrap();
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !queue.stats().paused {
+        assert!(Instant::now() < deadline, "the queue never filled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let spec = device(&WRITABLE.replace("ORDER", "ABCD").replace("PORT", "1")).spec;
+    let (jobs, mut sent) = mpsc::channel(16);
+    let routes = WriteRoutes::default();
+    routes.write().unwrap().insert("boiler".into(), Route { jobs, spec });
+    let mut site = SiteSpec::default();
+    site.broker.urls = vec![nats.url()];
+    let service = WriteService {
+        broker: PublisherConfig {
+            broker: site.broker.clone(),
+            stream: site.stream.clone(),
+            namespace: "default".into(),
+            site: "works".into(),
+            credentials_dir: PathBuf::from("/nonexistent"),
+            tls_dir: PathBuf::from("/nonexistent"),
+            max_in_flight: 1,
+            chunk_records: 1,
+        },
+        writes: site.writes.clone(),
+        routes,
+        queue: queue.clone(),
+        state: Arc::new(SiteState::new("default", "works", queue.clone(), None)),
+    };
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(service.run(stop.clone()));
+    let subject = "tagstream-write.default.works.boiler.setpoint";
+    let reply = first_reply(&request(&nats.url(), subject, "q-1", PointValue::Double(20.0))).await;
+    assert_eq!(reply.outcome, i32::from(WriteOutcome::Failed), "{reply:?}");
+    assert!(reply.detail.contains("queue is full"), "{reply:?}");
+    assert!(sent.try_recv().is_err(), "the write was handed to the device");
+    stop.cancel();
+    running.await.unwrap();
+    filler.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

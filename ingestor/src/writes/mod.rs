@@ -53,6 +53,8 @@ pub type WriteRoutes = Arc<RwLock<HashMap<String, Route>>>;
 
 /// How long a write may wait for its device's bus before it is given up unwritten.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+/// How long a reply waits for its audit to be on disk.
+const AUDIT_WAIT: Duration = Duration::from_secs(5);
 
 /// The write service of one site.
 #[derive(Debug)]
@@ -207,16 +209,40 @@ impl WriteService {
                     .await;
             }
         }
+        let expected = request.expected.as_ref().and_then(wire::from_wire);
+        self.dispatch(client, &route, attempt(request), value, expected, requests, running)
+            .await;
+    }
+
+    /// Hands a new request to its device's endpoint task, or answers why it cannot.
+    #[allow(clippy::too_many_arguments, reason = "one request's parts and the service's state")]
+    async fn dispatch(
+        &self,
+        client: &Client,
+        route: &Route,
+        attempt: Attempt,
+        value: PointValue,
+        expected: Option<PointValue>,
+        requests: &mut Requests,
+        running: &mut Running,
+    ) {
+        if self.queue.stats().paused {
+            // Its audit could not be stored: no write goes unaudited.
+            let report = WriteReport::not_done(
+                Outcome::Failed,
+                "the queue is full (pausePolling) and could not keep the write's audit; not written",
+            );
+            return self.finish(client, &attempt, &report, Target::Waiters(requests)).await;
+        }
         let (reply, outcome) = oneshot::channel();
         let job = WriteJob {
-            device: device.to_owned(),
-            tag: tag.to_owned(),
+            device: attempt.device.clone(),
+            tag: attempt.tag.clone(),
             value,
-            expected: request.expected.as_ref().and_then(wire::from_wire),
+            expected,
             deadline: Instant::now() + DEADLINE,
             reply,
         };
-        let attempt = attempt(request);
         if let Err(e) = route.jobs.try_send(job) {
             let detail = match e {
                 mpsc::error::TrySendError::Full(_) => "the device's bus has too many writes waiting; not written",
@@ -240,8 +266,26 @@ impl WriteService {
     async fn finish(&self, client: &Client, attempt: &Attempt, report: &WriteReport, target: Target<'_>) {
         let reply = wire::reply(&attempt.request.request_id, report);
         let encoded = Bytes::from(reply.encode_to_vec());
-        if let Err(e) = self.queue.append(vec![wire::audit(attempt, reply)]).await {
-            error!(device = %attempt.device, tag = %attempt.tag, error = %e, "the audit of a write could not be persisted");
+        // A full queue (pausePolling) holds appends until the broker takes points: the
+        // audit's append runs on in its own task and lands then, and the requester is not
+        // kept waiting for it.
+        let queue = self.queue.clone();
+        let audit = wire::audit(attempt, reply);
+        let appended = tokio::spawn(async move { queue.append(vec![audit]).await });
+        let wait = if self.queue.stats().paused {
+            Duration::ZERO
+        } else {
+            AUDIT_WAIT
+        };
+        match tokio::time::timeout(wait, appended).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                error!(device = %attempt.device, tag = %attempt.tag, error = %e, "the audit of a write could not be persisted");
+            }
+            Ok(Err(e)) => error!(error = %e, "the audit's append task failed"),
+            Err(_) => {
+                warn!(device = %attempt.device, tag = %attempt.tag, "the audit of a write waits for room in the queue");
+            }
         }
         self.state.count_write(report.outcome.label());
         let subjects = match target {
