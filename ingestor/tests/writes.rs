@@ -424,6 +424,8 @@ async fn writes_racing_polls_on_one_serial_bus_never_collide() {
         (bad, last_setpoint)
     });
     let mut written = 0;
+    let started_writing = Instant::now();
+    let mut slowest = Duration::ZERO;
     for round in 0..40u32 {
         for (name, value) in [
             ("setpoint", PointValue::Double(f64::from(round) / 2.0)),
@@ -431,6 +433,7 @@ async fn writes_racing_polls_on_one_serial_bus_never_collide() {
             ("energy", PointValue::Double(f64::from(round) * 1.25)),
         ] {
             let (reply, outcome) = tokio::sync::oneshot::channel();
+            let asked = Instant::now();
             let job = poller::WriteJob {
                 device: "panel".into(),
                 tag: name.into(),
@@ -444,12 +447,14 @@ async fn writes_racing_polls_on_one_serial_bus_never_collide() {
                 .await
                 .unwrap()
                 .unwrap();
+            slowest = slowest.max(asked.elapsed());
             assert_eq!(report.outcome, Outcome::Written, "round {round} {name}: {report:?}");
             assert_eq!(report.read_back, Some(value), "round {round} {name}");
             written += 1;
         }
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..15))).await;
     }
+    let writing = started_writing.elapsed();
     // Polls go on after the writes and read the last setpoint written.
     let polls = health.lock().unwrap().polls;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -463,6 +468,10 @@ async fn writes_racing_polls_on_one_serial_bus_never_collide() {
     drop(tx);
     let (bad, last_setpoint) = collector.await.unwrap();
     let health = health.lock().unwrap().clone();
+    println!(
+        "serial bus: {written} writes in {:.0?} (slowest {slowest:.1?}) beside {} polls every 10 ms, {} cycles skipped",
+        writing, health.polls, health.poll_cycles_skipped
+    );
     assert_eq!(written, 120);
     assert_eq!(endpoint.writes(), 120);
     assert!(health.polls > 20, "only {} polls beside the writes", health.polls);
