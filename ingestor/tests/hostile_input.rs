@@ -108,7 +108,7 @@ fn record_bytes(points: usize) -> Vec<u8> {
             .collect(),
         ..PointBatch::default()
     };
-    record::encode(&[batch.clone(), batch], 42, Totals::default())
+    record::encode(&[(&batch).into(), batch.into()], 42, Totals::default())
 }
 
 /// The example plant's manifests, as text, to mutate.
@@ -406,8 +406,14 @@ proptest! {
         let _ = record::header(&bytes);
         if let Ok(decoded) = record::decode(&bytes) {
             // Whatever decodes is a whole record: its counts add up.
-            let points: usize = decoded.batches.iter().map(|b| b.points.len()).sum();
-            prop_assert_eq!(points, decoded.points as usize);
+            let points: u32 = decoded.batches.iter().map(|b| b.points).sum();
+            prop_assert_eq!(points, decoded.points);
+            // ... and every batch decodes as a consumer will decode it.
+            for batch in &decoded.batches {
+                let whole = <PointBatch as prost::Message>::decode(batch.encoded.clone());
+                prop_assert!(whole.is_ok(), "{:?}", whole);
+                prop_assert_eq!(whole.unwrap().points.len(), batch.points as usize);
+            }
         }
     }
 
@@ -455,7 +461,7 @@ fn yaml_bombs_and_deep_nesting_are_refused_quickly() {
 fn a_record_cut_between_its_batches_is_corrupt() {
     let whole = record_bytes(2);
     let one_batch = record::encode(
-        &[record::decode(&whole).unwrap().batches.remove(0)],
+        &[record::decode(&whole).unwrap().batches[0].decode().into()],
         42,
         Totals::default(),
     );

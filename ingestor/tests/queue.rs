@@ -14,7 +14,7 @@ use tagstream_crds::site::FullPolicy;
 use tagstream_ingestor::queue::{Queue, QueueConfig, Stored};
 use tagstream_proto::v1::{Point, PointBatch, point::Value};
 
-use support::points::counter_values;
+use support::points::stored_values;
 
 fn batch(n: u64) -> PointBatch {
     PointBatch {
@@ -27,10 +27,6 @@ fn batch(n: u64) -> PointBatch {
         }],
         ..PointBatch::default()
     }
-}
-
-fn numbers(stored: &[Stored]) -> Vec<u64> {
-    counter_values(stored.iter().flat_map(|s| &s.record.batches))
 }
 
 async fn everything(queue: &Queue) -> Vec<Stored> {
@@ -47,7 +43,7 @@ async fn records_come_back_in_order_and_sequences_never_restart() {
         queue.append(vec![batch(n)]).await.unwrap();
     }
     let stored = everything(&queue).await;
-    assert_eq!(numbers(&stored), [0, 1, 2, 3, 4]);
+    assert_eq!(stored_values(&stored), [0, 1, 2, 3, 4]);
     let last = stored.last().unwrap().sequence;
     assert_eq!(queue.stats().points, 5);
     queue.ack_through(last).await.unwrap();
@@ -81,7 +77,7 @@ async fn appends_within_a_flush_interval_share_one_commit() {
         append.await.unwrap().unwrap();
     }
     let stored = everything(&queue).await;
-    let mut all = numbers(&stored);
+    let mut all = stored_values(&stored);
     all.sort_unstable();
     assert_eq!(all, (0..100).collect::<Vec<_>>());
     assert!(
@@ -107,7 +103,7 @@ async fn drop_oldest_keeps_the_newest_points_within_the_limit() {
         (stats.payload_bytes as f64) * tagstream_ingestor::queue::DISK_AMPLIFICATION <= f64::from(64 << 10),
         "{stats:?}"
     );
-    let kept = numbers(&everything(&queue).await);
+    let kept = stored_values(&everything(&queue).await);
     assert_eq!(*kept.last().unwrap(), 3999, "the newest point is kept");
     assert_eq!(
         kept.len() as u64 + stats.dropped_points,
@@ -152,7 +148,7 @@ async fn pause_polling_holds_appends_until_the_publisher_frees_room() {
         .expect("room was made")
         .unwrap()
         .unwrap();
-    let kept = numbers(&everything(&queue).await);
+    let kept = stored_values(&everything(&queue).await);
     assert!(kept.contains(&1_000_000));
     assert!(blocked > 0);
 }
@@ -194,7 +190,7 @@ fn crash_child() {
         let mut config = QueueConfig::new(dir);
         config.flush_interval = Duration::from_millis(1);
         let queue = Queue::open(config).unwrap().queue;
-        let mut next = numbers(&everything(&queue).await).last().map_or(0, |n| n + 1);
+        let mut next = stored_values(&everything(&queue).await).last().map_or(0, |n| n + 1);
         loop {
             queue.append(vec![batch(next)]).await.unwrap();
             println!("persisted {next}");
@@ -236,7 +232,7 @@ fn nothing_reported_persisted_is_lost_when_the_process_is_killed() {
         let queue = Queue::open(QueueConfig::new(&path)).unwrap().queue;
         everything(&queue).await
     });
-    let kept = numbers(&stored);
+    let kept = stored_values(&stored);
     for n in &reported {
         assert!(kept.contains(n), "{n} was reported persisted and is gone");
     }
@@ -267,7 +263,7 @@ async fn counters_match_the_records_when_acks_race_appends() {
     while seen < 3000 {
         let stored = queue.read(None, 64).await.unwrap();
         if let Some(last) = stored.last() {
-            seen += numbers(&stored).len();
+            seen += stored_values(&stored).len();
             queue.ack_through(last.sequence).await.unwrap();
         }
     }
@@ -329,7 +325,7 @@ async fn a_reopened_queue_reports_what_it_holds() {
     assert_eq!(queue.stats().corrupt_records, 1);
     let after_skip = counted(&queue);
     assert_eq!(after_skip.0, left.len() as u64);
-    assert_eq!(after_skip.1, numbers(&left).len() as u64);
+    assert_eq!(after_skip.1, stored_values(&left).len() as u64);
     queue.close().await.unwrap();
     let queue = Queue::open(config.clone()).unwrap().queue;
     assert_eq!(counted(&queue), after_skip);

@@ -22,7 +22,6 @@ use async_nats::{
     jetstream::{self, ErrorCode, context::GetStreamErrorKind, message::PublishMessage, stream},
 };
 use bytes::Bytes;
-use prost::Message as _;
 use tagstream_core::report::PublisherStatus;
 use tagstream_crds::site::{Broker, CredentialsKind, StreamStorage};
 use tagstream_proto::v1::{PointBatch, SourceKind};
@@ -61,11 +60,11 @@ impl PublisherConfig {
     }
 
     /// The subject of a batch: its source's, and for a write audit the `write` token after it.
-    pub fn batch_subject(&self, batch: &PointBatch) -> String {
-        if batch.source_kind == i32::from(SourceKind::Write) {
-            self.subject(&format!("{}.write", batch.source))
+    pub fn batch_subject(&self, source: &str, source_kind: i32) -> String {
+        if source_kind == i32::from(SourceKind::Write) {
+            self.subject(&format!("{source}.write"))
         } else {
-            self.subject(&batch.source)
+            self.subject(source)
         }
     }
 
@@ -389,23 +388,21 @@ impl Connection<'_> {
             ..
         } = self;
         let parts = stored.record.batches.len();
-        for (part, mut batch) in stored.record.batches.into_iter().enumerate() {
-            batch.namespace.clone_from(&config.namespace);
-            batch.site.clone_from(&config.site);
-            batch.epoch = epoch;
-            batch.sequence = stored.sequence;
-            batch.part = part as u32;
+        for (part, batch) in stored.record.batches.into_iter().enumerate() {
+            let part = part as u32;
+            let payload = with_envelope(&batch.encoded, config, epoch, stored.sequence, part);
             // Nothing more is sent once a publish failed: what follows it must not reach
             // the stream before it is sent again.
             window.check()?;
-            let message = PublishMessage::build()
-                .payload(Bytes::from(batch.encode_to_vec()))
-                .message_id(message_id(&batch));
+            let message =
+                PublishMessage::build()
+                    .payload(payload)
+                    .message_id(format_message_id(epoch, stored.sequence, part));
             let ack = context
-                .send_publish(config.batch_subject(&batch), message)
+                .send_publish(config.batch_subject(&batch.source, batch.source_kind), message)
                 .await
                 .map_err(|e| PublishError::Publish(e.to_string()))?;
-            window.push(stored.sequence, part + 1 == parts, ack);
+            window.push(stored.sequence, part as usize + 1 == parts, ack);
             status.lock().expect("status lock").published_batches += 1;
         }
         Ok(())
@@ -467,7 +464,25 @@ async fn connect(config: &PublisherConfig) -> Result<(jetstream::Context, watch:
 
 /// `<epoch as 16 hex digits>-<sequence>-<part>`, as documented in the proto.
 pub fn message_id(batch: &PointBatch) -> String {
-    format!("{:016x}-{}-{}", batch.epoch, batch.sequence, batch.part)
+    format_message_id(batch.epoch, batch.sequence, batch.part)
+}
+
+fn format_message_id(epoch: u64, sequence: u64, part: u32) -> String {
+    format!("{epoch:016x}-{sequence}-{part}")
+}
+
+/// A stored batch's encoding followed by the fields it was stored without: the message
+/// a consumer decodes is the whole batch (protobuf takes fields in any order).
+fn with_envelope(encoded: &Bytes, config: &PublisherConfig, epoch: u64, sequence: u64, part: u32) -> Bytes {
+    use prost::encoding::{fixed64, string, uint32, uint64};
+    let mut payload = Vec::with_capacity(encoded.len() + config.namespace.len() + config.site.len() + 32);
+    payload.extend_from_slice(encoded);
+    string::encode(1, &config.namespace, &mut payload);
+    string::encode(2, &config.site, &mut payload);
+    fixed64::encode(5, &epoch, &mut payload);
+    uint64::encode(6, &sequence, &mut payload);
+    uint32::encode(7, &part, &mut payload);
+    Bytes::from(payload)
 }
 
 #[cfg(test)]

@@ -64,11 +64,10 @@ use std::{
 };
 
 use tagstream_crds::site::FullPolicy;
-use tagstream_proto::v1::PointBatch;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, info, warn};
 
-pub use record::Record;
+pub use record::{EncodedBatch, Record, StoredBatch};
 use volume::Volume;
 
 use tagstream_core::point::now_ns;
@@ -173,7 +172,7 @@ pub struct Opened {
 }
 
 struct Append {
-    batches: Vec<PointBatch>,
+    batches: Vec<EncodedBatch>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -360,7 +359,8 @@ impl Queue {
     }
 
     /// Stores `batches`; returns once they are on disk.
-    pub async fn append(&self, batches: Vec<PointBatch>) -> Result<(), QueueError> {
+    pub async fn append<B: Into<EncodedBatch>>(&self, batches: impl IntoIterator<Item = B>) -> Result<(), QueueError> {
+        let batches: Vec<EncodedBatch> = batches.into_iter().map(Into::into).collect();
         if batches.is_empty() {
             return Ok(());
         }
@@ -543,8 +543,9 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>, mut next_se
         while let Ok(Some(more)) = tokio::time::timeout_at(deadline, rx.recv()).await {
             group.push(more);
         }
-        let (batches, waiters): (Vec<Vec<PointBatch>>, Vec<_>) = group.into_iter().map(|a| (a.batches, a.done)).unzip();
-        let batches: Vec<PointBatch> = batches.into_iter().flatten().collect();
+        let (batches, waiters): (Vec<Vec<EncodedBatch>>, Vec<_>) =
+            group.into_iter().map(|a| (a.batches, a.done)).unzip();
+        let batches: Vec<EncodedBatch> = batches.into_iter().flatten().collect();
         let outcome = loop {
             let failure = match write_with_room(&shared, &batches, next_seq, &mut rx).await {
                 Ok(next) => {
@@ -579,7 +580,7 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>, mut next_se
 /// the next sequence, or why the write failed.
 async fn write_with_room(
     shared: &Arc<Shared>,
-    batches: &[PointBatch],
+    batches: &[EncodedBatch],
     first_seq: u64,
     rx: &mut mpsc::Receiver<Append>,
 ) -> Result<u64, String> {
@@ -605,7 +606,7 @@ async fn write_with_room(
 
 /// Batches as record values of about `record_bytes` each, each after the totals of the
 /// ones before it.
-fn pack(batches: &[PointBatch], record_bytes: usize, now: i64, mut totals: record::Totals) -> Vec<Vec<u8>> {
+fn pack(batches: &[EncodedBatch], record_bytes: usize, now: i64, mut totals: record::Totals) -> Vec<Vec<u8>> {
     let mut values = Vec::new();
     let mut start = 0;
     let mut bytes = 0;

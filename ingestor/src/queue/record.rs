@@ -5,26 +5,31 @@
 //! i64 BE  enqueued at     (ns since the Unix epoch; the queue's oldest-point age)
 //! bytes   QueueRecord     (protobuf: repeated tagstream.v1.PointBatch)
 //! ```
-//! The batches are stored without epoch, sequence and part: the publisher fills those in
-//! from the record's key when it sends them. The body also carries the totals (points
+//! The batches are stored without namespace, site, epoch, sequence and part: the
+//! publisher appends those fields to each batch's stored encoding when it sends it
+//! (protobuf takes fields in any order), so a record is never decoded into points and
+//! encoded again on its way out. The body also carries the totals (points
 //! and value bytes) of every record appended before this one, so that opening a queue
 //! counts it from its first and last records instead of reading them all (see
 //! `summary.rs`); records written before those fields existed decode with `before: None`.
 
-use prost::Message;
+use bytes::{Buf as _, Bytes};
+use prost::{
+    Message,
+    encoding::{WireType, decode_key, decode_varint},
+};
 use tagstream_proto::v1::PointBatch;
 
 const HEADER: usize = 12;
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct QueueRecord {
-    #[prost(message, repeated, tag = "1")]
-    batches: Vec<PointBatch>,
-    #[prost(uint64, optional, tag = "2")]
-    points_before: Option<u64>,
-    #[prost(uint64, optional, tag = "3")]
-    bytes_before: Option<u64>,
-}
+/// Field numbers of the record body (`QueueRecord`): the batches, then the totals before.
+const BATCHES: u32 = 1;
+const POINTS_BEFORE: u32 = 2;
+const BYTES_BEFORE: u32 = 3;
+/// Field numbers of a `PointBatch` the queue reads without decoding the points.
+const SOURCE: u32 = 3;
+const SOURCE_KIND: u32 = 4;
+const POINTS: u32 = 8;
 
 /// Points and value bytes of a run of records.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,33 +49,209 @@ impl Totals {
     }
 }
 
-/// A decoded record.
+/// A decoded record: its batches still encoded.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
     pub points: u32,
     pub enqueued_ns: i64,
-    pub batches: Vec<PointBatch>,
+    pub batches: Vec<StoredBatch>,
     /// The totals of every record appended before this one.
     pub before: Option<Totals>,
 }
 
+/// One batch of a record, as stored: what its subject needs, and its encoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBatch {
+    pub source: String,
+    /// `tagstream.v1.SourceKind`.
+    pub source_kind: i32,
+    pub points: u32,
+    /// The `PointBatch` encoding, without namespace, site, epoch, sequence and part.
+    pub encoded: Bytes,
+}
+
+impl StoredBatch {
+    /// The whole batch (for tools and tests; the publisher sends `encoded`).
+    pub fn decode(&self) -> PointBatch {
+        PointBatch::decode(self.encoded.clone()).expect("checked when the record was read")
+    }
+}
+
+/// A protobuf field as the queue reads it.
+enum Field {
+    Varint(u64),
+    Bytes(Bytes),
+    /// A fixed-width (32- or 64-bit) value.
+    Fixed,
+}
+
+/// The top-level fields of the message in `buf`, in order.
+fn fields(mut buf: Bytes) -> impl Iterator<Item = Result<(u32, Field), CorruptRecord>> {
+    let corrupt = |e: prost::DecodeError| CorruptRecord(e.to_string());
+    std::iter::from_fn(move || {
+        if buf.is_empty() {
+            return None;
+        }
+        let mut next = || -> Result<(u32, Field), CorruptRecord> {
+            let (tag, wire_type) = decode_key(&mut buf).map_err(corrupt)?;
+            let field = match wire_type {
+                WireType::Varint => Field::Varint(decode_varint(&mut buf).map_err(corrupt)?),
+                WireType::LengthDelimited => {
+                    let len = usize::try_from(decode_varint(&mut buf).map_err(corrupt)?).unwrap_or(usize::MAX);
+                    if len > buf.len() {
+                        return Err(CorruptRecord(format!("a field of {len} bytes in {} left", buf.len())));
+                    }
+                    Field::Bytes(buf.split_to(len))
+                }
+                WireType::SixtyFourBit | WireType::ThirtyTwoBit => {
+                    let len = if wire_type == WireType::SixtyFourBit { 8 } else { 4 };
+                    if len > buf.len() {
+                        return Err(CorruptRecord("a fixed-width field past the end".into()));
+                    }
+                    buf.advance(len);
+                    Field::Fixed
+                }
+                WireType::StartGroup | WireType::EndGroup => {
+                    return Err(CorruptRecord(format!(
+                        "field {tag} is a group, which tagstream never writes"
+                    )));
+                }
+            };
+            Ok((tag, field))
+        };
+        let field = next();
+        if field.is_err() {
+            buf.clear();
+        }
+        Some(field)
+    })
+}
+
+/// Whether a field of `tag` has the wire shape the schema gives it (`Some`), or is unknown.
+fn shape_fits(expected: &[(u32, u8)], tag: u32, field: &Field) -> Option<bool> {
+    let shape = match field {
+        Field::Varint(_) => 0,
+        Field::Fixed => 1,
+        Field::Bytes(_) => 2,
+    };
+    expected.iter().find(|(t, _)| *t == tag).map(|(_, s)| *s == shape)
+}
+
+/// `PointBatch` and `Point` fields: (number, 0 varint / 1 fixed / 2 length-delimited).
+const BATCH_SHAPES: [(u32, u8); 9] = [(1, 2), (2, 2), (3, 2), (4, 0), (5, 1), (6, 0), (7, 0), (8, 2), (9, 2)];
+const POINT_SHAPES: [(u32, u8); 10] = [
+    (1, 2),
+    (2, 0),
+    (3, 0),
+    (4, 0),
+    (5, 0),
+    (6, 1),
+    (7, 2),
+    (8, 0),
+    (9, 2),
+    (10, 2),
+];
+/// `Point` fields holding text.
+const POINT_TEXT: [u32; 4] = [1, 7, 9, 10];
+
+fn text(bytes: &[u8], what: &str) -> Result<String, CorruptRecord> {
+    String::from_utf8(bytes.to_vec()).map_err(|e| CorruptRecord(format!("{what}: {e}")))
+}
+
+/// Checks a point as prost would decode it, without building it: every known field of its
+/// wire shape, text in UTF-8.
+fn check_point(encoded: Bytes) -> Result<(), CorruptRecord> {
+    for field in fields(encoded) {
+        let (tag, field) = field?;
+        if shape_fits(&POINT_SHAPES, tag, &field) == Some(false) {
+            return Err(CorruptRecord(format!("point field {tag} has the wrong wire type")));
+        }
+        if let Field::Bytes(bytes) = field
+            && POINT_TEXT.contains(&tag)
+        {
+            std::str::from_utf8(&bytes).map_err(|e| CorruptRecord(format!("point field {tag}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads what the queue needs of one stored batch and checks the rest, leaving the points
+/// encoded: a record that reads here is one a consumer can decode.
+fn stored_batch(encoded: Bytes) -> Result<StoredBatch, CorruptRecord> {
+    let mut batch = StoredBatch {
+        source: String::new(),
+        source_kind: 0,
+        points: 0,
+        encoded: encoded.clone(),
+    };
+    for field in fields(encoded) {
+        let (tag, field) = field?;
+        if shape_fits(&BATCH_SHAPES, tag, &field) == Some(false) {
+            return Err(CorruptRecord(format!("batch field {tag} has the wrong wire type")));
+        }
+        match (tag, field) {
+            (SOURCE, Field::Bytes(bytes)) => batch.source = text(&bytes, "source")?,
+            (SOURCE_KIND, Field::Varint(kind)) => batch.source_kind = kind as i32,
+            (POINTS, Field::Bytes(point)) => {
+                check_point(point)?;
+                batch.points += 1;
+            }
+            (1 | 2, Field::Bytes(bytes)) => {
+                text(&bytes, "namespace or site")?;
+            }
+            (9, Field::Bytes(audit)) => {
+                tagstream_proto::v1::WriteAudit::decode(audit)
+                    .map_err(|e| CorruptRecord(format!("write audit: {e}")))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(batch)
+}
+
+/// A `PointBatch` as the queue stores it: encoded (without namespace, site, epoch,
+/// sequence and part), with its point count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedBatch {
+    pub points: u32,
+    pub bytes: Vec<u8>,
+}
+
+impl From<&PointBatch> for EncodedBatch {
+    fn from(batch: &PointBatch) -> Self {
+        Self {
+            points: u32::try_from(batch.points.len()).unwrap_or(u32::MAX),
+            bytes: batch.encode_to_vec(),
+        }
+    }
+}
+
+impl From<PointBatch> for EncodedBatch {
+    fn from(batch: PointBatch) -> Self {
+        Self::from(&batch)
+    }
+}
+
 /// Encodes batches into one record value, after records totalling `before`. The batches
-/// are encoded where they are (as `QueueRecord` fields 1, 2 and 3), not moved into a
+/// are written where they are (as `QueueRecord` fields 1, 2 and 3), not moved into a
 /// message: a write that fails is made again from the same batches.
-pub fn encode(batches: &[PointBatch], enqueued_ns: i64, before: Totals) -> Vec<u8> {
-    use prost::encoding::{message, uint64};
-    let points: usize = batches.iter().map(|b| b.points.len()).sum();
-    let body_len = batches.iter().map(|b| message::encoded_len(1, b)).sum::<usize>()
-        + uint64::encoded_len(2, &before.points)
-        + uint64::encoded_len(3, &before.bytes);
+pub fn encode(batches: &[EncodedBatch], enqueued_ns: i64, before: Totals) -> Vec<u8> {
+    use prost::encoding::{bytes, encoded_len_varint, key_len, uint64};
+    let points: u64 = batches.iter().map(|b| u64::from(b.points)).sum();
+    let body_len = batches
+        .iter()
+        .map(|b| key_len(BATCHES) + encoded_len_varint(b.bytes.len() as u64) + b.bytes.len())
+        .sum::<usize>()
+        + uint64::encoded_len(POINTS_BEFORE, &before.points)
+        + uint64::encoded_len(BYTES_BEFORE, &before.bytes);
     let mut value = Vec::with_capacity(HEADER + body_len);
     value.extend_from_slice(&u32::try_from(points).unwrap_or(u32::MAX).to_be_bytes());
     value.extend_from_slice(&enqueued_ns.to_be_bytes());
     for batch in batches {
-        message::encode(1, batch, &mut value);
+        bytes::encode(BATCHES, &batch.bytes, &mut value);
     }
-    uint64::encode(2, &before.points, &mut value);
-    uint64::encode(3, &before.bytes, &mut value);
+    uint64::encode(POINTS_BEFORE, &before.points, &mut value);
+    uint64::encode(BYTES_BEFORE, &before.bytes, &mut value);
     value
 }
 
@@ -92,29 +273,37 @@ pub fn header(value: &[u8]) -> Result<(u32, i64), CorruptRecord> {
 
 pub fn decode(value: &[u8]) -> Result<Record, CorruptRecord> {
     let (points, enqueued_ns) = header(value)?;
-    let body = QueueRecord::decode(&value[HEADER..]).map_err(|e| CorruptRecord(e.to_string()))?;
+    let mut batches = Vec::new();
+    let (mut points_before, mut bytes_before) = (None, None);
+    for field in fields(Bytes::copy_from_slice(&value[HEADER..])) {
+        match field? {
+            (BATCHES, Field::Bytes(encoded)) => batches.push(stored_batch(encoded)?),
+            (POINTS_BEFORE, Field::Varint(n)) => points_before = Some(n),
+            (BYTES_BEFORE, Field::Varint(n)) => bytes_before = Some(n),
+            _ => {}
+        }
+    }
     // A value cut at a field boundary still parses, with batches missing: the header's
     // count is what tells (found by tests/hostile_input.rs).
-    let held: usize = body.batches.iter().map(|b| b.points.len()).sum();
-    if held != points as usize {
+    let held: u64 = batches.iter().map(|b| u64::from(b.points)).sum();
+    if held != u64::from(points) {
         return Err(CorruptRecord(format!(
             "the header counts {points} points, the body holds {held}"
         )));
     }
-    let before = body
-        .points_before
-        .zip(body.bytes_before)
+    let before = points_before
+        .zip(bytes_before)
         .map(|(points, bytes)| Totals { points, bytes });
     Ok(Record {
         points,
         enqueued_ns,
-        batches: body.batches,
+        batches,
         before,
     })
 }
 
 /// At most the bytes a batch adds to the queue: its encoding, its field tag and length, and
 /// a record header in case it ends up alone in a record.
-pub fn batch_size(batch: &PointBatch) -> usize {
-    batch.encoded_len() + 4 + HEADER
+pub fn batch_size(batch: &EncodedBatch) -> usize {
+    batch.bytes.len() + 6 + HEADER
 }

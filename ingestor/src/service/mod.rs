@@ -12,6 +12,7 @@
 //! polled, publish what is queued until the queue is empty or the drain deadline passes,
 //! close the queue.
 
+mod encode;
 pub mod http;
 pub(crate) mod pipeline;
 pub mod state;
@@ -103,11 +104,16 @@ fn load_site(options: &RunOptions) -> anyhow::Result<(SiteConfig, u64)> {
             );
         }
     };
+    Ok((site, fingerprint(&options.paths)))
+}
+
+/// A hash of the manifests' content: what tells a reload whether anything changed.
+fn fingerprint(paths: &[PathBuf]) -> u64 {
     let mut hasher = DefaultHasher::new();
-    for path in &options.paths {
+    for path in paths {
         hash_tree(path, &mut hasher);
     }
-    Ok((site, hasher.finish()))
+    hasher.finish()
 }
 
 fn hash_tree(path: &std::path::Path, hasher: &mut DefaultHasher) {
@@ -331,17 +337,21 @@ impl Runtime {
     /// Applies changed manifests: restarts changed endpoints, recompiles changed
     /// formulas, restarts the publisher when the broker or stream changed.
     async fn reload(&mut self) {
-        let (mut next, fingerprint) = match load_site(&self.options) {
+        // Validating the manifests (schema and CEL rules) costs far more than reading
+        // them, and they rarely change: only changed content is loaded.
+        let current = fingerprint(&self.options.paths);
+        if current == self.fingerprint {
+            return;
+        }
+        // Set before loading: an unusable change is reported once, not at every check.
+        self.fingerprint = current;
+        let (mut next, _) = match load_site(&self.options) {
             Ok(loaded) => loaded,
             Err(e) => {
                 error!(error = %format!("{e:#}"), "the new configuration cannot be used; the running one stays");
                 return;
             }
         };
-        if fingerprint == self.fingerprint {
-            return;
-        }
-        self.fingerprint = fingerprint;
         if self.options.simulate {
             next.devices = local(next.devices);
         }

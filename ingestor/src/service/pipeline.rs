@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use tagstream_proto::v1::{self as wire, PointBatch, SourceKind};
+use tagstream_proto::v1::{self as wire, SourceKind};
 use tokio::sync::{Mutex, mpsc};
 use tracing::error;
 
@@ -13,8 +13,11 @@ use tagstream_core::{
     point::{PointValue, QualityLevel, Sample, now_ns},
 };
 
-use super::state::SiteState;
-use crate::{acquisition::poller::PolledBatch, queue::Queue};
+use super::{encode::BatchEncoder, state::SiteState};
+use crate::{
+    acquisition::poller::PolledBatch,
+    queue::{EncodedBatch, Queue},
+};
 
 /// The DAG and how each device's tags map onto it; replaced on reload.
 #[derive(Debug, Default)]
@@ -76,29 +79,21 @@ pub(crate) fn wire_point(tag: &str, sample: &Sample, unit: Option<&str>) -> wire
     }
 }
 
-fn device_batch(polled: &PolledBatch) -> PointBatch {
+fn device_batch(polled: &PolledBatch) -> EncodedBatch {
     let tags = &polled.device.spec.tags;
-    PointBatch {
-        source: polled.device.name.clone(),
-        source_kind: SourceKind::Device.into(),
-        points: polled
-            .points
-            .iter()
-            .map(|(index, sample)| wire_point(&tags[*index].name, sample, tags[*index].unit.as_deref()))
-            .collect(),
-        ..PointBatch::default()
+    let mut batch = BatchEncoder::new(&polled.device.name, SourceKind::Device, polled.points.len());
+    for (index, sample) in &polled.points {
+        batch.push(&tags[*index].name, sample, tags[*index].unit.as_deref());
     }
+    batch.finish()
 }
 
-fn formula_batches(calc: &Calc, derived: &[Derived]) -> impl Iterator<Item = PointBatch> {
+fn formula_batches(calc: &Calc, derived: &[Derived]) -> impl Iterator<Item = EncodedBatch> {
     derived.iter().map(|d| {
         let formula = calc.formula(d.formula);
-        PointBatch {
-            source: formula.name.clone(),
-            source_kind: SourceKind::Formula.into(),
-            points: vec![wire_point(&formula.name, &d.sample, formula.spec.unit.as_deref())],
-            ..PointBatch::default()
-        }
+        let mut batch = BatchEncoder::new(&formula.name, SourceKind::Formula, 1);
+        batch.push(&formula.name, &d.sample, formula.spec.unit.as_deref());
+        batch.finish()
     })
 }
 
@@ -147,7 +142,7 @@ pub async fn run(
                 }
             }
         }
-        let points: u64 = batches.iter().map(|b| b.points.len() as u64).sum();
+        let points: u64 = batches.iter().map(|b| u64::from(b.points)).sum();
         let derived_points = derived.len() as u64;
         match queue.append(batches).await {
             Ok(()) => state.count_points(points - derived_points, derived_points),
@@ -162,7 +157,7 @@ pub async fn run(
 /// Evaluates what a reconfiguration left pending (changed formulas and their dependents)
 /// and queues the results.
 pub async fn flush_reconfigured(derivation: &Mutex<Derivation>, queue: &Queue) {
-    let batches: Vec<PointBatch> = {
+    let batches: Vec<EncodedBatch> = {
         let mut derivation = derivation.lock().await;
         let mut derived = Vec::new();
         derivation.calc.update([], now_ns(), &mut derived);

@@ -13,3 +13,17 @@ pub fn counter_values<'a>(batches: impl IntoIterator<Item = &'a PointBatch>) -> 
         })
         .collect()
 }
+
+/// The counter values of every point of stored queue records, in order.
+pub fn stored_values(stored: &[tagstream_ingestor::queue::Stored]) -> Vec<u64> {
+    let batches: Vec<PointBatch> = stored
+        .iter()
+        .flat_map(|s| {
+            s.record
+                .batches
+                .iter()
+                .map(tagstream_ingestor::queue::StoredBatch::decode)
+        })
+        .collect();
+    counter_values(&batches)
+}
