@@ -407,6 +407,12 @@ async fn a_changed_manifest_is_applied_without_a_restart() {
     }
     let polls_before = status(address).await["devices"]["pump"]["polls"].as_u64().unwrap();
 
+    // A file the loader does not read (a log beside the manifests) changes nothing.
+    std::fs::write(manifests.join("run.log"), "a log line\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let metrics = http_get(address, "/metrics").await.unwrap();
+    assert!(metrics.contains("tagstream_config_reloads_total{} 0"), "{metrics}");
+
     // Add a formula and a broken one; the device stays as it was.
     let formulas = "---
 apiVersion: tagstream.io/v1alpha1
@@ -452,6 +458,7 @@ spec: {site: crashy, inputs: {s: pump/speed}, expression: s +}
     }
     let metrics = http_get(address, "/metrics").await.unwrap();
     assert!(metrics.contains("tagstream_formulas_invalid{} 1.0"), "{metrics}");
+    assert!(metrics.contains("tagstream_config_reloads_total{} 1"), "{metrics}");
     assert!(
         metrics.contains("# TYPE tagstream_poll_cycles_skipped counter")
             && metrics.contains("tagstream_poll_cycles_skipped_total{device="),

@@ -356,7 +356,9 @@ pub(crate) fn push_property(path: &mut String, name: &str) {
     path.push_str(name);
 }
 
-fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
+/// The manifest files `path` names: itself when it is a file, else every `*.yaml` and
+/// `*.yml` under it (hidden entries left out), in a stable order.
+pub fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let read_err = |source| LoadError::Read {
         path: path.to_path_buf(),
         source,

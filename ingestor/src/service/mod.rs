@@ -27,7 +27,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tagstream_crds::{Device, manifest::load_report};
+use tagstream_crds::{
+    Device,
+    manifest::{load_report, yaml_files},
+};
 use tokio::{
     sync::{Mutex, mpsc},
     task::JoinHandle,
@@ -107,29 +110,17 @@ fn load_site(options: &RunOptions) -> anyhow::Result<(SiteConfig, u64)> {
     Ok((site, fingerprint(&options.paths)))
 }
 
-/// A hash of the manifests' content: what tells a reload whether anything changed.
+/// A hash of the manifests' content, file by file as the loader reads them: what tells a
+/// reload whether anything changed (a log or an editor's file beside them does not).
 fn fingerprint(paths: &[PathBuf]) -> u64 {
     let mut hasher = DefaultHasher::new();
     for path in paths {
-        hash_tree(path, &mut hasher);
-    }
-    hasher.finish()
-}
-
-fn hash_tree(path: &std::path::Path, hasher: &mut DefaultHasher) {
-    if let Ok(text) = std::fs::read(path) {
-        path.hash(hasher);
-        text.hash(hasher);
-    } else if let Ok(entries) = std::fs::read_dir(path) {
-        let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        entries.sort();
-        for entry in entries
-            .iter()
-            .filter(|e| !e.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-        {
-            hash_tree(entry, hasher);
+        for file in yaml_files(path).unwrap_or_default() {
+            file.hash(&mut hasher);
+            std::fs::read(&file).ok().hash(&mut hasher);
         }
     }
+    hasher.finish()
 }
 
 fn local(mut devices: Vec<Device>) -> Vec<Device> {

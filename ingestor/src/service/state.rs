@@ -237,6 +237,11 @@ impl Collector for Metrics {
                     .collect(),
             ),
             (
+                "tagstream_config_reloads",
+                "Manifest changes applied without a restart",
+                one(self.0.reloads.load(Ordering::Relaxed)),
+            ),
+            (
                 "tagstream_queue_dropped_points",
                 "Points dropped by the dropOldest policy",
                 one(status.queue.dropped_points),
