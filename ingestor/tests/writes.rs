@@ -861,7 +861,7 @@ async fn the_documented_nats_permissions_let_only_the_operators_write() {
 /// is refused and never reaches the device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_write_is_sent_while_the_queue_cannot_keep_its_audit() {
-    let nats = Nats::start();
+    let mut nats = Nats::start();
     let dir = tempfile::tempdir().unwrap();
     let mut config = QueueConfig::new(dir.path().join("queue"));
     config.max_bytes = 64 << 10;
@@ -914,8 +914,14 @@ async fn no_write_is_sent_while_the_queue_cannot_keep_its_audit() {
     assert_eq!(reply.outcome, i32::from(WriteOutcome::Failed), "{reply:?}");
     assert!(reply.detail.contains("queue is full"), "{reply:?}");
     assert!(sent.try_recv().is_err(), "the write was handed to the device");
+    // With the broker gone the service still stops at once (SIGTERM hung on it before).
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
-    running.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the write service did not stop without its broker")
+        .unwrap();
     filler.abort();
 }
 

@@ -53,6 +53,9 @@ pub type WriteRoutes = Arc<RwLock<HashMap<String, Route>>>;
 
 /// How long a write may wait for its device's bus before it is given up unwritten.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+/// How long the service waits on the broker for a reply or an unsubscription: with the
+/// broker gone, the client would wait for a reconnection forever.
+const BROKER_WAIT: Duration = Duration::from_secs(1);
 /// How long a reply waits for its audit to be on disk.
 const AUDIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -102,7 +105,7 @@ impl WriteService {
                 Some((attempt, report)) = running.next() => self.finish(&client, &attempt, &report, Target::Waiters(&mut requests)).await,
             }
         }
-        let _ = subscriber.unsubscribe().await;
+        let _ = tokio::time::timeout(BROKER_WAIT, subscriber.unsubscribe()).await;
         let drained = tokio::time::timeout(DEADLINE + Duration::from_secs(5), async {
             while let Some((attempt, report)) = running.next().await {
                 self.finish(&client, &attempt, &report, Target::Waiters(&mut requests))
@@ -112,7 +115,7 @@ impl WriteService {
         if drained.await.is_err() {
             warn!("writes still running at shutdown are left unanswered");
         }
-        let _ = client.flush().await;
+        let _ = tokio::time::timeout(BROKER_WAIT, client.flush()).await;
     }
 
     async fn connect(&self, stop: &CancellationToken) -> Option<Client> {
@@ -327,7 +330,9 @@ enum Target<'a> {
 }
 
 async fn publish_reply(client: &Client, subject: &Subject, reply: Bytes) {
-    if let Err(e) = client.publish(subject.clone(), reply).await {
-        warn!(%subject, error = %e, "a write reply could not be sent");
+    match tokio::time::timeout(BROKER_WAIT, client.publish(subject.clone(), reply)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(%subject, error = %e, "a write reply could not be sent"),
+        Err(_) => warn!(%subject, "a write reply could not be sent: the broker takes nothing"),
     }
 }
