@@ -8,14 +8,14 @@ use std::{fmt::Write as _, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use prost::Message as _;
 use tagstream_crds::device::{DataType, Tag};
-use tagstream_proto::v1::{WriteOutcome, WriteReply, WriteRequest};
+use tagstream_proto::v1::{WriteReply, WriteRequest};
 
 use tagstream_core::point::PointValue;
 
 use crate::{
     acquisition::{
         poller,
-        write::{self, Outcome, WriteReport},
+        write::{self, WriteReport},
     },
     read,
     writes::wire,
@@ -166,7 +166,7 @@ pub async fn write(options: WriteOptions) -> anyhow::Result<WriteReport> {
         credentials_file: options.creds,
         timeout: options.timeout,
     };
-    Ok(report_of(&write_via_nats(&write).await?))
+    Ok(wire::report(&write_via_nats(&write).await?))
 }
 
 /// What `write --subject` sends.
@@ -236,26 +236,4 @@ pub fn describe(report: &WriteReport) -> String {
         let _ = write!(line, ": {}", report.detail);
     }
     line
-}
-
-/// A wire reply as a report, to describe it the same way.
-pub fn report_of(reply: &WriteReply) -> WriteReport {
-    let outcome = match WriteOutcome::try_from(reply.outcome) {
-        Ok(WriteOutcome::Written) => Outcome::Written,
-        Ok(WriteOutcome::Refused) => Outcome::Refused(tokio_modbus::ExceptionCode::new(
-            u8::try_from(reply.exception_code).unwrap_or(0),
-        )),
-        Ok(WriteOutcome::OutOfRange) => Outcome::OutOfRange,
-        Ok(WriteOutcome::NotWritable) => Outcome::NotWritable,
-        Ok(WriteOutcome::Timeout) => Outcome::Timeout,
-        Ok(WriteOutcome::ExpectedMismatch) => Outcome::ExpectedMismatch,
-        Ok(WriteOutcome::Invalid) => Outcome::Invalid,
-        _ => Outcome::Failed,
-    };
-    WriteReport {
-        outcome,
-        detail: reply.detail.clone(),
-        previous: reply.previous.as_ref().and_then(wire::from_wire),
-        read_back: reply.read_back.as_ref().and_then(wire::from_wire),
-    }
 }

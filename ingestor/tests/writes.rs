@@ -714,7 +714,7 @@ async fn writes_through_a_running_ingestor_are_performed_once_and_audited() {
     let subject = "tagstream-write.default.works.boiler.setpoint";
     let url = nats.url();
     let first = first_reply(&request(&url, subject, "r-1", PointValue::Double(72.5))).await;
-    let first_report = write_cmd::report_of(&first);
+    let first_report = tagstream_ingestor::writes::wire::report(&first);
     assert_eq!(first_report.outcome, Outcome::Written, "{first:?}");
     assert_eq!(first_report.previous, Some(PointValue::Double(70.0)));
     assert_eq!(first_report.read_back, Some(PointValue::Double(72.5)));

@@ -57,6 +57,28 @@ pub fn reply(request_id: &str, report: &WriteReport) -> WriteReply {
     }
 }
 
+/// The inverse of [`reply`]: a wire reply as a report.
+pub fn report(reply: &WriteReply) -> WriteReport {
+    let outcome = match WriteOutcome::try_from(reply.outcome) {
+        Ok(WriteOutcome::Written) => Outcome::Written,
+        Ok(WriteOutcome::Refused) => Outcome::Refused(tokio_modbus::ExceptionCode::new(
+            u8::try_from(reply.exception_code).unwrap_or(0),
+        )),
+        Ok(WriteOutcome::OutOfRange) => Outcome::OutOfRange,
+        Ok(WriteOutcome::NotWritable) => Outcome::NotWritable,
+        Ok(WriteOutcome::Timeout) => Outcome::Timeout,
+        Ok(WriteOutcome::ExpectedMismatch) => Outcome::ExpectedMismatch,
+        Ok(WriteOutcome::Invalid) => Outcome::Invalid,
+        _ => Outcome::Failed,
+    };
+    WriteReport {
+        outcome,
+        detail: reply.detail.clone(),
+        previous: reply.previous.as_ref().and_then(from_wire),
+        read_back: reply.read_back.as_ref().and_then(from_wire),
+    }
+}
+
 /// Who asked what of which tag.
 #[derive(Clone, Debug)]
 pub struct Attempt {
