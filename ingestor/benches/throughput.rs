@@ -15,6 +15,12 @@
 //! points delivered (polled and derived, out of the queue), the ingestor's CPU (user +
 //! system, from /proc), the CPU per 100k points/s, and the poll cycles skipped (polling
 //! falling behind: acked < offered).
+//!
+//! The baseline, in the same run against the same simulator: a bare tokio-modbus poller
+//! (this benchmark re-run as a child with `--bare-poll`) that reads the same registers on
+//! the same schedule, decodes the floats and does nothing else. Its CPU per 100k points/s is
+//! what the transport alone costs on this machine (system calls, loopback TCP, wake-ups):
+//! the floor under the ingestor's figure.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, reason = "the benchmark uses part of the test support")]
@@ -28,6 +34,8 @@ use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
+
+use tokio_modbus::client::{Reader as _, tcp};
 
 use support::{
     child::KilledOnDrop,
@@ -136,7 +144,82 @@ fn wait_for(what: &str, limit: Duration, dir: &Path, mut done: impl FnMut() -> b
     }
 }
 
+/// The baseline: polls `devices` simulated devices from `first_port` every `interval_ms`
+/// with nothing but tokio-modbus, for `seconds` after `warmup`; prints its points/s and its
+/// CPU (% of a core) over that window.
+fn bare_poll(first_port: u16, devices: usize, interval_ms: u64, warmup: u64, seconds: u64) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let polled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    runtime.block_on(async {
+        for d in 0..devices {
+            let polled = std::sync::Arc::clone(&polled);
+            tokio::spawn(async move {
+                let address = std::net::SocketAddr::from(([127, 0, 0, 1], first_port + d as u16));
+                let mut context = tcp::connect_slave(address, tokio_modbus::Slave(1))
+                    .await
+                    .expect("connect to the simulator");
+                let mut ticks = tokio::time::interval(Duration::from_millis(interval_ms));
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    ticks.tick().await;
+                    let read = context.read_holding_registers(0, (TAGS * 2) as u16);
+                    let registers = tokio::time::timeout(Duration::from_secs(1), read)
+                        .await
+                        .expect("an answer within 1 s")
+                        .expect("transport")
+                        .expect("no exception");
+                    let sum: f32 = registers
+                        .chunks_exact(2)
+                        .map(|pair| f32::from_bits((u32::from(pair[0]) << 16) | u32::from(pair[1])))
+                        .sum();
+                    std::hint::black_box(sum);
+                    polled.fetch_add(TAGS as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(warmup)).await;
+        let (cpu0, at0, points0) = (
+            cpu_seconds(std::process::id()),
+            Instant::now(),
+            polled.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let elapsed = at0.elapsed().as_secs_f64();
+        let points = polled.load(std::sync::atomic::Ordering::Relaxed) - points0;
+        let cpu = (cpu_seconds(std::process::id()) - cpu0) / elapsed * 100.0;
+        println!("{:.0} {cpu:.2}", points as f64 / elapsed);
+    });
+    runtime.shutdown_background();
+}
+
+/// Runs the baseline in a child process (its CPU is its own); returns (points/s, % of a core).
+fn baseline(first_port: u16, devices: usize, interval_ms: u64, seconds: u64) -> (f64, f64) {
+    let exe = std::env::current_exe().expect("the benchmark's path");
+    let out = Command::new(exe)
+        .args([
+            "--bare-poll",
+            &format!("{first_port},{devices},{interval_ms},3,{seconds}"),
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the baseline poller");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut figures = text.split_whitespace().filter_map(|f| f.parse::<f64>().ok());
+    match (figures.next(), figures.next()) {
+        (Some(rate), Some(cpu)) if out.status.success() => (rate, cpu),
+        _ => panic!("the baseline poller failed: {text}"),
+    }
+}
+
 fn main() {
+    if let Some(spec) = arg("--bare-poll") {
+        let n: Vec<u64> = spec.split(',').filter_map(|n| n.parse().ok()).collect();
+        let [port, devices, interval, warmup, seconds] = n[..] else {
+            panic!("--bare-poll FIRST_PORT,DEVICES,INTERVAL_MS,WARMUP_S,SECONDS");
+        };
+        bare_poll(port as u16, devices as usize, interval, warmup, seconds);
+        return;
+    }
     let counts: Vec<usize> = arg("--devices")
         .unwrap_or_else(|| "16,80,160".into())
         .split(',')
@@ -145,9 +228,9 @@ fn main() {
     let interval_ms: u64 = arg("--interval-ms").and_then(|v| v.parse().ok()).unwrap_or(10);
     let seconds: u64 = arg("--seconds").and_then(|v| v.parse().ok()).unwrap_or(15);
     println!(
-        "| devices | offered points/s | delivered points/s | ingestor CPU (% of a core) | % of a core per 100k points/s | poll cycles skipped |"
+        "| devices | offered points/s | delivered points/s | ingestor CPU (% of a core) | % of a core per 100k points/s | poll cycles skipped | bare poller: points/s | bare poller: % per 100k points/s |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for devices in counts {
         let nats = Nats::start();
         let dir = tempfile::tempdir().unwrap();
@@ -183,7 +266,7 @@ fn main() {
         let (cpu0, at0, start) = (cpu_seconds(pid), Instant::now(), status(http).expect("status"));
         if let Some(perf) = arg("--perf") {
             let recorded = Command::new("perf")
-                .args(["record", "-F", "499", "-g", "-o", &format!("{perf}-{devices}"), "-p"])
+                .args(["record", "-F", "1999", "-g", "-o", &format!("{perf}-{devices}"), "-p"])
                 .arg(pid.to_string())
                 .args(["--", "sleep", &seconds.to_string()])
                 .stdout(Stdio::null())
@@ -205,11 +288,13 @@ fn main() {
         let offered = (devices * TAGS) as f64 * 1000.0 / interval_ms as f64;
         let rate = (out1 - out0) as f64 / elapsed;
         let cpu = (cpu1 - cpu0) / elapsed * 100.0;
-        println!(
-            "| {devices} | {offered:.0} | {rate:.0} | {cpu:.1} | {:.1} | {} |",
-            cpu / (rate / 100_000.0),
-            skipped1 - skipped0
-        );
         drop(ingestor);
+        let (bare_rate, bare_cpu) = baseline(first_port, devices, interval_ms, seconds);
+        println!(
+            "| {devices} | {offered:.0} | {rate:.0} | {cpu:.1} | {:.1} | {} | {bare_rate:.0} | {:.1} |",
+            cpu / (rate / 100_000.0),
+            skipped1 - skipped0,
+            bare_cpu / (bare_rate / 100_000.0)
+        );
     }
 }

@@ -116,6 +116,44 @@ async fn drop_oldest_keeps_the_newest_points_within_the_limit() {
     );
 }
 
+/// The publisher reads on from the last record it sent, which the queue answers from the
+/// records it flushed last when it can: those answers must be what sled holds, while the
+/// full policy drops the oldest records and acks remove the head.
+#[tokio::test]
+async fn reading_on_from_a_record_sees_what_the_queue_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("q"));
+    config.max_bytes = 64 << 10;
+    config.flush_interval = Duration::from_millis(1);
+    let queue = Queue::open(config).unwrap().queue;
+    let mut last = None;
+    let mut read = 0;
+    for n in 0..3000 {
+        queue.append(vec![batch(n)]).await.unwrap();
+        if n % 7 != 0 {
+            continue;
+        }
+        // Fewer than appended: the reader falls behind and the drops overtake it.
+        let on = queue.read(last, 4).await.unwrap();
+        let held: Vec<Stored> = everything(&queue)
+            .await
+            .into_iter()
+            .filter(|s| last.is_none_or(|l| s.sequence > l))
+            .take(4)
+            .collect();
+        assert_eq!(on, held, "after {last:?}");
+        read += on.len();
+        last = on.last().map(|s| s.sequence).or(last);
+        if n % 1001 == 0
+            && let Some(through) = last
+        {
+            queue.ack_through(through).await.unwrap();
+        }
+    }
+    assert!(queue.stats().dropped_points > 0, "the full policy dropped records");
+    assert!(read > 1000, "{read} records read on");
+}
+
 #[tokio::test]
 async fn pause_polling_holds_appends_until_the_publisher_frees_room() {
     let dir = tempfile::tempdir().unwrap();

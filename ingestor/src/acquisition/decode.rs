@@ -115,7 +115,15 @@ fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
 /// A float32 as the f64 with the same shortest decimal form (60.262138, not
 /// 60.26213836669922), which is what a device's float32 means to its users.
 pub fn widen(value: f32) -> f64 {
-    value.to_string().parse().unwrap_or(f64::from(value))
+    // ryu formats on the stack, several times faster than `to_string` (measured in the
+    // throughput benchmark, where this ran for every point).
+    if !value.is_finite() {
+        return f64::from(value);
+    }
+    ryu::Buffer::new()
+        .format_finite(value)
+        .parse()
+        .unwrap_or(f64::from(value))
 }
 
 fn finite(value: f64) -> Result<PointValue, DecodeError> {
@@ -454,6 +462,16 @@ mod tests {
             prop_assert_eq!(decode_registers(&encode_registers(&PointValue::Double(widen(x)), &l32), &l32).unwrap(), PointValue::Double(widen(x)));
             let l64 = layout(DataType::Float64, order);
             prop_assert_eq!(decode_registers(&encode_registers(&PointValue::Double(y), &l64), &l64).unwrap(), PointValue::Double(y));
+        }
+
+        #[test]
+        fn widening_keeps_the_shortest_decimal_form(x in any::<f32>().prop_filter("finite", |x| x.is_finite())) {
+            // The same float32, and as short in decimal as std's shortest form (on a tie
+            // ryu and std may pick different digits: 3144486.25 is 3144486.2 or .3).
+            let wide = widen(x);
+            prop_assert_eq!((wide as f32).to_bits(), x.to_bits());
+            let digits = |text: String| text.replace(['-', '.'], "").trim_matches('0').len();
+            prop_assert!(digits(wide.to_string()) <= digits(x.to_string()), "{} for {}", wide, x);
         }
 
         #[test]

@@ -348,6 +348,7 @@ impl Connection<'_> {
             tokio::spawn(async move { queue.read(after, max).await })
         };
         let mut next = read_after(None);
+        let mut sent_through = None;
         loop {
             let chunk = next
                 .await
@@ -363,10 +364,12 @@ impl Connection<'_> {
                     () = shutdown.cancelled() => {}
                     () = queue.wait_for_records(Duration::from_millis(250)) => {}
                 }
-                // Everything up to the last sent record is acked and gone: read from the head.
-                next = read_after(None);
+                // Everything up to the last sent record is acked and gone, so what follows
+                // it is the head (and most likely still in the queue's memory).
+                next = read_after(sent_through);
                 continue;
             };
+            sent_through = Some(last);
             next = read_after(Some(last));
             // Acked records leave the queue once per chunk: one delete pass, not one per record.
             let mut acked_through = None;

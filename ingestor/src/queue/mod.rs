@@ -50,6 +50,7 @@
 //! fresh queue (new epoch) is started, reported in [`Opened::moved_aside`]. A record that
 //! does not decode is skipped and counted as lost; it never stops the queue.
 
+mod recent;
 pub mod record;
 mod summary;
 pub mod volume;
@@ -216,6 +217,8 @@ struct Shared {
     room: Notify,
     /// Woken when records were written (for the publisher).
     appended: Notify,
+    /// The records flushed last, for a publisher that keeps up.
+    recent: Mutex<recent::Recent>,
 }
 
 /// A handle to the queue; clones share it.
@@ -336,6 +339,7 @@ impl Queue {
             totals: Mutex::new(totals),
             room: Notify::new(),
             appended: Notify::new(),
+            recent: Mutex::default(),
         });
         tokio::spawn(writer(Arc::clone(&shared), rx, next));
         Ok(Opened {
@@ -382,15 +386,20 @@ impl Queue {
     /// Up to `max` flushed records with a sequence above `after` (from the head when
     /// `None`), in order. Memory is bounded by `max`, whatever the backlog.
     pub async fn read(&self, after: Option<u64>, max: usize) -> Result<Vec<Stored>, QueueError> {
+        let start = after.map_or(0, |s| s.saturating_add(1));
+        let durable = self.shared.durable_next.load(Ordering::Acquire);
+        if start >= durable {
+            return Ok(Vec::new());
+        }
+        if after.is_some()
+            && let Some(records) = self.shared.recent.lock().expect("recent lock").read(start, max)
+        {
+            return Ok(records);
+        }
         let shared = Arc::clone(&self.shared);
         run_blocking(move || {
             let store = shared.store()?;
             let err = shared.storage_error();
-            let start = after.map_or(0, |s| s.saturating_add(1));
-            let durable = shared.durable_next.load(Ordering::Acquire);
-            if start >= durable {
-                return Ok(Vec::new());
-            }
             let mut out = Vec::with_capacity(max.min(1024));
             for entry in store
                 .records
@@ -509,6 +518,7 @@ fn remove_head(shared: &Shared, store: &Store, take: impl Fn(u64) -> bool, dropp
         if !take(sequence) {
             break;
         }
+        shared.recent.lock().expect("recent lock").remove_through(sequence);
         let Some(value) = store.records.remove(&key).map_err(&err)? else {
             continue;
         };
@@ -646,6 +656,14 @@ fn write_group(shared: &Shared, values: &[Vec<u8>], first_seq: u64, now: i64) ->
         count(shared, points, value.len() as u64, now);
         *totals = totals.then(points, value.len() as u64);
     }
+    let mut recent = shared.recent.lock().expect("recent lock");
+    for (sequence, value) in (first_seq..).zip(values) {
+        match record::decode(value) {
+            Ok(record) => recent.push(Stored { sequence, record }),
+            // Read from sled, where a record that does not decode is counted and skipped.
+            Err(_) => recent.clear(),
+        }
+    }
     shared.durable_next.store(next, Ordering::Release);
     Ok(next)
 }
@@ -682,6 +700,7 @@ async fn reopen_until_open(shared: &Arc<Shared>, next_seq: u64, rx: &mpsc::Recei
 fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
     let err = storage(&shared.config.dir);
     let old = shared.store.write().expect("store lock").take();
+    shared.recent.lock().expect("recent lock").clear();
     if let Some(old) = old {
         // Readers that cloned the store finish within their blocking call; sled's file
         // lock is released only when the last handle is gone.
