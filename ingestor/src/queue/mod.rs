@@ -68,7 +68,7 @@ use tagstream_crds::site::FullPolicy;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, info, warn};
 
-pub use record::{EncodedBatch, Record, StoredBatch};
+pub use record::{Record, StoredBatch};
 use volume::Volume;
 
 use tagstream_core::point::now_ns;
@@ -173,7 +173,7 @@ pub struct Opened {
 }
 
 struct Append {
-    batches: Vec<EncodedBatch>,
+    batches: Vec<StoredBatch>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -363,8 +363,8 @@ impl Queue {
     }
 
     /// Stores `batches`; returns once they are on disk.
-    pub async fn append<B: Into<EncodedBatch>>(&self, batches: impl IntoIterator<Item = B>) -> Result<(), QueueError> {
-        let batches: Vec<EncodedBatch> = batches.into_iter().map(Into::into).collect();
+    pub async fn append<B: Into<StoredBatch>>(&self, batches: impl IntoIterator<Item = B>) -> Result<(), QueueError> {
+        let batches: Vec<StoredBatch> = batches.into_iter().map(Into::into).collect();
         if batches.is_empty() {
             return Ok(());
         }
@@ -553,9 +553,9 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>, mut next_se
         while let Ok(Some(more)) = tokio::time::timeout_at(deadline, rx.recv()).await {
             group.push(more);
         }
-        let (batches, waiters): (Vec<Vec<EncodedBatch>>, Vec<_>) =
+        let (batches, waiters): (Vec<Vec<StoredBatch>>, Vec<_>) =
             group.into_iter().map(|a| (a.batches, a.done)).unzip();
-        let batches: Vec<EncodedBatch> = batches.into_iter().flatten().collect();
+        let batches: Vec<StoredBatch> = batches.into_iter().flatten().collect();
         let outcome = loop {
             let failure = match write_with_room(&shared, &batches, next_seq, &mut rx).await {
                 Ok(next) => {
@@ -590,14 +590,14 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>, mut next_se
 /// the next sequence, or why the write failed.
 async fn write_with_room(
     shared: &Arc<Shared>,
-    batches: &[EncodedBatch],
+    batches: &[StoredBatch],
     first_seq: u64,
     rx: &mut mpsc::Receiver<Append>,
 ) -> Result<u64, String> {
     let now = now_ns();
     let start = *shared.totals.lock().expect("totals lock");
-    let values = pack(batches, shared.config.record_bytes, now, start);
-    let incoming: u64 = values.iter().map(|v| v.len() as u64).sum();
+    let records = pack(batches, shared.config.record_bytes, now, start);
+    let incoming: u64 = records.iter().map(|(value, _)| value.len() as u64).sum();
     make_room(shared, incoming, rx).await;
     if shared.failed.load(Ordering::Acquire) {
         // A read, an acknowledgement or the full policy's drop found sled failed.
@@ -608,39 +608,45 @@ async fn write_with_room(
             .unwrap_or_else(|| "sled failed".into()));
     }
     let shared2 = Arc::clone(shared);
-    let written = tokio::task::spawn_blocking(move || write_group(&shared2, &values, first_seq, now))
+    let written = tokio::task::spawn_blocking(move || write_group(&shared2, records, first_seq, now))
         .await
         .map_err(|e| format!("queue writer failed: {e}"))?;
     written.map_err(|e| e.to_string())
 }
 
 /// Batches as record values of about `record_bytes` each, each after the totals of the
-/// ones before it.
-fn pack(batches: &[EncodedBatch], record_bytes: usize, now: i64, mut totals: record::Totals) -> Vec<Vec<u8>> {
-    let mut values = Vec::new();
+/// ones before it, and each value's record as reading it gives it back.
+fn pack(batches: &[StoredBatch], record_bytes: usize, now: i64, mut totals: record::Totals) -> Vec<(Vec<u8>, Record)> {
+    let mut records = Vec::new();
     let mut start = 0;
     let mut bytes = 0;
     for (i, batch) in batches.iter().enumerate() {
         bytes += record::batch_size(batch);
         if bytes >= record_bytes || i + 1 == batches.len() {
             let value = record::encode(&batches[start..=i], now, totals);
-            let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
-            totals = totals.then(points, value.len() as u64);
-            values.push(value);
+            let points = record::header(&value).map_or(0, |(p, _)| p);
+            let record = Record {
+                points,
+                enqueued_ns: now,
+                batches: batches[start..=i].to_vec(),
+                before: Some(totals),
+            };
+            totals = totals.then(u64::from(points), value.len() as u64);
+            records.push((value, record));
             start = i + 1;
             bytes = 0;
         }
     }
-    values
+    records
 }
 
 /// Writes record values from `first_seq` on, then the next sequence, flushes, and only
 /// then counts them and lets the publisher see them. Returns the next sequence.
-fn write_group(shared: &Shared, values: &[Vec<u8>], first_seq: u64, now: i64) -> Result<u64, QueueError> {
+fn write_group(shared: &Shared, records: Vec<(Vec<u8>, Record)>, first_seq: u64, now: i64) -> Result<u64, QueueError> {
     let err = shared.storage_error();
     let store = shared.store()?;
     let mut next = first_seq;
-    for value in values {
+    for (value, _) in &records {
         store
             .records
             .insert(next.to_be_bytes(), value.as_slice())
@@ -651,18 +657,12 @@ fn write_group(shared: &Shared, values: &[Vec<u8>], first_seq: u64, now: i64) ->
     store.db.flush().map_err(&err)?;
     shared.commit_drops();
     let mut totals = shared.totals.lock().expect("totals lock");
-    for value in values {
-        let points = record::header(value).map_or(0, |(p, _)| u64::from(p));
+    let mut recent = shared.recent.lock().expect("recent lock");
+    for ((value, record), sequence) in records.into_iter().zip(first_seq..) {
+        let points = u64::from(record.points);
         count(shared, points, value.len() as u64, now);
         *totals = totals.then(points, value.len() as u64);
-    }
-    let mut recent = shared.recent.lock().expect("recent lock");
-    for (sequence, value) in (first_seq..).zip(values) {
-        match record::decode(value) {
-            Ok(record) => recent.push(Stored { sequence, record }),
-            // Read from sled, where a record that does not decode is counted and skipped.
-            Err(_) => recent.clear(),
-        }
+        recent.push(Stored { sequence, record });
     }
     shared.durable_next.store(next, Ordering::Release);
     Ok(next)

@@ -209,24 +209,18 @@ fn stored_batch(encoded: Bytes) -> Result<StoredBatch, CorruptRecord> {
     Ok(batch)
 }
 
-/// A `PointBatch` as the queue stores it: encoded (without namespace, site, epoch,
-/// sequence and part), with its point count.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EncodedBatch {
-    pub points: u32,
-    pub bytes: Vec<u8>,
-}
-
-impl From<&PointBatch> for EncodedBatch {
+impl From<&PointBatch> for StoredBatch {
     fn from(batch: &PointBatch) -> Self {
         Self {
+            source: batch.source.clone(),
+            source_kind: batch.source_kind,
             points: u32::try_from(batch.points.len()).unwrap_or(u32::MAX),
-            bytes: batch.encode_to_vec(),
+            encoded: batch.encode_to_vec().into(),
         }
     }
 }
 
-impl From<PointBatch> for EncodedBatch {
+impl From<PointBatch> for StoredBatch {
     fn from(batch: PointBatch) -> Self {
         Self::from(&batch)
     }
@@ -235,12 +229,12 @@ impl From<PointBatch> for EncodedBatch {
 /// Encodes batches into one record value, after records totalling `before`. The batches
 /// are written where they are (as `QueueRecord` fields 1, 2 and 3), not moved into a
 /// message: a write that fails is made again from the same batches.
-pub fn encode(batches: &[EncodedBatch], enqueued_ns: i64, before: Totals) -> Vec<u8> {
+pub fn encode(batches: &[StoredBatch], enqueued_ns: i64, before: Totals) -> Vec<u8> {
     use prost::encoding::{bytes, encoded_len_varint, key_len, uint64};
     let points: u64 = batches.iter().map(|b| u64::from(b.points)).sum();
     let body_len = batches
         .iter()
-        .map(|b| key_len(BATCHES) + encoded_len_varint(b.bytes.len() as u64) + b.bytes.len())
+        .map(|b| key_len(BATCHES) + encoded_len_varint(b.encoded.len() as u64) + b.encoded.len())
         .sum::<usize>()
         + uint64::encoded_len(POINTS_BEFORE, &before.points)
         + uint64::encoded_len(BYTES_BEFORE, &before.bytes);
@@ -248,7 +242,7 @@ pub fn encode(batches: &[EncodedBatch], enqueued_ns: i64, before: Totals) -> Vec
     value.extend_from_slice(&u32::try_from(points).unwrap_or(u32::MAX).to_be_bytes());
     value.extend_from_slice(&enqueued_ns.to_be_bytes());
     for batch in batches {
-        bytes::encode(BATCHES, &batch.bytes, &mut value);
+        bytes::encode(BATCHES, &batch.encoded, &mut value);
     }
     uint64::encode(POINTS_BEFORE, &before.points, &mut value);
     uint64::encode(BYTES_BEFORE, &before.bytes, &mut value);
@@ -304,6 +298,6 @@ pub fn decode(value: &[u8]) -> Result<Record, CorruptRecord> {
 
 /// At most the bytes a batch adds to the queue: its encoding, its field tag and length, and
 /// a record header in case it ends up alone in a record.
-pub fn batch_size(batch: &EncodedBatch) -> usize {
-    batch.bytes.len() + 6 + HEADER
+pub fn batch_size(batch: &StoredBatch) -> usize {
+    batch.encoded.len() + 6 + HEADER
 }

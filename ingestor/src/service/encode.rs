@@ -8,7 +8,7 @@ use tagstream_proto::v1::{Quality, SourceKind};
 
 use tagstream_core::point::{PointValue, QualityLevel, Sample};
 
-use crate::queue::EncodedBatch;
+use crate::queue::StoredBatch;
 
 /// `PointBatch` and `Point` field numbers (`proto/tagstream/v1/points.proto`).
 mod field {
@@ -41,6 +41,8 @@ fn varint(number: u32, value: u64, buf: &mut Vec<u8>) {
 /// One batch being encoded.
 #[derive(Debug)]
 pub struct BatchEncoder {
+    source: String,
+    kind: SourceKind,
     bytes: Vec<u8>,
     /// The point being encoded (its length precedes it in `bytes`).
     point: Vec<u8>,
@@ -53,6 +55,8 @@ impl BatchEncoder {
         text(field::SOURCE, source, &mut bytes);
         varint(field::SOURCE_KIND, kind as u64, &mut bytes);
         Self {
+            source: source.to_owned(),
+            kind,
             bytes,
             point: Vec::with_capacity(64),
             points: 0,
@@ -94,10 +98,12 @@ impl BatchEncoder {
         self.points += 1;
     }
 
-    pub fn finish(self) -> EncodedBatch {
-        EncodedBatch {
+    pub fn finish(self) -> StoredBatch {
+        StoredBatch {
+            source: self.source,
+            source_kind: self.kind.into(),
             points: self.points,
-            bytes: self.bytes,
+            encoded: self.bytes.into(),
         }
     }
 }
@@ -143,7 +149,7 @@ mod tests {
             }
             let batch = encoder.finish();
             assert_eq!(batch.points as usize, samples.len());
-            assert_eq!(PointBatch::decode(batch.bytes.as_slice()).unwrap(), expected);
+            assert_eq!(PointBatch::decode(batch.encoded.clone()).unwrap(), expected);
         }
     }
 }

@@ -16,7 +16,7 @@ use tagstream_core::{
 use super::{encode::BatchEncoder, state::SiteState};
 use crate::{
     acquisition::poller::PolledBatch,
-    queue::{EncodedBatch, Queue},
+    queue::{Queue, StoredBatch},
 };
 
 /// The DAG and how each device's tags map onto it; replaced on reload.
@@ -79,7 +79,7 @@ pub(crate) fn wire_point(tag: &str, sample: &Sample, unit: Option<&str>) -> wire
     }
 }
 
-fn device_batch(polled: &PolledBatch) -> EncodedBatch {
+fn device_batch(polled: &PolledBatch) -> StoredBatch {
     let tags = &polled.device.spec.tags;
     let mut batch = BatchEncoder::new(&polled.device.name, SourceKind::Device, polled.points.len());
     for (index, sample) in &polled.points {
@@ -88,7 +88,7 @@ fn device_batch(polled: &PolledBatch) -> EncodedBatch {
     batch.finish()
 }
 
-fn formula_batches(calc: &Calc, derived: &[Derived]) -> impl Iterator<Item = EncodedBatch> {
+fn formula_batches(calc: &Calc, derived: &[Derived]) -> impl Iterator<Item = StoredBatch> {
     derived.iter().map(|d| {
         let formula = calc.formula(d.formula);
         let mut batch = BatchEncoder::new(&formula.name, SourceKind::Formula, 1);
@@ -157,7 +157,7 @@ pub async fn run(
 /// Evaluates what a reconfiguration left pending (changed formulas and their dependents)
 /// and queues the results.
 pub async fn flush_reconfigured(derivation: &Mutex<Derivation>, queue: &Queue) {
-    let batches: Vec<EncodedBatch> = {
+    let batches: Vec<StoredBatch> = {
         let mut derivation = derivation.lock().await;
         let mut derived = Vec::new();
         derivation.calc.update([], now_ns(), &mut derived);
