@@ -78,7 +78,7 @@ async fn main() {
         queue.append(vec![batch(n, points)]).await.expect("append");
         let head = queue.read(None, 16).await.expect("read");
         if let Some(last) = head.last() {
-            queue.ack_through(last.sequence).await.expect("ack");
+            queue.ack_through(last.sequence).expect("ack");
             acked += head.len() as u64;
         }
         if (n + 1) % (records / samples).max(1) == 0 {

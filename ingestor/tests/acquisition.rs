@@ -141,7 +141,7 @@ async fn a_refused_coalesced_read_is_split_and_the_good_tags_keep_flowing() {
     let holding_reads = |reads: &[Read]| reads.iter().filter(|r| r.kind == RegisterKind::Holding).count();
     let before = holding_reads(&reads);
 
-    let readings = poller::poll_reads(&mut context, spec, &layouts, &mut reads, 0)
+    let readings = poller::poll_reads(&mut context, spec, &layouts, &mut reads, 0, true)
         .await
         .unwrap();
     let by_name = |name: &str| {
@@ -490,7 +490,7 @@ async fn a_busy_device_is_asked_again_when_the_manifest_allows_it() {
             .await
             .unwrap();
         let mut reads = plan::plan(&spec).remove(0).reads;
-        let readings = poller::poll_reads(&mut context, &spec, &poller::layouts(&spec), &mut reads, 0)
+        let readings = poller::poll_reads(&mut context, &spec, &poller::layouts(&spec), &mut reads, 0, true)
             .await
             .unwrap();
         assert_eq!(
@@ -625,7 +625,7 @@ async fn a_pymodbus_server_reads_as_its_tables_say() {
             .await
             .unwrap();
         let mut reads: Vec<Read> = plan::plan(&spec).into_iter().flat_map(|g| g.reads).collect();
-        let readings = poller::poll_reads(&mut context, &spec, &poller::layouts(&spec), &mut reads, 0)
+        let readings = poller::poll_reads(&mut context, &spec, &poller::layouts(&spec), &mut reads, 0, true)
             .await
             .unwrap();
         let value = |name: &str| {

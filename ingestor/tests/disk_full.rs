@@ -217,7 +217,7 @@ async fn pause_polling_on_a_full_disk_waits_for_the_publisher_and_drops_nothing(
 
     // The publisher takes everything: the held append goes through by itself.
     let stored = queue.read(None, usize::MAX).await.unwrap();
-    queue.ack_through(stored.last().unwrap().sequence).await.unwrap();
+    queue.ack_through(stored.last().unwrap().sequence).unwrap();
     tokio::time::timeout(Duration::from_secs(10), held)
         .await
         .expect("the append still waits after the publisher freed the queue")

@@ -46,7 +46,7 @@ async fn records_come_back_in_order_and_sequences_never_restart() {
     assert_eq!(stored_values(&stored), [0, 1, 2, 3, 4]);
     let last = stored.last().unwrap().sequence;
     assert_eq!(queue.stats().points, 5);
-    queue.ack_through(last).await.unwrap();
+    queue.ack_through(last).unwrap();
     assert_eq!(queue.stats().points, 0);
     queue.close().await.unwrap();
 
@@ -147,7 +147,7 @@ async fn reading_on_from_a_record_sees_what_the_queue_holds() {
         if n % 1001 == 0
             && let Some(through) = last
         {
-            queue.ack_through(through).await.unwrap();
+            queue.ack_through(through).unwrap();
         }
     }
     assert!(queue.stats().dropped_points > 0, "the full policy dropped records");
@@ -180,7 +180,7 @@ async fn pause_polling_holds_appends_until_the_publisher_frees_room() {
         async move { queue.append(vec![batch(1_000_000)]).await }
     });
     let head = everything(&queue).await[0].sequence;
-    queue.ack_through(head + 20).await.unwrap();
+    queue.ack_through(head + 20).unwrap();
     tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
         .expect("room was made")
@@ -302,7 +302,7 @@ async fn counters_match_the_records_when_acks_race_appends() {
         let stored = queue.read(None, 64).await.unwrap();
         if let Some(last) = stored.last() {
             seen += stored_values(&stored).len();
-            queue.ack_through(last.sequence).await.unwrap();
+            queue.ack_through(last.sequence).unwrap();
         }
     }
     appender.await.unwrap();
@@ -339,7 +339,7 @@ async fn a_reopened_queue_reports_what_it_holds() {
     }
     let stored = everything(&queue).await;
     assert!(stored.len() >= 10, "{} records", stored.len());
-    queue.ack_through(stored[3].sequence).await.unwrap();
+    queue.ack_through(stored[3].sequence).unwrap();
     let before = counted(&queue);
     queue.close().await.unwrap();
 
@@ -369,7 +369,7 @@ async fn a_reopened_queue_reports_what_it_holds() {
     assert_eq!(counted(&queue), after_skip);
 
     // Drained, then refilled: the counting starts over.
-    queue.ack_through(left.last().unwrap().sequence).await.unwrap();
+    queue.ack_through(left.last().unwrap().sequence).unwrap();
     queue.append(vec![batch(7)]).await.unwrap();
     let refilled = counted(&queue);
     assert_eq!((refilled.0, refilled.1), (1, 1));

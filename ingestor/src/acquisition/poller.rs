@@ -71,19 +71,21 @@ pub struct TagReading {
     pub sample: Sample,
 }
 
-/// Decodes one tag of a successful read.
-fn reading(layouts: &[Layout], slot: &TagSlot, data: &Data, at: i64) -> TagReading {
+/// Decodes one tag of a successful read, with a copy of its raw data when `keep_raw`.
+fn reading(layouts: &[Layout], slot: &TagSlot, data: &Data, at: i64, keep_raw: bool) -> TagReading {
     let range = usize::from(slot.offset)..usize::from(slot.offset + slot.count);
     let (raw, decoded) = match data {
         Data::Bits(bits) => {
-            let part = bits[range].to_vec();
-            let value = Ok(PointValue::Bool(part[0]));
-            (Data::Bits(part), value)
+            let part = &bits[range];
+            (
+                keep_raw.then(|| Data::Bits(part.to_vec())),
+                Ok(PointValue::Bool(part[0])),
+            )
         }
         Data::Registers(registers) => {
-            let part = registers[range].to_vec();
-            let value = decode::decode_registers(&part, &layouts[slot.tag]);
-            (Data::Registers(part), value)
+            let part = &registers[range];
+            let value = decode::decode_registers(part, &layouts[slot.tag]);
+            (keep_raw.then(|| Data::Registers(part.to_vec())), value)
         }
     };
     let sample = match decoded {
@@ -92,7 +94,7 @@ fn reading(layouts: &[Layout], slot: &TagSlot, data: &Data, at: i64) -> TagReadi
     };
     TagReading {
         tag: slot.tag,
-        raw: Some(raw),
+        raw,
         sample,
     }
 }
@@ -100,13 +102,15 @@ fn reading(layouts: &[Layout], slot: &TagSlot, data: &Data, at: i64) -> TagReadi
 /// Reads `reads` in order on an open connection addressed to the device. A coalesced read
 /// the device refuses with an exception is split, in place, so later polls keep the good
 /// tags flowing; a refused single range makes its tags Bad. A transport failure ends the
-/// poll with `Err`.
+/// poll with `Err`. Each reading keeps a copy of its raw data when `keep_raw` (for `read`;
+/// polling publishes samples only, and the copy was one allocation per point).
 pub async fn poll_reads(
     context: &mut Link,
     device: &DeviceSpec,
     layouts: &[Layout],
     reads: &mut Vec<Read>,
     at: i64,
+    keep_raw: bool,
 ) -> Result<Vec<TagReading>, RequestError> {
     let mut readings = Vec::new();
     let mut index = 0;
@@ -118,7 +122,12 @@ pub async fn poll_reads(
         }
         match execute_with_busy_retries(context, &reads[index], device).await {
             Ok(data) => {
-                readings.extend(reads[index].tags.iter().map(|slot| reading(layouts, slot, &data, at)));
+                readings.extend(
+                    reads[index]
+                        .tags
+                        .iter()
+                        .map(|slot| reading(layouts, slot, &data, at, keep_raw)),
+                );
                 index += 1;
             }
             Err(RequestError::Exception(code)) if reads[index].split().len() > 1 => {
@@ -388,7 +397,7 @@ async fn poll_group(
     let spec = &device.device.spec;
     let ctx = connected(context, spec).await?;
     let at = now_ns();
-    let readings = poll_reads(ctx, spec, &device.layouts, &mut device.groups[group].0.reads, at).await?;
+    let readings = poll_reads(ctx, spec, &device.layouts, &mut device.groups[group].0.reads, at, false).await?;
     if device.failures > 0 {
         info!(device = %device.device.name, failures = device.failures, "device answers again");
     }

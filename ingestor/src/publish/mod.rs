@@ -355,7 +355,7 @@ impl Connection<'_> {
                 .map_err(|e| PublishError::Publish(format!("queue reader failed: {e}")))??;
             let Some(last) = chunk.last().map(|s| s.sequence) else {
                 if let Some(sequence) = window.settle(0, status).await? {
-                    queue.ack_through(sequence).await?;
+                    queue.ack_through(sequence)?;
                 }
                 if shutdown.is_cancelled() {
                     return Ok(());
@@ -378,7 +378,7 @@ impl Connection<'_> {
                 acked_through = window.settle(config.max_in_flight, status).await?.or(acked_through);
             }
             if let Some(sequence) = acked_through {
-                queue.ack_through(sequence).await?;
+                queue.ack_through(sequence)?;
             }
         }
     }
