@@ -4,7 +4,10 @@
 //! `nats-server -js`. Each device has 62 float32 tags (124 holding registers, one read per
 //! poll) changing every poll, so every point is published.
 //!
-//! Run: `cargo bench -p tagstream-ingestor --bench throughput -- [--devices 16,80,160] [--interval-ms 10] [--seconds 15]`
+//! Run: `cargo bench -p tagstream-ingestor --bench throughput -- [--devices 16,80,160] [--interval-ms 10] [--seconds 15] [--flush-interval 5ms]`
+//!
+//! `--flush-interval` sets the Site's `queue.flushInterval` (the group commit; 5ms, the
+//! Site's default, unless given).
 //!
 //! Profile: `cargo build --profile profiling -p tagstream-ingestor`, then add
 //! `--ingestor target/profiling/tagstream-ingestor --perf perf.data` to record the
@@ -63,8 +66,9 @@ fn spawn(args: &[&str], dir: &Path) -> KilledOnDrop {
 
 /// The site and its devices, one port each from `first_port`.
 fn manifests(dir: &Path, devices: usize, first_port: u16, interval_ms: u64, nats_url: &str) {
+    let flush = arg("--flush-interval").unwrap_or_else(|| "5ms".into());
     let site = format!(
-        "apiVersion: tagstream.io/v1alpha1\nkind: Site\nmetadata: {{name: bench}}\nspec:\n  broker: {{urls: [\"{nats_url}\"]}}\n  queue: {{maxSize: 4Gi, flushInterval: 5ms}}\n  storage: {{size: 8Gi}}\n"
+        "apiVersion: tagstream.io/v1alpha1\nkind: Site\nmetadata: {{name: bench}}\nspec:\n  broker: {{urls: [\"{nats_url}\"]}}\n  queue: {{maxSize: 4Gi, flushInterval: {flush}}}\n  storage: {{size: 8Gi}}\n"
     );
     std::fs::write(dir.join("site.yaml"), site).unwrap();
     for d in 0..devices {
