@@ -55,6 +55,19 @@ impl Latest {
             quality: sample.quality.clone(),
         }
     }
+
+    /// Stores `sample` in `slot`, reusing what is there: every polled point passes here,
+    /// and dropping and rebuilding the entry showed in the ingestor's profile.
+    fn store(slot: &mut Option<Self>, sample: &Sample) {
+        match slot {
+            Some(latest) => {
+                latest.value = sample.value.as_ref().map(expression_value);
+                latest.timestamp_ns = sample.timestamp_ns;
+                latest.quality.clone_from(&sample.quality);
+            }
+            None => *slot = Some(Self::of(sample)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -280,7 +293,7 @@ impl Calc {
         out: &mut Vec<Derived>,
     ) {
         for (signal, sample) in changes {
-            self.latest[signal.0 as usize] = Some(Latest::of(sample));
+            Latest::store(&mut self.latest[signal.0 as usize], sample);
             for &formula in &self.dependents[signal.0 as usize] {
                 self.frontier.push(formula);
             }
@@ -303,7 +316,7 @@ impl Calc {
             return;
         };
         let output = self.nodes[formula.0 as usize].output;
-        self.latest[output.0 as usize] = Some(Latest::of(&sample));
+        Latest::store(&mut self.latest[output.0 as usize], &sample);
         for &dependent in &self.dependents[output.0 as usize] {
             self.frontier.push(dependent);
         }
