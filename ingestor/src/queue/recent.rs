@@ -11,8 +11,10 @@ use std::collections::VecDeque;
 
 use super::Stored;
 
-/// Encoded bytes held: several of the publisher's chunks, small beside the pod's memory.
-pub const LIMIT_BYTES: usize = 4 << 20;
+/// Encoded bytes held: two of the publisher's chunks of 64 records of about 8 KiB, and a
+/// third of a second at 100k points/s; a publisher that keeps up reads milliseconds behind
+/// the writer. 4 MiB raised the replay bench's peak by about 10 MiB (allocator slack).
+pub const LIMIT_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Default)]
 pub struct Recent {
