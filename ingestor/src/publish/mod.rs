@@ -478,13 +478,14 @@ fn format_message_id(epoch: u64, sequence: u64, part: u32) -> String {
 /// a consumer decodes is the whole batch (protobuf takes fields in any order).
 fn with_envelope(encoded: &Bytes, config: &PublisherConfig, epoch: u64, sequence: u64, part: u32) -> Bytes {
     use prost::encoding::{fixed64, string, uint32, uint64};
+    use tagstream_proto::fields::point_batch::{EPOCH, NAMESPACE, PART, SEQUENCE, SITE};
     let mut payload = Vec::with_capacity(encoded.len() + config.namespace.len() + config.site.len() + 32);
     payload.extend_from_slice(encoded);
-    string::encode(1, &config.namespace, &mut payload);
-    string::encode(2, &config.site, &mut payload);
-    fixed64::encode(5, &epoch, &mut payload);
-    uint64::encode(6, &sequence, &mut payload);
-    uint32::encode(7, &part, &mut payload);
+    string::encode(NAMESPACE, &config.namespace, &mut payload);
+    string::encode(SITE, &config.site, &mut payload);
+    fixed64::encode(EPOCH, &epoch, &mut payload);
+    uint64::encode(SEQUENCE, &sequence, &mut payload);
+    uint32::encode(PART, &part, &mut payload);
     Bytes::from(payload)
 }
 

@@ -18,7 +18,10 @@ use prost::{
     Message,
     encoding::{WireType, decode_key, decode_varint},
 };
-use tagstream_proto::v1::PointBatch;
+use tagstream_proto::{
+    fields::{point, point_batch},
+    v1::PointBatch,
+};
 
 const HEADER: usize = 12;
 
@@ -26,10 +29,6 @@ const HEADER: usize = 12;
 const BATCHES: u32 = 1;
 const POINTS_BEFORE: u32 = 2;
 const BYTES_BEFORE: u32 = 3;
-/// Field numbers of a `PointBatch` the queue reads without decoding the points.
-const SOURCE: u32 = 3;
-const SOURCE_KIND: u32 = 4;
-const POINTS: u32 = 8;
 
 /// Points and value bytes of a run of records.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -138,21 +137,31 @@ fn shape_fits(expected: &[(u32, u8)], tag: u32, field: &Field) -> Option<bool> {
 }
 
 /// `PointBatch` and `Point` fields: (number, 0 varint / 1 fixed / 2 length-delimited).
-const BATCH_SHAPES: [(u32, u8); 9] = [(1, 2), (2, 2), (3, 2), (4, 0), (5, 1), (6, 0), (7, 0), (8, 2), (9, 2)];
+const BATCH_SHAPES: [(u32, u8); 9] = [
+    (point_batch::NAMESPACE, 2),
+    (point_batch::SITE, 2),
+    (point_batch::SOURCE, 2),
+    (point_batch::SOURCE_KIND, 0),
+    (point_batch::EPOCH, 1),
+    (point_batch::SEQUENCE, 0),
+    (point_batch::PART, 0),
+    (point_batch::POINTS, 2),
+    (point_batch::WRITE, 2),
+];
 const POINT_SHAPES: [(u32, u8); 10] = [
-    (1, 2),
-    (2, 0),
-    (3, 0),
-    (4, 0),
-    (5, 0),
-    (6, 1),
-    (7, 2),
-    (8, 0),
-    (9, 2),
-    (10, 2),
+    (point::TAG, 2),
+    (point::TIMESTAMP_NS, 0),
+    (point::BOOL_VALUE, 0),
+    (point::INT_VALUE, 0),
+    (point::UINT_VALUE, 0),
+    (point::DOUBLE_VALUE, 1),
+    (point::STRING_VALUE, 2),
+    (point::QUALITY, 0),
+    (point::QUALITY_REASON, 2),
+    (point::UNIT, 2),
 ];
 /// `Point` fields holding text.
-const POINT_TEXT: [u32; 4] = [1, 7, 9, 10];
+const POINT_TEXT: [u32; 4] = [point::TAG, point::STRING_VALUE, point::QUALITY_REASON, point::UNIT];
 
 fn text(bytes: &[u8], what: &str) -> Result<String, CorruptRecord> {
     String::from_utf8(bytes.to_vec()).map_err(|e| CorruptRecord(format!("{what}: {e}")))
@@ -190,16 +199,16 @@ fn stored_batch(encoded: Bytes) -> Result<StoredBatch, CorruptRecord> {
             return Err(CorruptRecord(format!("batch field {tag} has the wrong wire type")));
         }
         match (tag, field) {
-            (SOURCE, Field::Bytes(bytes)) => batch.source = text(&bytes, "source")?,
-            (SOURCE_KIND, Field::Varint(kind)) => batch.source_kind = kind as i32,
-            (POINTS, Field::Bytes(point)) => {
-                check_point(point)?;
+            (point_batch::SOURCE, Field::Bytes(bytes)) => batch.source = text(&bytes, "source")?,
+            (point_batch::SOURCE_KIND, Field::Varint(kind)) => batch.source_kind = kind as i32,
+            (point_batch::POINTS, Field::Bytes(encoded_point)) => {
+                check_point(encoded_point)?;
                 batch.points += 1;
             }
-            (1 | 2, Field::Bytes(bytes)) => {
+            (point_batch::NAMESPACE | point_batch::SITE, Field::Bytes(bytes)) => {
                 text(&bytes, "namespace or site")?;
             }
-            (9, Field::Bytes(audit)) => {
+            (point_batch::WRITE, Field::Bytes(audit)) => {
                 tagstream_proto::v1::WriteAudit::decode(audit)
                     .map_err(|e| CorruptRecord(format!("write audit: {e}")))?;
             }

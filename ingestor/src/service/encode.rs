@@ -4,28 +4,14 @@
 //! the batch [`super::pipeline::wire_point`] builds (tested below).
 
 use prost::encoding::{WireType, encode_key, encode_varint};
-use tagstream_proto::v1::{Quality, SourceKind};
+use tagstream_proto::{
+    fields::{point, point_batch},
+    v1::{Quality, SourceKind},
+};
 
 use tagstream_core::point::{PointValue, QualityLevel, Sample};
 
 use crate::queue::StoredBatch;
-
-/// `PointBatch` and `Point` field numbers (`proto/tagstream/v1/points.proto`).
-mod field {
-    pub const SOURCE: u32 = 3;
-    pub const SOURCE_KIND: u32 = 4;
-    pub const POINTS: u32 = 8;
-    pub const TAG: u32 = 1;
-    pub const TIMESTAMP: u32 = 2;
-    pub const BOOL: u32 = 3;
-    pub const INT: u32 = 4;
-    pub const UINT: u32 = 5;
-    pub const DOUBLE: u32 = 6;
-    pub const STRING: u32 = 7;
-    pub const QUALITY: u32 = 8;
-    pub const REASON: u32 = 9;
-    pub const UNIT: u32 = 10;
-}
 
 fn text(number: u32, value: &str, buf: &mut Vec<u8>) {
     encode_key(number, WireType::LengthDelimited, buf);
@@ -52,8 +38,8 @@ pub struct BatchEncoder {
 impl BatchEncoder {
     pub fn new(source: &str, kind: SourceKind, points: usize) -> Self {
         let mut bytes = Vec::with_capacity(source.len() + 4 + points * 40);
-        text(field::SOURCE, source, &mut bytes);
-        varint(field::SOURCE_KIND, kind as u64, &mut bytes);
+        text(point_batch::SOURCE, source, &mut bytes);
+        varint(point_batch::SOURCE_KIND, kind as u64, &mut bytes);
         Self {
             source: source.to_owned(),
             kind,
@@ -65,36 +51,36 @@ impl BatchEncoder {
 
     /// Adds a point of `tag`.
     pub fn push(&mut self, tag: &str, sample: &Sample, unit: Option<&str>) {
-        let point = &mut self.point;
-        point.clear();
-        text(field::TAG, tag, point);
-        varint(field::TIMESTAMP, sample.timestamp_ns as u64, point);
+        let buf = &mut self.point;
+        buf.clear();
+        text(point::TAG, tag, buf);
+        varint(point::TIMESTAMP_NS, sample.timestamp_ns as u64, buf);
         match &sample.value {
             None => {}
-            Some(PointValue::Bool(b)) => varint(field::BOOL, u64::from(*b), point),
-            Some(PointValue::Int(i)) => varint(field::INT, *i as u64, point),
-            Some(PointValue::UInt(u)) => varint(field::UINT, *u, point),
+            Some(PointValue::Bool(b)) => varint(point::BOOL_VALUE, u64::from(*b), buf),
+            Some(PointValue::Int(i)) => varint(point::INT_VALUE, *i as u64, buf),
+            Some(PointValue::UInt(u)) => varint(point::UINT_VALUE, *u, buf),
             Some(PointValue::Double(d)) => {
-                encode_key(field::DOUBLE, WireType::SixtyFourBit, point);
-                point.extend_from_slice(&d.to_le_bytes());
+                encode_key(point::DOUBLE_VALUE, WireType::SixtyFourBit, buf);
+                buf.extend_from_slice(&d.to_le_bytes());
             }
-            Some(PointValue::String(s)) => text(field::STRING, s, point),
+            Some(PointValue::String(s)) => text(point::STRING_VALUE, s, buf),
         }
         let quality = match sample.quality.level {
             QualityLevel::Good => Quality::Good,
             QualityLevel::Uncertain => Quality::Uncertain,
             QualityLevel::Bad => Quality::Bad,
         };
-        varint(field::QUALITY, quality as u64, point);
+        varint(point::QUALITY, quality as u64, buf);
         if let Some(reason) = sample.quality.reason.as_deref().filter(|r| !r.is_empty()) {
-            text(field::REASON, reason, point);
+            text(point::QUALITY_REASON, reason, buf);
         }
         if let Some(unit) = unit.filter(|u| !u.is_empty()) {
-            text(field::UNIT, unit, point);
+            text(point::UNIT, unit, buf);
         }
-        encode_key(field::POINTS, WireType::LengthDelimited, &mut self.bytes);
-        encode_varint(point.len() as u64, &mut self.bytes);
-        self.bytes.extend_from_slice(point);
+        encode_key(point_batch::POINTS, WireType::LengthDelimited, &mut self.bytes);
+        encode_varint(buf.len() as u64, &mut self.bytes);
+        self.bytes.extend_from_slice(buf);
         self.points += 1;
     }
 

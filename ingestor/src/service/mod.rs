@@ -85,8 +85,8 @@ pub struct RunOptions {
     pub drain_deadline: Duration,
 }
 
-/// The site from the manifests, and a fingerprint of their content.
-fn load_site(options: &RunOptions) -> anyhow::Result<(SiteConfig, u64)> {
+/// The site from the manifests.
+fn load_site(options: &RunOptions) -> anyhow::Result<SiteConfig> {
     let report = load_report(&options.paths)?;
     for diagnostic in &report.diagnostics {
         warn!(%diagnostic, "manifest problem; the object is left out");
@@ -107,7 +107,7 @@ fn load_site(options: &RunOptions) -> anyhow::Result<(SiteConfig, u64)> {
             );
         }
     };
-    Ok((site, fingerprint(&options.paths)))
+    Ok(site)
 }
 
 /// A hash of the manifests' content, file by file as the loader reads them: what tells a
@@ -336,7 +336,7 @@ impl Runtime {
         }
         // Set before loading: an unusable change is reported once, not at every check.
         self.fingerprint = current;
-        let (mut next, _) = match load_site(&self.options) {
+        let mut next = match load_site(&self.options) {
             Ok(loaded) => loaded,
             Err(e) => {
                 error!(error = %format!("{e:#}"), "the new configuration cannot be used; the running one stays");
@@ -416,7 +416,10 @@ pub async fn run(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
-    let (mut site, fingerprint) = load_site(&options)?;
+    // Taken before loading, as a reload does: a change made while loading shows at the
+    // next check.
+    let fingerprint = fingerprint(&options.paths);
+    let mut site = load_site(&options)?;
     let simulator = CancellationToken::new();
     let _simulator_guard = simulator.clone().drop_guard();
     if options.simulate {
