@@ -394,7 +394,9 @@ impl DataType {
         .message("min and max apply only to numeric types"),
     validation = Rule::new("!(has(self.min) && has(self.max)) || self.min <= self.max")
         .message("a writable tag's max must not be below its min").field_path(".max"),
-    validation = Rule::new("self.address + (self.type == 'string' ? self.length : self.type in ['int64', 'uint64', 'float64'] ? 4 : self.type in ['int32', 'uint32', 'float32'] ? 2 : 1) <= 65536")
+    // `has(self.length)`: a string tag without its length is refused by the rule above;
+    // without the guard this one fails to evaluate, and the API server adds "no such key".
+    validation = Rule::new("self.address + (self.type == 'string' ? (has(self.length) ? self.length : 0) : self.type in ['int64', 'uint64', 'float64'] ? 4 : self.type in ['int32', 'uint32', 'float32'] ? 2 : 1) <= 65536")
         .message("the value runs past the last register address (65535)").field_path(".address"),
 )]
 #[serde(rename_all = "camelCase")]

@@ -31,7 +31,10 @@ use crate::{Duration, condition::Conditions};
         .message("metadata.name: a Site name is used as a NATS subject token and in the names of its ingestor's objects, so it must be a DNS label of at most 52 characters"),
 )]
 #[x_kube(
-    validation = Rule::new("quantity(self.queue.maxSize).isLessThan(quantity(self.storage.size))")
+    // Guarded: without it, a size that is no quantity makes the rule fail to evaluate, and
+    // the API server answers with a regular expression on `spec` beside the field's own
+    // "must be a quantity" (found by the differential test against a real API server).
+    validation = Rule::new("!isQuantity(self.queue.maxSize) || !isQuantity(self.storage.size) || quantity(self.queue.maxSize).isLessThan(quantity(self.storage.size))")
         .message("queue.maxSize must be smaller than storage.size, or the volume fills before the queue limit applies")
         .field_path(".queue.maxSize"),
     validation = Rule::new("!has(self.writes) || (self.writes.subjectPrefix != self.stream.subjectPrefix && !self.writes.subjectPrefix.startsWith(self.stream.subjectPrefix + '.'))")

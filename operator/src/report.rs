@@ -31,6 +31,23 @@ pub enum ReportError {
     Timeout(Duration),
 }
 
+impl ReportError {
+    /// What the Site's `Ready` condition says. Every way of not answering (a pending pod's
+    /// 503 through the service proxy, a timeout while the API server is busy) reads the
+    /// same, so that alternating between them does not rewrite the status at every pass:
+    /// found against a real API server, where both happen to the same site. The detail
+    /// is logged.
+    pub fn condition_message(&self) -> String {
+        match self {
+            Self::Decode(_) => self.to_string(),
+            Self::Proxy(_) | Self::Direct { .. } | Self::Timeout(_) => NOT_ANSWERING.to_owned(),
+        }
+    }
+}
+
+/// The `Ready` message of a site whose ingestor does not answer.
+pub const NOT_ANSWERING: &str = "the site's ingestor does not answer on /status (not running yet, or not reachable)";
+
 /// Where the operator reads the ingestors' reports.
 #[derive(Clone)]
 pub enum ReportSource {
@@ -104,5 +121,22 @@ impl ReportSource {
                 Ok(body.to_bytes().to_vec())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_way_of_not_answering_reads_the_same_in_the_condition() {
+        let timeout = ReportError::Timeout(Duration::from_secs(1));
+        let refused = ReportError::Direct {
+            url: "http://tagstream-plant-a.plant.svc:9464/status".into(),
+            message: "connection refused".into(),
+        };
+        assert_eq!(timeout.condition_message(), refused.condition_message());
+        let garbled = ReportError::Decode(serde_json::from_str::<Report>("{").unwrap_err());
+        assert_ne!(garbled.condition_message(), timeout.condition_message());
     }
 }

@@ -126,7 +126,7 @@ impl StatusLoop {
                 Err(error) => {
                     self.ctx.metrics.report_failures.inc();
                     tracing::debug!(site = %site.name_any(), %error, "no report from the ingestor");
-                    Err(error.to_string())
+                    Err(error.condition_message())
                 }
             };
             let reached: Reached<'_> = reached.as_ref().map_err(String::as_str).copied();

@@ -1,8 +1,17 @@
-//! Offline validation of one document against its CRD, as the API server would do it.
+//! Offline validation of one document against its CRD, as the API server would do it, in
+//! the API server's phases (held to it by `operator/tests/api_validation.rs` against a
+//! real kube-apiserver):
+//! 1. strict decoding: a field the schema does not know refuses the object alone (400);
+//! 2. the OpenAPI schema, a missing required field named as the field itself;
+//! 3. the CEL rules, unless phase 2 found a type error, an unsupported enum value or a
+//!    missing field (the API server's "blocking" errors: the rules would see a value of
+//!    the wrong shape). A rule whose evaluation fails is reported on the node that carries
+//!    it, as the API server does, not on its `fieldPath`.
 
-use std::{fmt::Write as _, sync::LazyLock};
+use std::{collections::HashMap, fmt::Write as _, sync::LazyLock};
 
-use kube::core::cel::{CompiledSchema, Validator, apply_defaults, compile_schema};
+use jsonschema::error::ValidationErrorKind;
+use kube::core::cel::{CompiledSchema, ErrorKind, ValidationError, Validator, apply_defaults, compile_schema};
 use serde_json::{Map, Value};
 
 use super::{Kind, push_property};
@@ -12,6 +21,8 @@ struct KindSchema {
     openapi: Value,
     structural: jsonschema::Validator,
     cel: CompiledSchema,
+    /// Each CEL rule's `fieldPath`, by rule text.
+    rule_field_paths: HashMap<String, String>,
 }
 
 impl KindSchema {
@@ -29,11 +40,34 @@ impl KindSchema {
             .build(&openapi)
             .expect("the generated CRD schema is a valid JSON schema");
         let cel = compile_schema(&openapi);
+        let mut rule_field_paths = HashMap::new();
+        collect_rule_field_paths(&openapi, &mut rule_field_paths);
         Self {
             openapi,
             structural,
             cel,
+            rule_field_paths,
         }
+    }
+}
+
+fn collect_rule_field_paths(schema: &Value, out: &mut HashMap<String, String>) {
+    match schema {
+        Value::Object(map) => {
+            for rule in map
+                .get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let (Some(text), Some(path)) = (rule["rule"].as_str(), rule["fieldPath"].as_str()) {
+                    out.insert(text.to_owned(), path.to_owned());
+                }
+            }
+            map.values().for_each(|v| collect_rule_field_paths(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_rule_field_paths(v, out)),
+        _ => {}
     }
 }
 
@@ -67,40 +101,69 @@ pub(super) fn validate(kind: Kind, mut value: Value) -> Result<Value, Vec<Proble
     }
     let defaulted = apply_defaults(&schema.openapi, &value);
 
-    let mut problems: Vec<Problem> = schema
-        .structural
-        .iter_errors(&defaulted)
-        .map(|e| (pointer_to_field_path(e.instance_path().as_str()), e.to_string()))
-        .collect();
-    let mut path = String::new();
-    walk_structure(&schema.openapi, &defaulted, &mut path, true, &mut problems);
-    // CEL rules assume a structurally valid object; evaluating them on a broken one only
-    // repeats the same problems in a vaguer form.
-    if !problems.is_empty() {
-        return Err(problems);
+    let mut unknown = Vec::new();
+    walk_structure(&schema.openapi, &defaulted, &mut String::new(), true, &mut unknown);
+    let (unknown, mut problems): (Vec<Problem>, Vec<Problem>) =
+        unknown.into_iter().partition(|(_, message)| message == UNKNOWN_FIELD);
+    if !unknown.is_empty() {
+        return Err(unknown);
     }
-    if let Err(errors) = Validator::new().validate_compiled(&schema.cel, &defaulted, None) {
-        return Err(errors.iter().map(|e| cel_problem(&e.field_path, &e.message)).collect());
+    let mut blocking = problems.iter().any(|(_, message)| message == NOT_INT_OR_STRING);
+    for error in schema.structural.iter_errors(&defaulted) {
+        let mut field = pointer_to_field_path(error.instance_path().as_str());
+        match error.kind() {
+            ValidationErrorKind::Required { property } => {
+                push_property(&mut field, property.as_str().unwrap_or_default());
+                blocking = true;
+            }
+            ValidationErrorKind::Type { .. } | ValidationErrorKind::Enum { .. } => blocking = true,
+            _ => {}
+        }
+        problems.push((field, error.to_string()));
     }
-    Ok(defaulted)
+    if !blocking && let Err(errors) = Validator::new().validate_compiled(&schema.cel, &defaulted, None) {
+        problems.extend(errors.iter().map(|e| cel_problem(schema, e)));
+    }
+    if problems.is_empty() {
+        Ok(defaulted)
+    } else {
+        Err(problems)
+    }
 }
 
-/// A rule on the object root can only name `metadata.name` in its message (the API server
-/// refuses a `fieldPath` outside the schema), so such messages start with `<field>: `.
-fn cel_problem(field_path: &str, message: &str) -> Problem {
-    let field = field_path.trim_start_matches('.');
-    match message.split_once(": ") {
+const UNKNOWN_FIELD: &str = "unknown field";
+/// `x-kubernetes-int-or-string` (quantities) has no JSON schema type to check against.
+const NOT_INT_OR_STRING: &str = "must be of type integer or string";
+
+/// The field a CEL failure is reported on. A rule on the object root can only name
+/// `metadata.name` in its message (the API server refuses a `fieldPath` outside the
+/// schema), so such messages start with `<field>: `.
+fn cel_problem(schema: &KindSchema, error: &ValidationError) -> Problem {
+    let mut field = error.field_path.trim_start_matches('.');
+    if error.kind == ErrorKind::EvaluationError
+        && let Some(rule_path) = schema.rule_field_paths.get(&error.rule)
+    {
+        field = field.strip_suffix(rule_path.trim_start_matches('.')).unwrap_or(field);
+        field = field.trim_end_matches('.');
+    }
+    match error.message.split_once(": ") {
         Some((named, rest)) if field.is_empty() && named.starts_with("metadata.") => {
             (named.to_owned(), rest.to_owned())
         }
-        _ => (field.to_owned(), message.to_owned()),
+        _ => (field.to_owned(), error.message.clone()),
     }
 }
 
 /// Finds what the JSON schema dialect cannot: fields the schema does not know (refused by
-/// `kubectl apply --validate=strict`, silently pruned otherwise) and duplicate keys in
-/// `x-kubernetes-list-type: map` lists.
+/// `kubectl apply --validate=strict`, silently pruned otherwise), duplicate keys in
+/// `x-kubernetes-list-type: map` lists and int-or-string values of neither type.
 fn walk_structure(schema: &Value, value: &Value, path: &mut String, root: bool, problems: &mut Vec<Problem>) {
+    if schema.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true))
+        && !(value.is_i64() || value.is_u64() || value.is_string())
+    {
+        problems.push((path.clone(), NOT_INT_OR_STRING.into()));
+        return;
+    }
     match value {
         Value::Object(object) => walk_object(schema, object, path, root, problems),
         Value::Array(items) => {
@@ -141,7 +204,7 @@ fn walk_object(
             // server validates itself.
             let envelope = root && matches!(key.as_str(), "apiVersion" | "kind" | "metadata");
             if !envelope {
-                problems.push((path.clone(), "unknown field".into()));
+                problems.push((path.clone(), UNKNOWN_FIELD.into()));
             }
         }
         path.truncate(len);
