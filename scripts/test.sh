@@ -3,9 +3,10 @@
 # (helm, socat, nats-server, pymodbus in a virtualenv) when they are missing, then
 # builds the container images and runs them (scripts/images.sh) where a Docker engine
 # can be had: as root (Debian's docker.io is installed and dockerd started when missing)
-# or with one already running.
-# Elsewhere the images step says SKIPPED; TAGSTREAM_REQUIRE_IMAGES=1 (CI) makes that a
-# failure. Usage: scripts/test.sh
+# or with one already running, and runs the operator's real-API tests on a control plane
+# built from Kubernetes' own source where Go is installed (scripts/control-plane.sh).
+# Elsewhere those steps say SKIPPED; TAGSTREAM_REQUIRE_IMAGES=1 and
+# TAGSTREAM_REQUIRE_CONTROL_PLANE=1 (CI) make that a failure. Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,6 +62,24 @@ echo "==> cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked
+
+# The operator and `check` against a real Kubernetes control plane (etcd, kube-apiserver,
+# kube-controller-manager built from the k8s.io/kubernetes Go module by
+# scripts/control-plane.sh), at the newest and the oldest version the project supports.
+# TAGSTREAM_REQUIRE_CONTROL_PLANE=1 (CI) makes a missing Go a failure.
+if command -v go >/dev/null 2>&1; then
+  ensure_packages openssl:openssl curl:curl
+  for minor in $(scripts/control-plane.sh versions); do
+    echo "==> the operator and check on Kubernetes $minor (scripts/control-plane.sh)"
+    scripts/control-plane.sh run "$minor" -- \
+      cargo test --locked -p tagstream-operator --test control_plane --test api_validation
+  done
+elif [ "${TAGSTREAM_REQUIRE_CONTROL_PLANE:-0}" = 1 ]; then
+  echo "control plane: no Go on PATH, but TAGSTREAM_REQUIRE_CONTROL_PLANE=1" >&2
+  exit 1
+else
+  echo "SKIPPED control plane: no Go on PATH (scripts/control-plane.sh builds Kubernetes with it)"
+fi
 
 if [ "$(id -u)" = 0 ] || docker info >/dev/null 2>&1; then
   echo "==> images (scripts/images.sh)"

@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo bench -p tagstream-operator --bench converge
 //! # -- --sites 100 --devices-per-site 100 --latency-ms 2 --idle-secs 60 --operator PATH
+//! scripts/control-plane.sh run 1.37 -- cargo bench -p tagstream-operator --bench converge -- --real
 //! ```
 //!
 //! The fake API server of the tests serves the fleet over HTTP on loopback from this
@@ -13,10 +14,19 @@
 //! kubeconfig, so its RSS is its own. `--operator` measures another build (e.g. an older
 //! commit's) with the same fleet and server. The ingestors never answer, as when the
 //! operator starts before its ingestors are up.
+//!
+//! `--real` runs the same fleet on the control plane of `TAGSTREAM_KUBECONFIG` (a real
+//! kube-apiserver from `scripts/control-plane.sh`) in a namespace of its own, removed
+//! afterwards. There the requests cannot be recorded: a watch on the rendered `ConfigMap`s
+//! sees every version written, and the writes at rest are the objects whose
+//! `resourceVersion` moved, and the events added.
 
 #[path = "../tests/support/api.rs"]
 #[allow(dead_code, reason = "shared with the tests, which use more of it")]
 mod api;
+#[path = "../tests/support/cluster.rs"]
+#[allow(dead_code, reason = "shared with the tests, which use more of it")]
+mod cluster;
 #[path = "../tests/support/plant.rs"]
 #[allow(dead_code, reason = "shared with the tests, which use more of it")]
 mod plant;
@@ -116,8 +126,10 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(binary: &str, api: std::net::SocketAddr, image: Option<&str>) -> Self {
+    /// Starts `binary` against the fake API server at `api`, or with `kubeconfig`.
+    fn start(binary: &str, api: Result<std::net::SocketAddr, PathBuf>, image: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = api.map_or_else(|path| path, |address| kubeconfig(dir.path(), address));
         let log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
         let started = Instant::now();
         let mut command = std::process::Command::new(binary);
@@ -126,7 +138,7 @@ impl Operator {
         }
         let child = command
             .args(["--leader-election", "false", "--http", "127.0.0.1:0"])
-            .env("KUBECONFIG", kubeconfig(dir.path(), api))
+            .env("KUBECONFIG", kubeconfig)
             .env_remove("RUST_LOG")
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -259,6 +271,10 @@ async fn main() {
     let binary = other
         .clone()
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_tagstream-operator").to_owned());
+    if std::env::args().any(|a| a == "--real") {
+        real::run(&binary, sites, per_site, idle).await;
+        return;
+    }
 
     let fleet = plant::fleet(sites, per_site);
     let server = ApiServer::with_latency(latency);
@@ -269,7 +285,7 @@ async fn main() {
 
     // This build runs with only a kubeconfig; older ones need the ingestor image.
     let image = other.is_some().then_some("ghcr.io/tagstream/tagstream-ingestor:0.1.0");
-    let mut operator = Operator::start(&binary, address, image);
+    let mut operator = Operator::start(&binary, Ok(address), image);
     let converged = until_converged(&mut operator, &server, sites, per_site).await;
     let settled = until_settled(&mut operator, &server).await;
     let (steady, growth) = steady_state(&operator, &server, idle).await;
@@ -320,4 +336,172 @@ async fn main() {
         level("WARN"),
         level("ERROR")
     );
+}
+
+/// The same fleet and phases on a real API server.
+mod real {
+    use std::{
+        collections::BTreeMap,
+        sync::{Arc, Mutex},
+        time::{Duration, Instant},
+    };
+
+    use futures::TryStreamExt;
+    use k8s_openapi::{
+        NamespaceResourceScope,
+        api::{apps::v1::StatefulSet, core::v1::ConfigMap, core::v1::Service, events::v1::Event},
+    };
+    use kube::{
+        Api, Resource, ResourceExt,
+        api::ListParams,
+        runtime::{WatchStreamExt, watcher},
+    };
+    use serde::de::DeserializeOwned;
+    use tagstream_crds::{Device, Formula, Site};
+
+    use super::{Operator, QUIET, cluster::Cluster, memory_mib, plant};
+
+    /// Member counts of every version of every rendered ConfigMap, as a watch sees them.
+    #[derive(Clone, Default)]
+    struct Renderings(Arc<Mutex<Vec<(String, usize, usize)>>>);
+
+    impl Renderings {
+        fn watch(api: Api<ConfigMap>) -> Self {
+            let seen = Self::default();
+            let record = seen.clone();
+            let rendered = watcher::Config::default().labels("app.kubernetes.io/managed-by=tagstream-operator");
+            tokio::spawn(watcher(api, rendered).applied_objects().try_for_each(move |map| {
+                let count = |key: &str, kind: &str| {
+                    map.data
+                        .as_ref()
+                        .and_then(|d| d.get(key))
+                        .map_or(0, |text| text.lines().filter(|l| *l == kind).count())
+                };
+                let counts = (
+                    count("devices.yaml", "kind: Device"),
+                    count("formulas.yaml", "kind: Formula"),
+                );
+                record.0.lock().unwrap().push((map.name_any(), counts.0, counts.1));
+                futures::future::ready(Ok(()))
+            }));
+            seen
+        }
+
+        /// Whether every site's latest version holds all its members; how many versions
+        /// held fewer; how many were written.
+        fn progress(&self, sites: usize, per_site: usize) -> (bool, usize, usize) {
+            let all = self.0.lock().unwrap();
+            let full = |(_, d, f): &&(String, usize, usize)| *d == per_site && *f == per_site;
+            let latest: BTreeMap<&str, &(String, usize, usize)> = all.iter().map(|r| (r.0.as_str(), r)).collect();
+            let complete = latest.len() == sites && latest.values().all(full);
+            (complete, all.iter().filter(|r| !full(r)).count(), all.len())
+        }
+    }
+
+    /// `resourceVersion` of every object of the namespace the operator writes, and the
+    /// number of events.
+    async fn snapshot(cluster: &Cluster, namespace: &str) -> BTreeMap<String, String> {
+        async fn add<K>(cluster: &Cluster, namespace: &str, into: &mut BTreeMap<String, String>)
+        where
+            K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+        {
+            let api: Api<K> = Api::namespaced(cluster.client.clone(), namespace);
+            for object in api.list_metadata(&ListParams::default()).await.unwrap() {
+                let key = format!("{} {}", K::kind(&()), object.name_any());
+                into.insert(key, object.resource_version().unwrap_or_default());
+            }
+        }
+        let mut all = BTreeMap::new();
+        add::<Site>(cluster, namespace, &mut all).await;
+        add::<Device>(cluster, namespace, &mut all).await;
+        add::<Formula>(cluster, namespace, &mut all).await;
+        add::<ConfigMap>(cluster, namespace, &mut all).await;
+        add::<Service>(cluster, namespace, &mut all).await;
+        add::<StatefulSet>(cluster, namespace, &mut all).await;
+        add::<Event>(cluster, namespace, &mut all).await;
+        all
+    }
+
+    /// Writes between two snapshots, by kind: objects added or whose version moved.
+    fn writes(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
+        let mut kinds = BTreeMap::new();
+        for (key, version) in after {
+            if before.get(key) != Some(version) {
+                let kind = key.split(' ').next().unwrap_or_default().to_owned();
+                *kinds.entry(kind).or_default() += 1;
+            }
+        }
+        kinds
+    }
+
+    pub async fn run(binary: &str, sites: usize, per_site: usize, idle: Duration) {
+        let cluster = Cluster::connect()
+            .await
+            .expect("--real needs TAGSTREAM_KUBECONFIG: run through scripts/control-plane.sh");
+        let namespace = cluster.namespace(&format!("converge-{}", std::process::id())).await;
+        let fleet = plant::fleet(sites, per_site);
+        let creating = Instant::now();
+        cluster.create_all(&namespace, &fleet.sites).await;
+        cluster.create_all(&namespace, &fleet.devices).await;
+        cluster.create_all(&namespace, &fleet.formulas).await;
+        let created = creating.elapsed();
+        let renderings = Renderings::watch(Api::namespaced(cluster.client.clone(), &namespace));
+
+        let kubeconfig = std::env::var_os("TAGSTREAM_KUBECONFIG").unwrap().into();
+        let mut operator = Operator::start(binary, Err(kubeconfig), None);
+        while !renderings.progress(sites, per_site).0 {
+            operator.give_up_after_deadline(|| {
+                format!(
+                    "ConfigMaps (complete, short, written): {:?}",
+                    renderings.progress(sites, per_site)
+                )
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let converged = (operator.started.elapsed(), memory_mib(operator.pid).0);
+
+        let mut last = snapshot(&cluster, &namespace).await;
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < QUIET {
+            operator.give_up_after_deadline(|| "statuses still written".to_owned());
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = snapshot(&cluster, &namespace).await;
+            if now != last {
+                quiet_since = Instant::now();
+            }
+            last = now;
+        }
+        let settled = (
+            operator.started.elapsed().saturating_sub(QUIET),
+            memory_mib(operator.pid).0,
+        );
+        tokio::time::sleep(idle).await;
+        let at_rest = writes(&last, &snapshot(&cluster, &namespace).await);
+        let peak = memory_mib(operator.pid).1;
+        let stopped = operator.stop().await;
+        let (_, short, written) = renderings.progress(sites, per_site);
+        let version = cluster.client.apiserver_version().await.unwrap().git_version;
+
+        println!(
+            "{sites} Sites, {} Devices, {} Formulas created in {:.1} s before start; kube-apiserver {version}; {binary}",
+            fleet.devices.len(),
+            fleet.formulas.len(),
+            created.as_secs_f64()
+        );
+        println!("| figure | value |");
+        println!("| --- | --- |");
+        println!(
+            "| every ConfigMap complete after | {:.1} s |",
+            converged.0.as_secs_f64()
+        );
+        println!("| ConfigMap writes / with fewer members | {written} / {short} |");
+        println!("| statuses settled after | {:.1} s |", settled.0.as_secs_f64());
+        println!("| writes in {} s at rest | {at_rest:?} |", idle.as_secs());
+        println!(
+            "| RSS converged / settled / peak | {:.0} / {:.0} / {peak:.0} MiB |",
+            converged.1, settled.1
+        );
+        println!("| stopped after SIGTERM in | {:.2} s |", stopped.as_secs_f64());
+        drop(namespace);
+    }
 }

@@ -2,11 +2,12 @@
 //! settings, events and metrics.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use futures::channel::mpsc::UnboundedSender;
 use kube::{
     Client, Resource, ResourceExt,
     runtime::{
@@ -32,10 +33,22 @@ pub struct Context {
     recorder: Recorder,
     /// Consecutive failed reconciles per site, for the retry backoff.
     pub failures: Arc<Mutex<HashMap<ObjectRef<Site>, u32>>>,
+    /// Which sites had their workload applied since start, and which left their status
+    /// writes for later; see [`Context::statuses_now`].
+    first_applies: Arc<Mutex<FirstApplies>>,
     /// Which stores hold a complete first list.
     pub listed: Listed,
     /// How long the objects of one `kubectl apply` may take to arrive.
     pub apply_window: Duration,
+}
+
+/// The sites applied since start, and those whose status writes wait for the rest.
+#[derive(Debug, Default)]
+struct FirstApplies {
+    applied: HashSet<ObjectRef<Site>>,
+    deferred: HashSet<ObjectRef<Site>>,
+    triggers: Option<UnboundedSender<ObjectRef<Site>>>,
+    all_done: bool,
 }
 
 /// Which watches have completed their first list, for every task that must not act on a
@@ -119,9 +132,52 @@ impl Context {
             formulas: stores.formulas,
             metrics,
             failures: Arc::default(),
+            first_applies: Arc::default(),
             listed: Listed::default(),
             apply_window,
         }
+    }
+
+    /// Where a reconcile that left its status writes for later is triggered again once
+    /// every site has had its workload applied (the controller's trigger channel).
+    pub fn retrigger_deferred_statuses_through(&self, triggers: UnboundedSender<ObjectRef<Site>>) {
+        self.first_applies.lock().expect("first_applies lock").triggers = Some(triggers);
+    }
+
+    /// Records that `site`'s workload was applied (or failed to apply), and says whether
+    /// its reconcile writes its statuses now: only once every Site in the store has had
+    /// its workload applied since start. At start, every ingestor gets its configuration
+    /// first, and the one status write per Device and Formula follows: on a real API
+    /// server those writes are most of the work (10,000 Devices and as many Formulas in
+    /// 100 sites: 20,100 status writes against 300 applies), and written first they held back the last sites'
+    /// `ConfigMap`s by minutes. A site told "not now" is triggered again, through the
+    /// channel set by [`Self::retrigger_deferred_statuses_through`], when the last site
+    /// has had its turn.
+    pub fn statuses_now(&self, site: &Site) -> bool {
+        let mut guard = self.first_applies.lock().expect("first_applies lock");
+        let first = &mut *guard;
+        if first.all_done {
+            return true;
+        }
+        first.applied.insert(ObjectRef::from(site));
+        // A Site being deleted is never applied again: it does not hold the others back.
+        let all = self
+            .sites
+            .state()
+            .iter()
+            .filter(|s| s.meta().deletion_timestamp.is_none())
+            .all(|s| first.applied.contains(&ObjectRef::from(&**s)));
+        if all || first.triggers.is_none() {
+            first.all_done = true;
+            if let Some(triggers) = &first.triggers {
+                for deferred in first.deferred.drain() {
+                    let _ = triggers.unbounded_send(deferred);
+                }
+            }
+            return true;
+        }
+        first.deferred.insert(ObjectRef::from(site));
+        false
     }
 
     /// The Devices and Formulas that name `site`, sorted by name.

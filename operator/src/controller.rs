@@ -96,6 +96,7 @@ pub async fn run(
     ));
 
     let (triggers, member_triggers) = unbounded();
+    ctx.retrigger_deferred_statuses_through(triggers.clone());
     let (candidates, missing_sites) = unbounded();
     let device_watch = tokio::spawn(watch_members(
         Api::<Device>::all(client.clone()),

@@ -61,6 +61,9 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     let result = Box::pin(reconcile_site(&site, &ctx)).await;
     ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
     if let Err(error) = &result {
+        // A site that fails to apply has had its turn: it must not hold back the status
+        // writes of the others until it succeeds.
+        ctx.statuses_now(&site);
         // Where a user looks first (`kubectl describe site`); kube's recorder folds the
         // repeats of a retried failure into one event with a count.
         ctx.event(&*site, EventType::Warning, "ReconcileFailed", error.to_string())
@@ -135,6 +138,10 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
         tracing::info!(%namespace, site = %name, written = ?written, "applied the site's ingestor");
         let note = format!("applied {}", written.join(", "));
         ctx.event(site, EventType::Normal, "Applied", note).await;
+    }
+
+    if !ctx.statuses_now(site) {
+        return Ok(Action::await_change());
     }
 
     let now = Timestamp::now();

@@ -173,17 +173,19 @@ async fn api_server(client: &Client, namespace: &str, doc: &Value) -> Verdict {
 }
 
 /// The fields a refusal names: its causes, or for a strict decoding error the unknown
-/// field of its message. A rule on the object root is a cause on `<nil>` whose message
-/// names the field (`Invalid value: metadata.name: ...`); the note that CEL rules were
-/// skipped for an object already invalid is also on `<nil>` and names none.
+/// field of its message. A rule on the object root is a cause on no field whose message
+/// names the field; the note that CEL rules were skipped for an object already invalid is
+/// also on no field and names none.
 fn refused_fields(answer: &Value) -> BTreeSet<String> {
     let causes = answer["details"]["causes"].as_array().into_iter().flatten();
     let mut fields: BTreeSet<String> = causes
-        .filter_map(|cause| match cause["field"].as_str()? {
-            "<nil>" => {
-                let message = cause["message"].as_str()?.strip_prefix("Invalid value: ")?;
-                let (field, _) = message.split_once(": ")?;
-                field.starts_with("metadata.").then(|| field.to_owned())
+        .filter_map(|cause| match cause["field"].as_str().unwrap_or_default() {
+            // 1.37 says `Invalid value: metadata.name: ...`, 1.29 with the value first,
+            // `Invalid value: "object": metadata.name: ...`.
+            "<nil>" | "" => {
+                let message = cause["message"].as_str()?;
+                let named = &message[message.find("metadata.")?..];
+                Some(named.split_once(": ")?.0.to_owned())
             }
             field => Some(field.to_owned()),
         })

@@ -88,6 +88,19 @@ async fn until_complete(server: &ApiServer) {
     }
 }
 
+/// Waits until every Site's status counts its members: the status writes follow the
+/// renderings of every site.
+async fn until_statuses_written(server: &ApiServer, fleet: &Fleet) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let written = |site: &tagstream_crds::Site| {
+        server.get(&path(site)).unwrap()["status"]["devices"] == serde_json::json!(PER_SITE)
+    };
+    while !fleet.sites.iter().all(written) {
+        assert!(tokio::time::Instant::now() < deadline, "Site statuses not written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every Site's status counts its members, and no Formula was called invalid.
 fn assert_statuses(server: &ApiServer, fleet: &Fleet) {
     for site in &fleet.sites {
@@ -119,6 +132,7 @@ async fn objects_listed_at_start_are_all_in_every_first_rendering() {
     server.insert_all(fleet.objects());
     let (shutdown, operator) = start(&server);
     until_complete(&server).await;
+    until_statuses_written(&server, &fleet).await;
     stop(shutdown, operator).await;
 
     let writes = server.config_map_writes();
@@ -160,8 +174,9 @@ async fn objects_arriving_while_running_only_ever_add_to_a_rendering() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     until_complete(&server).await;
-    // A little longer: a late reconcile must not take anything away.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Longer, until the statuses are written: a late reconcile must not take anything
+    // away.
+    until_statuses_written(&server, &fleet).await;
     stop(shutdown, operator).await;
 
     let mut last: BTreeMap<String, ConfigMapWrite> = BTreeMap::new();

@@ -5,8 +5,9 @@
 //!
 //! Deliberately not `KUBECONFIG`: these tests create thousands of objects and delete
 //! namespaces, and must never reach a developer's cluster by accident. Without the
-//! variable they say SKIPPED, unless `TAGSTREAM_REQUIRE_CONTROL_PLANE=1` (CI) makes that a
-//! failure. The operator watches every namespace, so the tests of one binary take turns
+//! variable they say SKIPPED: `scripts/test.sh` runs them once more through
+//! `scripts/control-plane.sh` at each supported version, and fails in CI when it cannot.
+//! The operator watches every namespace, so the tests of one binary take turns
 //! ([`Cluster::exclusive`]) and each leaves no namespace behind.
 
 use std::{
@@ -56,11 +57,6 @@ impl Cluster {
             .with_test_writer()
             .try_init();
         let Some(path) = std::env::var_os("TAGSTREAM_KUBECONFIG") else {
-            assert!(
-                std::env::var("TAGSTREAM_REQUIRE_CONTROL_PLANE").as_deref() != Ok("1"),
-                "TAGSTREAM_REQUIRE_CONTROL_PLANE=1 but no TAGSTREAM_KUBECONFIG: run the tests through \
-                 scripts/control-plane.sh run <minor> -- cargo test ..."
-            );
             eprintln!("SKIPPED: no control plane (run through scripts/control-plane.sh run <minor> -- ...)");
             return None;
         };
