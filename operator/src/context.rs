@@ -149,10 +149,10 @@ impl Context {
     /// its workload applied since start. At start, every ingestor gets its configuration
     /// first, and the one status write per Device and Formula follows: on a real API
     /// server those writes are most of the work (10,000 Devices and as many Formulas in
-    /// 100 sites: 20,100 status writes against 300 applies), and written first they held back the last sites'
-    /// `ConfigMap`s by minutes. A site told "not now" is triggered again, through the
-    /// channel set by [`Self::retrigger_deferred_statuses_through`], when the last site
-    /// has had its turn.
+    /// 100 sites: 20,100 status writes against 300 applies), and written first they held
+    /// back the last sites' `ConfigMap`s by minutes. A site told "not now" is triggered
+    /// again, through the channel set by [`Self::retrigger_deferred_statuses_through`],
+    /// when the last site has had its turn.
     pub fn statuses_now(&self, site: &Site) -> bool {
         let mut guard = self.first_applies.lock().expect("first_applies lock");
         let first = &mut *guard;
