@@ -18,40 +18,31 @@ mod plant;
 use std::{
     collections::{BTreeMap, HashMap},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
-use cluster::{Cluster, wait_for};
-use futures::{StreamExt, TryStreamExt};
+use cluster::{Cluster, Rendering, Renderings, TestNamespace, changed, snapshot, wait_for};
 use k8s_openapi::{
     NamespaceResourceScope,
     api::{
-        apps::v1::StatefulSet,
         coordination::v1::Lease,
-        core::v1::{ConfigMap, PersistentVolumeClaim, Service},
+        core::v1::{ConfigMap, PersistentVolumeClaim},
         events::v1::Event,
     },
 };
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, ListParams},
-    runtime::{WatchStreamExt, watcher},
 };
-use plant::{fleet, plant, settings};
+use plant::{fleet, operator_settings, plant};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tagstream_crds::{
     Device, Formula, Site, SiteSpec,
     condition_types::{READY, VALID},
 };
-use tagstream_operator::{
-    context::Context,
-    controller::{OperatorSettings, run},
-    metrics::Metrics,
-    report::ReportSource,
-    status_loop::StatusSettings,
-};
+use tagstream_operator::{context::Context, controller::run, metrics::Metrics};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -64,23 +55,10 @@ struct Operator {
 
 impl Operator {
     fn start(cluster: &Cluster, apply_window: Duration) -> Self {
+        // The ingestors never answer: every report read through the service proxy fails,
+        // as it does while an ingestor pod is pending.
         let client = cluster.client.clone();
-        let settings = OperatorSettings {
-            render: settings(),
-            default_site: SiteSpec::default(),
-            status: StatusSettings {
-                // No node runs the ingestors: every report read through the service proxy
-                // fails, as it does while an ingestor pod is pending.
-                source: ReportSource::ApiServerProxy(client.clone()),
-                period: Duration::from_secs(1),
-                timeout: Duration::from_secs(1),
-                heartbeat: Duration::from_secs(3600),
-                concurrency: 8,
-            },
-            instance: Some("control-plane-test".into()),
-            concurrency: 8,
-            apply_window,
-        };
+        let settings = operator_settings(&client, Duration::from_secs(1), apply_window);
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());
         let task = tokio::spawn(run(client, settings, Arc::clone(&metrics), shutdown.clone()));
@@ -100,108 +78,16 @@ impl Operator {
     }
 }
 
-/// Every version of every rendered ConfigMap in a namespace, as a watch delivers them.
-#[derive(Clone, Default)]
-struct Renderings(Arc<Mutex<Vec<Rendering>>>);
-
-#[derive(Clone, Debug)]
-struct Rendering {
-    name: String,
-    devices: usize,
-    formulas: usize,
+/// Waits until `sites` rendered `ConfigMap`s each hold `members` Devices and as many
+/// Formulas.
+async fn until_complete(renderings: &Renderings, sites: usize, members: usize) {
+    wait_for(
+        &format!("{sites} ConfigMaps of {members} Devices and Formulas"),
+        Duration::from_secs(300),
+        || async { (renderings.complete(members).0 == sites).then_some(()) },
+    )
+    .await;
 }
-
-impl Renderings {
-    /// Watches the rendered `ConfigMap`s of `namespace` from now on, until `stop`.
-    fn watch(cluster: &Cluster, namespace: &str, stop: CancellationToken) -> Self {
-        let seen = Self::default();
-        let api: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), namespace);
-        let record = seen.clone();
-        let rendered = watcher::Config::default().labels("app.kubernetes.io/managed-by=tagstream-operator");
-        tokio::spawn(
-            watcher(api, rendered)
-                .applied_objects()
-                .take_until(stop.cancelled_owned())
-                .try_for_each(move |map| {
-                    let count = |key: &str, kind: &str| {
-                        map.data
-                            .as_ref()
-                            .and_then(|d| d.get(key))
-                            .map_or(0, |text| text.lines().filter(|l| *l == kind).count())
-                    };
-                    record.0.lock().unwrap().push(Rendering {
-                        name: map.name_any(),
-                        devices: count("devices.yaml", "kind: Device"),
-                        formulas: count("formulas.yaml", "kind: Formula"),
-                    });
-                    futures::future::ready(Ok(()))
-                }),
-        );
-        seen
-    }
-
-    fn all(&self) -> Vec<Rendering> {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// Waits until `sites` rendered `ConfigMap`s each hold `members` Devices and as many
-    /// Formulas.
-    async fn until_complete(&self, sites: usize, members: usize) {
-        wait_for(
-            &format!("{sites} ConfigMaps of {members} Devices and Formulas"),
-            Duration::from_secs(300),
-            || async {
-                let latest: BTreeMap<String, Rendering> = self.all().into_iter().map(|r| (r.name.clone(), r)).collect();
-                let complete = latest
-                    .values()
-                    .filter(|r| r.devices == members && r.formulas == members)
-                    .count();
-                eprintln!("{} ConfigMaps, {complete} complete", latest.len());
-                (complete == sites).then_some(())
-            },
-        )
-        .await;
-    }
-}
-
-/// `resourceVersion` of every object the operator writes or reads in `namespace`, and how
-/// many events it holds: equal snapshots mean nothing was written in between.
-async fn snapshot(cluster: &Cluster, namespace: &str) -> BTreeMap<String, String> {
-    async fn versions<K>(cluster: &Cluster, namespace: &str, into: &mut BTreeMap<String, String>)
-    where
-        K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
-    {
-        let api: Api<K> = Api::namespaced(cluster.client.clone(), namespace);
-        for object in api.list_metadata(&ListParams::default()).await.unwrap() {
-            into.insert(
-                format!("{} {}", K::kind(&()), object.name_any()),
-                object.resource_version().unwrap_or_default(),
-            );
-        }
-    }
-    let mut all = BTreeMap::new();
-    versions::<Site>(cluster, namespace, &mut all).await;
-    versions::<Device>(cluster, namespace, &mut all).await;
-    versions::<Formula>(cluster, namespace, &mut all).await;
-    versions::<ConfigMap>(cluster, namespace, &mut all).await;
-    versions::<Service>(cluster, namespace, &mut all).await;
-    versions::<StatefulSet>(cluster, namespace, &mut all).await;
-    let events: Api<Event> = Api::namespaced(cluster.client.clone(), namespace);
-    let count = events.list(&ListParams::default()).await.unwrap().items.len();
-    all.insert("events".into(), count.to_string());
-    all
-}
-
-fn differences(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> Vec<String> {
-    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|k| before.get(*k) != after.get(*k))
-        .map(|k| format!("{k}: {:?} -> {:?}", before.get(k), after.get(k)))
-        .collect()
-}
-
 /// Waits until a snapshot of `namespace` stays the same over `quiet`: the operator is at
 /// rest. Returns that snapshot.
 async fn at_rest(cluster: &Cluster, namespace: &str, quiet: Duration) -> BTreeMap<String, String> {
@@ -216,7 +102,7 @@ async fn at_rest(cluster: &Cluster, namespace: &str, quiet: Duration) -> BTreeMa
         assert!(
             started.elapsed() < Duration::from_secs(300),
             "the operator did not come to rest: {:#?}",
-            differences(&last, &now)
+            changed(&last, &now)
         );
         last = now;
     }
@@ -261,7 +147,7 @@ async fn a_fleet_present_at_start_is_rendered_complete_once_and_a_restart_writes
     let watching = CancellationToken::new();
     let renderings = Renderings::watch(&cluster, &namespace, watching.clone());
     let operator = Operator::start(&cluster, Duration::from_secs(3600));
-    renderings.until_complete(SITES, PER_SITE).await;
+    until_complete(&renderings, SITES, PER_SITE).await;
     let rest = at_rest(&cluster, &namespace, Duration::from_secs(3)).await;
     operator.stop().await;
 
@@ -297,8 +183,18 @@ async fn a_fleet_present_at_start_is_rendered_complete_once_and_a_restart_writes
     operator.stop().await;
     let after = snapshot(&cluster, &namespace).await;
     watching.cancel();
-    assert_eq!(differences(&rest, &after), Vec::<String>::new(), "a restart wrote");
+    assert_eq!(changed(&rest, &after), Vec::<String>::new(), "a restart wrote");
     assert_eq!(renderings.all().len(), SITES, "a restart wrote a ConfigMap");
+}
+
+/// The example plant, applied in a new namespace `name`; its Devices.
+async fn example_plant(cluster: &Cluster, name: &str) -> (TestNamespace, Vec<Device>) {
+    let namespace = cluster.namespace(name).await;
+    let (site, devices, formulas) = plant();
+    cluster.create_all(&namespace, &[site]).await;
+    cluster.create_all(&namespace, &devices).await;
+    cluster.create_all(&namespace, &formulas).await;
+    (namespace, devices)
 }
 
 /// The example plant: its workload, the status of every kind, and no write once at rest.
@@ -308,11 +204,7 @@ async fn the_example_plant_is_deployed_with_its_status_and_then_nothing_is_writt
         return;
     };
     let _turn = cluster.exclusive().await;
-    let namespace = cluster.namespace("example-plant").await;
-    let (site, devices, formulas) = plant();
-    cluster.create_all(&namespace, &[site]).await;
-    cluster.create_all(&namespace, &devices).await;
-    cluster.create_all(&namespace, &formulas).await;
+    let (namespace, devices) = example_plant(&cluster, "example-plant").await;
     let operator = Operator::start(&cluster, Duration::ZERO);
     let rendered = |snapshot: &BTreeMap<String, String>| {
         ["ConfigMap", "Service", "StatefulSet"]
@@ -352,7 +244,7 @@ async fn the_example_plant_is_deployed_with_its_status_and_then_nothing_is_writt
     tokio::time::sleep(Duration::from_secs(5)).await;
     let later = snapshot(&cluster, &namespace).await;
     operator.stop().await;
-    assert_eq!(differences(&rest, &later), Vec::<String>::new(), "written at rest");
+    assert_eq!(changed(&rest, &later), Vec::<String>::new(), "written at rest");
 }
 
 /// Deleting a Site: kube-controller-manager's garbage collector removes the ConfigMap,
@@ -364,11 +256,7 @@ async fn a_deleted_sites_workload_is_collected_and_its_queue_claim_kept() {
         return;
     };
     let _turn = cluster.exclusive().await;
-    let namespace = cluster.namespace("site-deletion").await;
-    let (site, devices, formulas) = plant();
-    cluster.create_all(&namespace, &[site]).await;
-    cluster.create_all(&namespace, &devices).await;
-    cluster.create_all(&namespace, &formulas).await;
+    let (namespace, _) = example_plant(&cluster, "site-deletion").await;
     let operator = Operator::start(&cluster, Duration::ZERO);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client.clone(), &namespace);
     let claim = wait_for(
@@ -486,7 +374,7 @@ async fn objects_arriving_while_running_only_ever_add_to_a_rendering() {
         cluster.create_all(&namespace, devices).await;
         cluster.create_all(&namespace, formulas).await;
     }
-    renderings.until_complete(SITES, PER_SITE).await;
+    until_complete(&renderings, SITES, PER_SITE).await;
     at_rest(&cluster, &namespace, Duration::from_secs(2)).await;
     operator.stop().await;
     watching.cancel();

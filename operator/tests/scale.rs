@@ -17,14 +17,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use api::{ApiServer, ConfigMapWrite};
 use kube::ResourceExt;
-use plant::{Fleet, fleet, path, settings};
-use tagstream_crds::SiteSpec;
-use tagstream_operator::{
-    context::Context,
-    controller::{OperatorSettings, run},
-    report::ReportSource,
-    status_loop::StatusSettings,
-};
+use plant::{Fleet, fleet, operator_settings, path};
+use tagstream_operator::{context::Context, controller::run};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -34,20 +28,7 @@ const LATENCY: Duration = Duration::from_millis(2);
 
 fn start(server: &ApiServer) -> (CancellationToken, JoinHandle<Arc<Context>>) {
     let client = server.client();
-    let settings = OperatorSettings {
-        render: settings(),
-        default_site: SiteSpec::default(),
-        status: StatusSettings {
-            source: ReportSource::ApiServerProxy(client.clone()),
-            period: Duration::from_secs(3600),
-            timeout: Duration::from_secs(5),
-            heartbeat: Duration::from_secs(3600),
-            concurrency: 8,
-        },
-        instance: Some("test".into()),
-        concurrency: 8,
-        apply_window: Duration::from_secs(3600),
-    };
+    let settings = operator_settings(&client, Duration::from_secs(3600), Duration::from_secs(3600));
     let shutdown = CancellationToken::new();
     let operator = tokio::spawn(run(client, settings, Arc::default(), shutdown.clone()));
     (shutdown, operator)

@@ -11,24 +11,33 @@
 //! ([`Cluster::exclusive`]) and each leaves no namespace behind.
 
 use std::{
+    collections::BTreeMap,
     fmt::Debug,
     future::Future,
+    sync::{Arc, Mutex as StdMutex},
     time::{Duration, Instant},
 };
 
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::{
-    NamespaceResourceScope, api::core::v1::Namespace,
+    NamespaceResourceScope,
+    api::{
+        apps::v1::StatefulSet,
+        core::v1::{ConfigMap, Namespace, Service},
+        events::v1::Event,
+    },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt, watcher},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tagstream_crds::{Device, Formula, Site};
 use tokio::sync::{Mutex, MutexGuard};
+use tokio_util::sync::CancellationToken;
 
 /// The control plane's admin client, and which Kubernetes minor version it runs.
 #[derive(Clone)]
@@ -219,4 +228,98 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Every version of every rendered `ConfigMap` in a namespace, as a watch delivers them:
+/// how many Devices and Formulas each held.
+#[derive(Clone, Default)]
+pub struct Renderings(Arc<StdMutex<Vec<Rendering>>>);
+
+/// One version of one rendered `ConfigMap`.
+#[derive(Clone, Debug)]
+pub struct Rendering {
+    pub name: String,
+    pub devices: usize,
+    pub formulas: usize,
+}
+
+impl Renderings {
+    /// Watches the rendered `ConfigMap`s of `namespace` from now on, until `stop`.
+    pub fn watch(cluster: &Cluster, namespace: &str, stop: CancellationToken) -> Self {
+        let seen = Self::default();
+        let api: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), namespace);
+        let record = seen.clone();
+        let rendered = watcher::Config::default().labels("app.kubernetes.io/managed-by=tagstream-operator");
+        tokio::spawn(
+            watcher(api, rendered)
+                .applied_objects()
+                .take_until(stop.cancelled_owned())
+                .try_for_each(move |map| {
+                    let count = |key: &str, kind: &str| {
+                        map.data
+                            .as_ref()
+                            .and_then(|d| d.get(key))
+                            .map_or(0, |text| text.lines().filter(|l| *l == kind).count())
+                    };
+                    record.0.lock().unwrap().push(Rendering {
+                        name: map.name_any(),
+                        devices: count("devices.yaml", "kind: Device"),
+                        formulas: count("formulas.yaml", "kind: Formula"),
+                    });
+                    futures::future::ready(Ok(()))
+                }),
+        );
+        seen
+    }
+
+    pub fn all(&self) -> Vec<Rendering> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// How many `ConfigMap`s hold `members` Devices and as many Formulas in their latest
+    /// version, and how many are there.
+    pub fn complete(&self, members: usize) -> (usize, usize) {
+        let latest: BTreeMap<String, Rendering> = self.all().into_iter().map(|r| (r.name.clone(), r)).collect();
+        let complete = latest
+            .values()
+            .filter(|r| r.devices == members && r.formulas == members)
+            .count();
+        (complete, latest.len())
+    }
+}
+
+/// `resourceVersion` of every object in `namespace` that the operator writes or reads,
+/// and of every event: equal snapshots mean nothing was written in between.
+pub async fn snapshot(cluster: &Cluster, namespace: &str) -> BTreeMap<String, String> {
+    async fn versions<K>(cluster: &Cluster, namespace: &str, into: &mut BTreeMap<String, String>)
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+    {
+        let api: Api<K> = Api::namespaced(cluster.client.clone(), namespace);
+        for object in api.list_metadata(&ListParams::default()).await.unwrap() {
+            let key = format!("{} {}", K::kind(&()), object.name_any());
+            into.insert(key, object.resource_version().unwrap_or_default());
+        }
+    }
+    let mut all = BTreeMap::new();
+    versions::<Site>(cluster, namespace, &mut all).await;
+    versions::<Device>(cluster, namespace, &mut all).await;
+    versions::<Formula>(cluster, namespace, &mut all).await;
+    versions::<ConfigMap>(cluster, namespace, &mut all).await;
+    versions::<Service>(cluster, namespace, &mut all).await;
+    versions::<StatefulSet>(cluster, namespace, &mut all).await;
+    versions::<Event>(cluster, namespace, &mut all).await;
+    all
+}
+
+/// The objects written between two snapshots (added, changed or gone), as
+/// `Kind name: before -> after`.
+pub fn changed(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> Vec<String> {
+    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| format!("{k}: {:?} -> {:?}", before.get(k), after.get(k)))
+        .collect()
 }

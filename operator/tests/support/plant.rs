@@ -33,6 +33,29 @@ pub fn plant() -> (Site, Vec<Device>, Vec<Formula>) {
     (site, devices, formulas)
 }
 
+/// The whole operator's settings for a test: ingestors asked every `status_period` (they
+/// never answer: no node runs them), and `apply_window`.
+pub fn operator_settings(
+    client: &kube::Client,
+    status_period: std::time::Duration,
+    apply_window: std::time::Duration,
+) -> tagstream_operator::controller::OperatorSettings {
+    tagstream_operator::controller::OperatorSettings {
+        render: settings(),
+        default_site: tagstream_crds::SiteSpec::default(),
+        status: tagstream_operator::status_loop::StatusSettings {
+            source: tagstream_operator::report::ReportSource::ApiServerProxy(client.clone()),
+            period: status_period,
+            timeout: status_period.min(std::time::Duration::from_secs(5)),
+            heartbeat: std::time::Duration::from_secs(3600),
+            concurrency: 8,
+        },
+        instance: Some("test".into()),
+        concurrency: 8,
+        apply_window,
+    }
+}
+
 pub fn settings() -> Settings {
     Settings {
         ingestor_image: "ghcr.io/tagstream/tagstream-ingestor:0.1.0".into(),
