@@ -1,5 +1,7 @@
 //! The reconciler, the Site creation and the status loop against a mocked API server
-//! (tower-test): each test asserts the exact requests the operator makes.
+//! (tower-test): each test asserts the exact requests the operator makes, which a real
+//! API server cannot show. The same behaviours against a real kube-apiserver are in
+//! `control_plane.rs`.
 
 #[path = "support/api.rs"]
 #[allow(dead_code, reason = "shared by the test binaries, each using part of it")]

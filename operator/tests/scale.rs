@@ -5,6 +5,10 @@
 //! The invariant: a site's ConfigMap, which its ingestor polls from, never holds fewer
 //! members than the operator could know. Found on a real API server: every ConfigMap was
 //! written empty while the Device list was still paging in, and never again.
+//!
+//! The fake stays here for what a real server cannot be made to do on demand: a chosen
+//! latency per request, and a watch expired (`410`) at a chosen moment. The restart and
+//! arriving cases also run against a real kube-apiserver in `control_plane.rs`.
 
 #[path = "support/api.rs"]
 #[allow(dead_code, reason = "shared by the test binaries, each using part of it")]
