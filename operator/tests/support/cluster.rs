@@ -288,8 +288,11 @@ impl Renderings {
     }
 }
 
-/// `resourceVersion` of every object in `namespace` that the operator writes or reads,
-/// and of every event: equal snapshots mean nothing was written in between.
+/// What the operator has written in `namespace`: the `resourceVersion` of every Site,
+/// Device, Formula, ConfigMap and Service, the generation and rendered hash of every
+/// StatefulSet (kube-controller-manager writes their status), and the version of every
+/// event the operator reported (kube-controller-manager keeps counting its own, e.g. a
+/// claim waiting for a volume). Equal snapshots mean the operator wrote nothing between.
 pub async fn snapshot(cluster: &Cluster, namespace: &str) -> BTreeMap<String, String> {
     async fn versions<K>(cluster: &Cluster, namespace: &str, into: &mut BTreeMap<String, String>)
     where
@@ -298,7 +301,13 @@ pub async fn snapshot(cluster: &Cluster, namespace: &str) -> BTreeMap<String, St
         let api: Api<K> = Api::namespaced(cluster.client.clone(), namespace);
         for object in api.list_metadata(&ListParams::default()).await.unwrap() {
             let key = format!("{} {}", K::kind(&()), object.name_any());
-            into.insert(key, object.resource_version().unwrap_or_default());
+            let written = if K::kind(&()) == "StatefulSet" {
+                let hash = object.annotations().get("tagstream.io/rendered-hash").cloned();
+                format!("generation {:?}, rendered {hash:?}", object.metadata.generation)
+            } else {
+                object.resource_version().unwrap_or_default()
+            };
+            into.insert(key, written);
         }
     }
     let mut all = BTreeMap::new();
@@ -308,7 +317,15 @@ pub async fn snapshot(cluster: &Cluster, namespace: &str) -> BTreeMap<String, St
     versions::<ConfigMap>(cluster, namespace, &mut all).await;
     versions::<Service>(cluster, namespace, &mut all).await;
     versions::<StatefulSet>(cluster, namespace, &mut all).await;
-    versions::<Event>(cluster, namespace, &mut all).await;
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), namespace);
+    for event in events.list(&ListParams::default()).await.unwrap() {
+        if event.reporting_controller.as_deref() == Some("tagstream-operator") {
+            all.insert(
+                format!("Event {}", event.name_any()),
+                event.resource_version().unwrap_or_default(),
+            );
+        }
+    }
     all
 }
 
