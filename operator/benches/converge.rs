@@ -123,6 +123,14 @@ fn kind_of(request: &api::Recorded) -> String {
     format!("{} {resource}{status}", request.method)
 }
 
+/// Where the operator finds its API server.
+enum ApiServerAt {
+    /// The fake of the tests, served from this process.
+    Fake(std::net::SocketAddr),
+    /// A real one, through its kubeconfig.
+    Kubeconfig(PathBuf),
+}
+
 /// The operator binary in a child process, with its log in a temporary directory.
 struct Operator {
     child: std::process::Child,
@@ -132,10 +140,13 @@ struct Operator {
 }
 
 impl Operator {
-    /// Starts `binary` against the fake API server at `api`, or with `kubeconfig`.
-    fn start(binary: &str, api: Result<std::net::SocketAddr, PathBuf>, image: Option<&str>) -> Self {
+    /// Starts `binary` against `api`.
+    fn start(binary: &str, api: ApiServerAt, image: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = api.map_or_else(|path| path, |address| kubeconfig(dir.path(), address));
+        let kubeconfig = match api {
+            ApiServerAt::Fake(address) => kubeconfig(dir.path(), address),
+            ApiServerAt::Kubeconfig(path) => path,
+        };
         let log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
         let started = Instant::now();
         let mut command = std::process::Command::new(binary);
@@ -291,7 +302,7 @@ async fn main() {
 
     // This build runs with only a kubeconfig; older ones need the ingestor image.
     let image = other.is_some().then_some("ghcr.io/tagstream/tagstream-ingestor:0.1.0");
-    let mut operator = Operator::start(&binary, Ok(address), image);
+    let mut operator = Operator::start(&binary, ApiServerAt::Fake(address), image);
     let converged = until_converged(&mut operator, &server, sites, per_site).await;
     let settled = until_settled(&mut operator, &server).await;
     let (steady, growth) = steady_state(&operator, &server, idle).await;
@@ -354,7 +365,7 @@ mod real {
     use tokio_util::sync::CancellationToken;
 
     use super::{
-        Operator, QUIET,
+        ApiServerAt, Operator, QUIET,
         cluster::{Cluster, Renderings, changed, snapshot},
         memory_mib, plant,
     };
@@ -385,7 +396,7 @@ mod real {
         let renderings = Renderings::watch(&cluster, &namespace, watching.clone());
 
         let kubeconfig = std::env::var_os("TAGSTREAM_KUBECONFIG").unwrap().into();
-        let mut operator = Operator::start(binary, Err(kubeconfig), None);
+        let mut operator = Operator::start(binary, ApiServerAt::Kubeconfig(kubeconfig), None);
         while renderings.complete(per_site).0 < sites {
             operator.give_up_after_deadline(|| {
                 let (complete, written) = renderings.complete(per_site);

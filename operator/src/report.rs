@@ -46,7 +46,7 @@ impl ReportError {
 }
 
 /// The `Ready` message of a site whose ingestor does not answer.
-pub const NOT_ANSWERING: &str = "the site's ingestor does not answer on /status (not running yet, or not reachable)";
+const NOT_ANSWERING: &str = "the site's ingestor does not answer on /status (not running yet, or not reachable)";
 
 /// Where the operator reads the ingestors' reports.
 #[derive(Clone)]

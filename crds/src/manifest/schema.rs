@@ -101,10 +101,10 @@ pub(super) fn validate(kind: Kind, mut value: Value) -> Result<Value, Vec<Proble
     }
     let defaulted = apply_defaults(&schema.openapi, &value);
 
-    let mut unknown = Vec::new();
-    walk_structure(&schema.openapi, &defaulted, &mut String::new(), true, &mut unknown);
+    let mut walked = Vec::new();
+    walk_structure(&schema.openapi, &defaulted, &mut String::new(), true, &mut walked);
     let (unknown, mut problems): (Vec<Problem>, Vec<Problem>) =
-        unknown.into_iter().partition(|(_, message)| message == UNKNOWN_FIELD);
+        walked.into_iter().partition(|(_, message)| message == UNKNOWN_FIELD);
     if !unknown.is_empty() {
         return Err(unknown);
     }
