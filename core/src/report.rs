@@ -102,6 +102,14 @@ pub struct QueueStatus {
     /// Queue writes that failed and were made again after reopening the store.
     #[serde(default)]
     pub write_failures: u64,
+    /// Acknowledged records kept for `ackedRetention`, and their bytes.
+    #[serde(default)]
+    pub retained_records: u64,
+    #[serde(default)]
+    pub retained_bytes: u64,
+    /// Acknowledged records given up before their retention ended, to make room.
+    #[serde(default)]
+    pub retained_evicted: u64,
 }
 
 /// What the publisher reports for status and metrics.
@@ -117,6 +125,15 @@ pub struct PublisherStatus {
     pub reordered: u64,
     pub failures: u64,
     pub last_error: Option<String>,
+    /// Records JetStream had acknowledged and then no longer held (a broker's power cut),
+    /// found when the publisher (re)connected, and published again.
+    #[serde(default)]
+    pub broker_lost_records: u64,
+    /// What the last such loss was, and when it was found (ns since the Unix epoch).
+    #[serde(default)]
+    pub last_broker_loss: Option<String>,
+    #[serde(default, rename = "lastBrokerLossNs")]
+    pub last_broker_loss_ns: Option<i64>,
     /// Seconds from publish to ack of the latest ack.
     #[serde(rename = "lastAckLatencySeconds")]
     pub last_ack_latency: Option<f64>,
@@ -136,6 +153,9 @@ impl Default for PublisherStatus {
             reordered: 0,
             failures: 0,
             last_error: None,
+            broker_lost_records: 0,
+            last_broker_loss: None,
+            last_broker_loss_ns: None,
             last_ack_latency: None,
             ack_latency: ack_latency_histogram(),
         }

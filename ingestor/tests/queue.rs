@@ -11,10 +11,19 @@ use std::{
 };
 
 use tagstream_crds::site::FullPolicy;
-use tagstream_ingestor::queue::{Queue, QueueConfig, Stored};
+use tagstream_ingestor::queue::{Acked, Queue, QueueConfig, Stored};
 use tagstream_proto::v1::{Point, PointBatch, point::Value};
 
 use support::points::stored_values;
+
+/// The publisher's ack of every record through `sequence` (the stream sequences matter
+/// only to the power-cut repair).
+fn acked(sequence: u64) -> Acked {
+    Acked {
+        sequence,
+        stream_sequences: Vec::new(),
+    }
+}
 
 fn batch(n: u64) -> PointBatch {
     PointBatch {
@@ -46,7 +55,7 @@ async fn records_come_back_in_order_and_sequences_never_restart() {
     assert_eq!(stored_values(&stored), [0, 1, 2, 3, 4]);
     let last = stored.last().unwrap().sequence;
     assert_eq!(queue.stats().points, 5);
-    queue.ack_through(last).unwrap();
+    queue.ack(&[acked(last)]).unwrap();
     assert_eq!(queue.stats().points, 0);
     queue.close().await.unwrap();
 
@@ -147,7 +156,7 @@ async fn reading_on_from_a_record_sees_what_the_queue_holds() {
         if n % 1001 == 0
             && let Some(through) = last
         {
-            queue.ack_through(through).unwrap();
+            queue.ack(&[acked(through)]).unwrap();
         }
     }
     assert!(queue.stats().dropped_points > 0, "the full policy dropped records");
@@ -180,7 +189,7 @@ async fn pause_polling_holds_appends_until_the_publisher_frees_room() {
         async move { queue.append(vec![batch(1_000_000)]).await }
     });
     let head = everything(&queue).await[0].sequence;
-    queue.ack_through(head + 20).unwrap();
+    queue.ack(&[acked(head + 20)]).unwrap();
     tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
         .expect("room was made")
@@ -189,6 +198,77 @@ async fn pause_polling_holds_appends_until_the_publisher_frees_room() {
     let kept = stored_values(&everything(&queue).await);
     assert!(kept.contains(&1_000_000));
     assert!(blocked > 0);
+    assert!(
+        queue.stats().retained_evicted > 0,
+        "the acknowledged records kept for a broker's power cut gave way: {:?}",
+        queue.stats()
+    );
+}
+
+/// Acknowledged records move to `retained` with their stream sequences, come back as they
+/// were stored, survive a reopen, take new stream sequences when published again, and
+/// leave once their retention has passed.
+#[tokio::test]
+async fn acknowledged_records_are_retained_with_their_stream_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("q"));
+    config.acked_retention = Duration::from_millis(400);
+    let queue = Queue::open(config.clone()).unwrap().queue;
+    for n in 0..10 {
+        queue.append(vec![batch(n)]).await.unwrap();
+    }
+    let stored = everything(&queue).await;
+    let acks: Vec<Acked> = stored[..4]
+        .iter()
+        .map(|s| Acked {
+            sequence: s.sequence,
+            stream_sequences: vec![100 + s.sequence],
+        })
+        .collect();
+    queue.ack(&acks).unwrap();
+    let stats = queue.stats();
+    assert_eq!((stats.records, stats.retained_records), (6, 4), "{stats:?}");
+    assert_eq!(
+        queue.retained_bounds().await.unwrap(),
+        Some((stored[0].sequence, stored[3].sequence))
+    );
+    let (sequence, ack) = queue.retained_at_or_after(stored[1].sequence).await.unwrap().unwrap();
+    assert_eq!(
+        (sequence, ack.stream_sequences),
+        (stored[1].sequence, vec![100 + stored[1].sequence])
+    );
+    let before = queue.retained_before(stored[1].sequence).await.unwrap().unwrap();
+    assert_eq!(before.0, stored[0].sequence);
+    let again = queue.read_retained(vec![stored[2].sequence]).await.unwrap();
+    assert_eq!(
+        again,
+        vec![stored[2].clone()],
+        "a retained record reads back as it was stored"
+    );
+    queue.reack(stored[2].sequence, &[500]).unwrap();
+    queue.close().await.unwrap();
+
+    let queue = Queue::open(config).unwrap().queue;
+    let stats = queue.stats();
+    assert_eq!(
+        (stats.records, stats.retained_records),
+        (6, 4),
+        "after a reopen: {stats:?}"
+    );
+    let (_, ack) = queue.retained_at_or_after(stored[2].sequence).await.unwrap().unwrap();
+    assert_eq!(ack.stream_sequences, vec![500]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    queue
+        .ack(&[Acked {
+            sequence: stored[4].sequence,
+            stream_sequences: vec![104],
+        }])
+        .unwrap();
+    assert_eq!(
+        queue.retained_bounds().await.unwrap(),
+        Some((stored[4].sequence, stored[4].sequence)),
+        "the records acknowledged more than a retention ago left"
+    );
 }
 
 #[tokio::test]
@@ -302,7 +382,7 @@ async fn counters_match_the_records_when_acks_race_appends() {
         let stored = queue.read(None, 64).await.unwrap();
         if let Some(last) = stored.last() {
             seen += stored_values(&stored).len();
-            queue.ack_through(last.sequence).unwrap();
+            queue.ack(&[acked(last.sequence)]).unwrap();
         }
     }
     appender.await.unwrap();
@@ -339,7 +419,7 @@ async fn a_reopened_queue_reports_what_it_holds() {
     }
     let stored = everything(&queue).await;
     assert!(stored.len() >= 10, "{} records", stored.len());
-    queue.ack_through(stored[3].sequence).unwrap();
+    queue.ack(&[acked(stored[3].sequence)]).unwrap();
     let before = counted(&queue);
     queue.close().await.unwrap();
 
@@ -369,7 +449,7 @@ async fn a_reopened_queue_reports_what_it_holds() {
     assert_eq!(counted(&queue), after_skip);
 
     // Drained, then refilled: the counting starts over.
-    queue.ack_through(left.last().unwrap().sequence).unwrap();
+    queue.ack(&[acked(left.last().unwrap().sequence)]).unwrap();
     queue.append(vec![batch(7)]).await.unwrap();
     let refilled = counted(&queue);
     assert_eq!((refilled.0, refilled.1), (1, 1));

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tagstream_core::{calc::FormulaError, report::Status as Report};
 use tagstream_crds::{
     Device, Formula, Site,
-    condition_types::{CONNECTED, QUEUE_HEALTHY, READY, VALID},
+    condition_types::{BROKER_DURABLE, CONNECTED, QUEUE_HEALTHY, READY, VALID},
     site::QueueStatus,
 };
 
@@ -362,19 +362,45 @@ fn queue_health(report: &Report) -> State {
     }
 }
 
+/// The `BrokerDurable` reason that warrants a Warning event when it appears.
+pub const BROKER_LOST_RECORDS: &str = "BrokerLostRecords";
+
+/// How long a broker's loss keeps `BrokerDurable` False after it was found.
+const BROKER_LOSS_SHOWN_FOR: Duration = Duration::from_secs(3600);
+
+/// The `BrokerDurable` condition from the ingestor's report: False for an hour after the
+/// publisher found that the broker no longer held records it had acknowledged.
+fn broker_durability(report: &Report, now: Timestamp) -> State {
+    let publisher = &report.publisher;
+    let recent = publisher.last_broker_loss_ns.is_some_and(|at| {
+        let age_ns = now.as_nanosecond().saturating_sub(i128::from(at));
+        age_ns < BROKER_LOSS_SHOWN_FOR.as_nanos() as i128
+    });
+    match &publisher.last_broker_loss {
+        Some(loss) if recent => State::new("False", BROKER_LOST_RECORDS, loss.clone()),
+        _ => State::new(
+            "True",
+            "AcknowledgedRecordsHeld",
+            "the broker held every record it acknowledged when the ingestor last (re)connected",
+        ),
+    }
+}
+
 /// The merge patch of a Site's status from its ingestor's report, or `None`.
 pub fn site_report_patch(site: &Site, report: Reached<'_>, now: Timestamp, heartbeat_due: bool) -> Option<Value> {
     let current = site.status.clone().unwrap_or_default();
     let generation = site.metadata.generation;
-    let (ready, queue_state, queue) = match report {
+    let (ready, queue_state, broker_state, queue) = match report {
         Err(why) => (
             State::new("False", "IngestorNotReady", why),
+            State::new("Unknown", "IngestorNotReady", why),
             State::new("Unknown", "IngestorNotReady", why),
             current.queue.clone(),
         ),
         Ok(report) => (
             State::new("True", "IngestorRunning", "the site's ingestor is running"),
             queue_health(report),
+            broker_durability(report, now),
             Some(QueueStatus {
                 depth: report.queue.points,
                 bytes: report.queue.disk_bytes,
@@ -386,6 +412,7 @@ pub fn site_report_patch(site: &Site, report: Reached<'_>, now: Timestamp, heart
     let conditions = vec![
         condition(&current.conditions, READY, &ready, generation, now),
         condition(&current.conditions, QUEUE_HEALTHY, &queue_state, generation, now),
+        condition(&current.conditions, BROKER_DURABLE, &broker_state, generation, now),
     ];
     let significant = !same_conditions(&current.conditions, &conditions);
     let write = significant || (current.queue != queue && heartbeat_due);

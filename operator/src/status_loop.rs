@@ -17,7 +17,7 @@ use kube::{
 use serde_json::Value;
 use tagstream_crds::{
     Device, Site,
-    condition_types::{CONNECTED, QUEUE_HEALTHY, READY},
+    condition_types::{BROKER_DURABLE, CONNECTED, QUEUE_HEALTHY, READY},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -27,8 +27,8 @@ use crate::{
     reconcile::write_status,
     report::ReportSource,
     status::{
-        DISK_FULL, QUEUE_WRITE_FAILING, Reached, condition_status, device_report_patch, formula_report_patch,
-        new_reason, site_report_patch, siteless_device_patch, turns, turns_false,
+        BROKER_LOST_RECORDS, DISK_FULL, QUEUE_WRITE_FAILING, Reached, condition_status, device_report_patch,
+        formula_report_patch, new_reason, site_report_patch, siteless_device_patch, turns, turns_false,
     },
 };
 
@@ -224,11 +224,14 @@ impl StatusLoop {
             } else if turns(before, &patch, READY, "True") {
                 tracing::info!(site = %site.name_any(), "the site's ingestor answers");
             }
-            if let Some(queue) = new_reason(before, &patch, QUEUE_HEALTHY)
-                .filter(|c| [DISK_FULL, QUEUE_WRITE_FAILING].contains(&c.reason.as_str()))
-            {
+            let warnings = [
+                new_reason(before, &patch, QUEUE_HEALTHY)
+                    .filter(|c| [DISK_FULL, QUEUE_WRITE_FAILING].contains(&c.reason.as_str())),
+                new_reason(before, &patch, BROKER_DURABLE).filter(|c| c.reason == BROKER_LOST_RECORDS),
+            ];
+            for warning in warnings.into_iter().flatten() {
                 self.ctx
-                    .event(site, EventType::Warning, &queue.reason, queue.message)
+                    .event(site, EventType::Warning, &warning.reason, warning.message)
                     .await;
             }
         }

@@ -752,6 +752,49 @@ async fn a_full_disk_under_the_queue_turns_queue_healthy_false_with_one_warning(
     assert_eq!(queue_healthy(&world)["status"], "True");
 }
 
+/// A broker that lost what it had acknowledged (a power cut): the Site's `BrokerDurable`
+/// turns False with the ingestor's account of it and one Warning; a loss found more than
+/// an hour ago no longer counts.
+#[tokio::test]
+async fn a_broker_that_lost_acknowledged_records_turns_broker_durable_false_with_one_warning() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.reconcile("plant-a").await;
+    let mut loop_ = status_loop(&world, Duration::ZERO);
+    let loss = "the broker lost 12 records it had acknowledged (queue records 88 to 99, stream sequences after \
+                310); publishing them again";
+    let lost = |ago: Duration| {
+        let mut report: Value = serde_json::from_str(&report(true)).unwrap();
+        report["publisher"]["brokerLostRecords"] = json!(12);
+        report["publisher"]["lastBrokerLoss"] = json!(loss);
+        report["publisher"]["lastBrokerLossNs"] = json!(tagstream_core::point::now_ns() - ago.as_nanos() as i64);
+        report.to_string()
+    };
+    let broker_durable = |world: &World| {
+        let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+        let conditions = site["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        conditions.into_iter().find(|c| c["type"] == "BrokerDurable").unwrap()
+    };
+    world.server.proxy(PROXY, 200, report(true));
+    world.status_pass(&mut loop_).await;
+    assert_eq!(broker_durable(&world)["status"], "True");
+
+    world.server.proxy(PROXY, 200, lost(Duration::from_secs(5)));
+    let requests = world.status_pass(&mut loop_).await;
+    assert_eq!(warnings(&requests), ["\"plant-a\" \"BrokerLostRecords\""]);
+    let condition = broker_durable(&world);
+    assert_eq!(
+        (&condition["status"], &condition["reason"], &condition["message"]),
+        (&json!("False"), &json!("BrokerLostRecords"), &json!(loss))
+    );
+    let requests = world.status_pass(&mut loop_).await;
+    assert_eq!(warnings(&requests), Vec::<String>::new(), "one warning per loss");
+
+    world.server.proxy(PROXY, 200, lost(Duration::from_secs(2 * 3600)));
+    world.status_pass(&mut loop_).await;
+    assert_eq!(broker_durable(&world)["status"], "True");
+}
+
 #[tokio::test]
 async fn the_status_loop_writes_reports_when_they_change_and_not_otherwise() {
     let (site, devices, formulas) = plant();

@@ -482,6 +482,12 @@ pub fn bad_manifests() -> Vec<Case> {
             "must be between 1ms and 1s",
         ),
         case(
+            "acked retention of two hours",
+            vec![edit(site(), &[("/spec/queue/ackedRetention", json!("2h"))])],
+            "spec.queue.ackedRetention",
+            "must be at most 1h",
+        ),
+        case(
             "http broker url",
             vec![edit(site(), &[("/spec/broker/urls/0", json!("http://nats:4222"))])],
             "spec.broker.urls[0]",

@@ -29,8 +29,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::queue::{Queue, Stored};
+use crate::queue::{Queue, StoredBatch};
 
+mod repair;
 mod window;
 use window::AckWindow;
 
@@ -341,6 +342,7 @@ impl Connection<'_> {
         } = *self;
         let epoch = queue.epoch();
         let mut window = AckWindow::new(self.disconnects.clone());
+        self.repair(epoch, &mut window).await?;
         // The next chunk is read (and decoded, on the blocking pool) while this one is sent.
         let read_after = |after: Option<u64>| {
             let queue = queue.clone();
@@ -353,10 +355,10 @@ impl Connection<'_> {
             let chunk = next
                 .await
                 .map_err(|e| PublishError::Publish(format!("queue reader failed: {e}")))??;
+            let mut acked = Vec::new();
             let Some(last) = chunk.last().map(|s| s.sequence) else {
-                if let Some(sequence) = window.settle(0, status).await? {
-                    queue.ack_through(sequence)?;
-                }
+                window.settle(0, status, &mut acked).await?;
+                queue.ack(&acked)?;
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
@@ -372,40 +374,49 @@ impl Connection<'_> {
             sent_through = Some(last);
             next = read_after(Some(last));
             // Acked records leave the queue once per chunk: one delete pass, not one per record.
-            let mut acked_through = None;
             for stored in chunk {
-                self.send_record(epoch, stored, &mut window).await?;
-                acked_through = window.settle(config.max_in_flight, status).await?.or(acked_through);
+                let sequence = stored.sequence;
+                let parts = stored
+                    .record
+                    .batches
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, b)| (i as u32, b));
+                self.send_parts(epoch, sequence, parts, &mut window).await?;
+                window.settle(config.max_in_flight, status, &mut acked).await?;
             }
-            if let Some(sequence) = acked_through {
-                queue.ack_through(sequence)?;
-            }
+            queue.ack(&acked)?;
         }
     }
 
-    async fn send_record(&self, epoch: u64, stored: Stored, window: &mut AckWindow) -> Result<(), PublishError> {
+    /// Sends `parts` (part number and batch) of record `sequence`, in order.
+    async fn send_parts(
+        &self,
+        epoch: u64,
+        sequence: u64,
+        parts: impl ExactSizeIterator<Item = (u32, StoredBatch)>,
+        window: &mut AckWindow,
+    ) -> Result<(), PublishError> {
         let Self {
             context,
             config,
             status,
             ..
         } = self;
-        let parts = stored.record.batches.len();
-        for (part, batch) in stored.record.batches.into_iter().enumerate() {
-            let part = part as u32;
-            let payload = with_envelope(&batch.encoded, config, epoch, stored.sequence, part);
+        let count = parts.len();
+        for (i, (part, batch)) in parts.enumerate() {
+            let payload = with_envelope(&batch.encoded, config, epoch, sequence, part);
             // Nothing more is sent once a publish failed: what follows it must not reach
             // the stream before it is sent again.
             window.check()?;
-            let message =
-                PublishMessage::build()
-                    .payload(payload)
-                    .message_id(format_message_id(epoch, stored.sequence, part));
+            let message = PublishMessage::build()
+                .payload(payload)
+                .message_id(format_message_id(epoch, sequence, part));
             let ack = context
                 .send_publish(config.batch_subject(&batch.source, batch.source_kind), message)
                 .await
                 .map_err(|e| PublishError::Publish(e.to_string()))?;
-            window.push(stored.sequence, part as usize + 1 == parts, ack);
+            window.push(sequence, i + 1 == count, ack);
             status.lock().expect("status lock").published_batches += 1;
         }
         Ok(())

@@ -13,7 +13,9 @@
 //!
 //! The stream's sequence in each ack is checked: a record whose sequence is lower than
 //! an earlier record's was stored out of order anyway (a failure not yet seen when the
-//! next message left), and is counted in `reordered` with a warning.
+//! next message left), and is counted in `reordered` with a warning. The stream
+//! sequences of a record's parts are handed back with the record once its last part is
+//! acked: the queue keeps them to find what a broker's power cut took back.
 
 use std::{collections::VecDeque, time::Instant};
 
@@ -24,12 +26,14 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::PublishError;
+use crate::queue::Acked;
 
 type Answer = (u64, Result<PublishAck, String>);
 
 /// One sent message.
 struct Slot {
     sequence: u64,
+    /// Whether this is the last message of the record that this window sends.
     last_part: bool,
     sent: Instant,
     ack: Option<PublishAck>,
@@ -45,6 +49,8 @@ pub struct AckWindow {
     seen_disconnects: u64,
     /// The stream sequence of the last message taken in order.
     stream_sequence: u64,
+    /// The stream sequences of the record being taken in, so far.
+    record_stream_sequences: Vec<u64>,
 }
 
 impl std::fmt::Debug for AckWindow {
@@ -70,6 +76,7 @@ impl AckWindow {
             disconnects,
             seen_disconnects,
             stream_sequence: 0,
+            record_stream_sequences: Vec::new(),
         }
     }
 
@@ -98,30 +105,30 @@ impl AckWindow {
         Ok(())
     }
 
-    /// Waits until at most `keep` messages are unanswered, and returns the last record
-    /// whose every message is acked by then (in order).
+    /// Waits until at most `keep` messages are unanswered, and returns the records whose
+    /// every message sent is acked by then (in order), added to `acked`.
     pub async fn settle(
         &mut self,
         keep: usize,
         status: &std::sync::Mutex<PublisherStatus>,
-    ) -> Result<Option<u64>, PublishError> {
+        acked: &mut Vec<Acked>,
+    ) -> Result<(), PublishError> {
         self.check()?;
-        let mut acked_through = None;
         loop {
             while self.slots.front().is_some_and(|s| s.ack.is_some()) {
                 let slot = self.slots.pop_front().expect("a front slot");
                 self.first += 1;
-                if let Some(sequence) = self.account(slot, status) {
-                    acked_through = Some(sequence);
+                if let Some(record) = self.account(slot, status) {
+                    acked.push(record);
                 }
             }
             if self.slots.len() <= keep {
-                return Ok(acked_through);
+                return Ok(());
             }
             tokio::select! {
                 answer = self.answers.next() => match answer {
                     Some(answer) => self.take(answer)?,
-                    None => return Ok(acked_through),
+                    None => return Ok(()),
                 },
                 _ = self.disconnects.changed() => return Err(dropped()),
             }
@@ -141,7 +148,7 @@ impl AckWindow {
 
     /// Counts an acked message taken in order; returns its record when it was the
     /// record's last message.
-    fn account(&mut self, slot: Slot, status: &std::sync::Mutex<PublisherStatus>) -> Option<u64> {
+    fn account(&mut self, slot: Slot, status: &std::sync::Mutex<PublisherStatus>) -> Option<Acked> {
         let ack = slot.ack.expect("an acked slot");
         let mut s = status.lock().expect("status lock");
         s.connected = true;
@@ -163,9 +170,13 @@ impl AckWindow {
             );
         }
         self.stream_sequence = self.stream_sequence.max(ack.sequence);
+        self.record_stream_sequences.push(ack.sequence);
         slot.last_part.then(|| {
             s.acked_records += 1;
-            slot.sequence
+            Acked {
+                sequence: slot.sequence,
+                stream_sequences: std::mem::take(&mut self.record_stream_sequences),
+            }
         })
     }
 }

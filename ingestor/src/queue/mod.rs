@@ -2,7 +2,11 @@
 //!
 //! # Invariants
 //! - A point is reported persisted (`append` returns `Ok`) only after a sled flush that
-//!   covers it: a crash afterwards loses nothing that was reported.
+//!   covers it and an fsync of sled's file: a crash or a power cut afterwards loses
+//!   nothing that was reported. sled's own flush ends in `sync_file_range`, which neither
+//!   writes the file's size nor empties the disk's cache: a power cut lost what it had
+//!   covered (found with `tests/power_cut.rs`'s filesystem, which keeps only what was
+//!   fsynced).
 //! - Records are keyed by a big-endian `u64` sequence that only grows within an epoch,
 //!   also across restarts and after the queue drained (`next_seq` is persisted beside the
 //!   records and recovered as the larger of it and the last key + 1), so a
@@ -10,12 +14,15 @@
 //! - The epoch is random, created with the queue, and stored beside it. A new queue (new
 //!   volume, or a corrupt one moved aside) gets a new epoch, so its message ids never
 //!   collide with the old queue's in JetStream's duplicate window.
-//! - Records leave only from the head: acknowledged by the publisher (`ack_through`), or
-//!   dropped by the `dropOldest` policy, which is counted.
+//! - Records leave only from the head: acknowledged by the publisher (`ack`), or dropped
+//!   by the `dropOldest` policy, which is counted. An acknowledged record moves to the
+//!   `retained` tree for `acked_retention` ([`retained`]), where the publisher finds what
+//!   a broker's power cut took back.
 //!
 //! # On disk
 //! One sled database in the queue directory: tree `records` (sequence -> record, see
-//! [`record`]) and tree `meta` (`epoch`, `next_seq`, both `u64` BE, and `format`).
+//! [`record`]), tree `retained` (sequence -> acknowledged record, see [`retained`]) and
+//! tree `meta` (`epoch`, `next_seq`, both `u64` BE, and `format`).
 //!
 //! # Group commit and record size
 //! Appends go to one writer task. It gathers every append that arrives within
@@ -52,10 +59,12 @@
 
 mod recent;
 pub mod record;
+pub mod retained;
 mod summary;
 pub mod volume;
 
 use std::{
+    fs::File,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock,
@@ -69,6 +78,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 pub use record::{Record, StoredBatch};
+pub use retained::{Acked, RetainedAck};
 use volume::Volume;
 
 use tagstream_core::point::now_ns;
@@ -88,6 +98,8 @@ pub struct QueueConfig {
     pub cache_bytes: u64,
     /// Target size of one record.
     pub record_bytes: usize,
+    /// How long an acknowledged record stays in `retained`; zero removes it at its ack.
+    pub acked_retention: Duration,
 }
 
 impl QueueConfig {
@@ -99,6 +111,7 @@ impl QueueConfig {
             flush_interval: Duration::from_millis(5),
             cache_bytes: 32 << 20,
             record_bytes: 8 << 10,
+            acked_retention: Duration::from_secs(150),
         }
     }
 }
@@ -155,6 +168,11 @@ pub struct QueueStats {
     pub write_error: Option<String>,
     /// Writes that failed (each followed by reopening sled and writing again).
     pub write_failures: u64,
+    /// Acknowledged records kept for `acked_retention`, and their bytes.
+    pub retained_records: u64,
+    pub retained_bytes: u64,
+    /// Acknowledged records given up before their retention ended, to make room.
+    pub retained_evicted: u64,
 }
 
 /// A stored record and its sequence.
@@ -182,15 +200,33 @@ struct Append {
 struct Store {
     db: sled::Db,
     records: sled::Tree,
+    retained: sled::Tree,
     meta: sled::Tree,
+    /// sled's data file, for the fsync its flush does not make.
+    file: File,
 }
 
 impl Store {
     fn open(config: &QueueConfig) -> Result<Self, sled::Error> {
         let db = open_db(config)?;
         let records = db.open_tree("records")?;
+        let retained = db.open_tree("retained")?;
         let meta = db.open_tree("meta")?;
-        Ok(Self { db, records, meta })
+        let file = File::open(config.dir.join("db"))?;
+        Ok(Self {
+            db,
+            records,
+            retained,
+            meta,
+            file,
+        })
+    }
+
+    /// sled's flush, then an fsync of its file: only then is what the flush covered on disk.
+    fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush()?;
+        self.file.sync_data()?;
+        Ok(())
     }
 }
 
@@ -319,10 +355,12 @@ impl Queue {
             let epoch = fastrand::u64(1..);
             store.meta.insert("epoch", &epoch.to_be_bytes()).map_err(&err)?;
             store.meta.insert("format", &1u64.to_be_bytes()).map_err(&err)?;
-            store.db.flush().map_err(&err)?;
+            store.flush().map_err(&err)?;
+            sync_new_files(&config.dir).map_err(|e| err(sled::Error::Io(e)))?;
             epoch
         };
-        let (stats, totals) = summary::summarize(&store.records, &store.meta, &store.db).map_err(&err)?;
+        let (mut stats, totals) = summary::summarize(&store.records, &store.meta, &store.db).map_err(&err)?;
+        (stats.retained_records, stats.retained_bytes) = retained::summarize(&store.retained).map_err(&err)?;
         let next = next_sequence(&store).map_err(&err)?;
         volume.ensure_reserve();
         info!(queue = %config.dir.display(), epoch = format!("{epoch:016x}"), records = stats.records, points = stats.points, "queue opened");
@@ -434,14 +472,138 @@ impl Queue {
         let _ = tokio::time::timeout(at_most, self.shared.appended.notified()).await;
     }
 
-    /// Removes every record up to and including `sequence` (the publisher's acked prefix).
+    /// Takes the publisher's acknowledged prefix: every record up to and including the
+    /// last of `acked` (in sequence order) leaves `records`. With a retention it moves to
+    /// `retained` with its parts' stream sequences, and retained records acknowledged
+    /// longer ago than the retention leave.
+    ///
     /// On the caller's thread: removals are in-memory log entries sled writes out with the
     /// next flush, and the records removed are the ones just read, so nothing here waits
     /// for the disk; a round trip through the blocking pool cost more than the removal.
-    pub fn ack_through(&self, sequence: u64) -> Result<(), QueueError> {
+    pub fn ack(&self, acked: &[Acked]) -> Result<(), QueueError> {
+        let Some(last) = acked.last().map(|a| a.sequence) else {
+            return Ok(());
+        };
+        let shared = &self.shared;
+        let store = shared.store()?;
+        let retention = shared.config.acked_retention;
+        // Moving a record writes it again: on a short disk that space goes to new points
+        // (found by tests/disk_full.rs, where the moves took what the acks had freed).
+        if retention.is_zero() || shared.stats().disk_full {
+            remove_head(shared, &store, |key| key <= last, false, |_, _| Ok(()))?;
+        } else {
+            let now = now_ns();
+            let err = shared.storage_error();
+            remove_head(
+                shared,
+                &store,
+                |key| key <= last,
+                false,
+                |sequence, value| {
+                    let streams = acked
+                        .binary_search_by_key(&sequence, |a| a.sequence)
+                        .map_or(&[][..], |i| acked[i].stream_sequences.as_slice());
+                    let entry = retained::encode(now, streams, value);
+                    let bytes = entry.len() as u64;
+                    store.retained.insert(sequence.to_be_bytes(), entry).map_err(&err)?;
+                    let mut stats = shared.stats();
+                    stats.retained_records += 1;
+                    stats.retained_bytes += bytes;
+                    Ok(())
+                },
+            )?;
+            let cutoff = now - i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
+            remove_retained(shared, &store, |ack| ack.acked_ns < cutoff)?;
+        }
+        shared.room.notify_waiters();
+        Ok(())
+    }
+
+    /// The retained records `sequences`, decoded (one that is gone or does not decode is
+    /// left out).
+    pub async fn read_retained(&self, sequences: Vec<u64>) -> Result<Vec<Stored>, QueueError> {
+        let shared = Arc::clone(&self.shared);
+        run_blocking(move || {
+            let store = shared.store()?;
+            let err = shared.storage_error();
+            let mut out = Vec::with_capacity(sequences.len());
+            for sequence in sequences {
+                let Some(entry) = store.retained.get(sequence.to_be_bytes()).map_err(&err)? else {
+                    continue;
+                };
+                match retained::decode(&entry).map(|(_, value)| record::decode(value)) {
+                    Some(Ok(record)) => out.push(Stored { sequence, record }),
+                    _ => error!(
+                        sequence,
+                        "skipping a corrupt retained record; it cannot be published again"
+                    ),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The first and last retained sequences, when there are any.
+    pub async fn retained_bounds(&self) -> Result<Option<(u64, u64)>, QueueError> {
+        let shared = Arc::clone(&self.shared);
+        run_blocking(move || {
+            let store = shared.store()?;
+            let err = shared.storage_error();
+            let first = store.retained.first().map_err(&err)?;
+            let last = store.retained.last().map_err(&err)?;
+            Ok(first
+                .zip(last)
+                .map(|((f, _), (l, _))| (sequence_of(&f), sequence_of(&l))))
+        })
+        .await
+    }
+
+    /// The first retained record at or after `sequence`, and its ack.
+    pub async fn retained_at_or_after(&self, sequence: u64) -> Result<Option<(u64, RetainedAck)>, QueueError> {
+        let shared = Arc::clone(&self.shared);
+        run_blocking(move || {
+            let store = shared.store()?;
+            let err = shared.storage_error();
+            for entry in store.retained.range(sequence.to_be_bytes()..) {
+                let (key, value) = entry.map_err(&err)?;
+                if let Some((ack, _)) = retained::decode(&value) {
+                    return Ok(Some((sequence_of(&key), ack)));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// The last retained record before `sequence`, and its ack.
+    pub async fn retained_before(&self, sequence: u64) -> Result<Option<(u64, RetainedAck)>, QueueError> {
+        let shared = Arc::clone(&self.shared);
+        run_blocking(move || {
+            let store = shared.store()?;
+            let err = shared.storage_error();
+            for entry in store.retained.range(..sequence.to_be_bytes()).rev() {
+                let (key, value) = entry.map_err(&err)?;
+                if let Some((ack, _)) = retained::decode(&value) {
+                    return Ok(Some((sequence_of(&key), ack)));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// Notes that JetStream stored a retained record again, at `stream_sequences`: it is
+    /// kept for another retention, since the broker has not synced it yet either.
+    pub fn reack(&self, sequence: u64, stream_sequences: &[u64]) -> Result<(), QueueError> {
         let store = self.shared.store()?;
-        remove_head(&self.shared, &store, |key| key <= sequence, false)?;
-        self.shared.room.notify_waiters();
+        let err = self.shared.storage_error();
+        let key = sequence.to_be_bytes();
+        if let Some(entry) = store.retained.get(key).map_err(&err)?
+            && let Some(entry) = retained::reacked(&entry, now_ns(), stream_sequences)
+        {
+            store.retained.insert(key, entry).map_err(&err)?;
+        }
         Ok(())
     }
 
@@ -460,7 +622,8 @@ impl Queue {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let store = shared.store()?;
-        store.db.flush_async().await.map_err(shared.storage_error())?;
+        let flushed = Arc::clone(&shared);
+        run_blocking(move || store.flush().map_err(flushed.storage_error())).await?;
         shared.commit_drops();
         Ok(())
     }
@@ -507,20 +670,28 @@ async fn run_blocking<T: Send + 'static>(
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
-/// Removes head records while `take(sequence)` holds; `dropped` counts their points as
-/// dropped by the full policy. Returns the payload bytes freed.
-fn remove_head(shared: &Shared, store: &Store, take: impl Fn(u64) -> bool, dropped: bool) -> Result<u64, QueueError> {
+/// Removes head records while `take(sequence)` holds, each after `keep(sequence, value)`;
+/// `dropped` counts their points as dropped by the full policy. Returns the payload bytes
+/// freed.
+fn remove_head(
+    shared: &Shared,
+    store: &Store,
+    take: impl Fn(u64) -> bool,
+    dropped: bool,
+    mut keep: impl FnMut(u64, &[u8]) -> Result<(), QueueError>,
+) -> Result<u64, QueueError> {
     let err = shared.storage_error();
     let mut freed = 0;
-    while let Some((key, _)) = store.records.first().map_err(&err)? {
+    while let Some((key, value)) = store.records.first().map_err(&err)? {
         let sequence = sequence_of(&key);
         if !take(sequence) {
             break;
         }
         shared.recent.lock().expect("recent lock").remove_through(sequence);
-        let Some(value) = store.records.remove(&key).map_err(&err)? else {
+        keep(sequence, &value)?;
+        if store.records.remove(&key).map_err(&err)?.is_none() {
             continue;
-        };
+        }
         let points = record::header(&value).map_or(0, |(p, _)| u64::from(p));
         freed += value.len() as u64;
         uncount(shared, points, value.len() as u64);
@@ -540,6 +711,35 @@ fn remove_head(shared: &Shared, store: &Store, take: impl Fn(u64) -> bool, dropp
         .map(|(_, at)| at);
     shared.stats().oldest_enqueued_ns = oldest;
     Ok(freed)
+}
+
+/// Removes retained records from the oldest while `take` holds for their ack; returns the
+/// bytes freed.
+fn remove_retained(
+    shared: &Shared,
+    store: &Store,
+    mut take: impl FnMut(&RetainedAck) -> bool,
+) -> Result<u64, QueueError> {
+    let err = shared.storage_error();
+    let mut freed = 0;
+    while let Some((key, value)) = store.retained.first().map_err(&err)? {
+        if retained::decode(&value).is_some_and(|(ack, _)| !take(&ack)) {
+            break;
+        }
+        store.retained.remove(&key).map_err(&err)?;
+        freed += value.len() as u64;
+        let mut stats = shared.stats();
+        stats.retained_records = stats.retained_records.saturating_sub(1);
+        stats.retained_bytes = stats.retained_bytes.saturating_sub(value.len() as u64);
+    }
+    Ok(freed)
+}
+
+/// A new queue's files and their names reach the disk: sled writes its `conf` file
+/// without an fsync, and a power cut would leave it empty.
+fn sync_new_files(dir: &Path) -> std::io::Result<()> {
+    File::open(dir.join("conf"))?.sync_all()?;
+    File::open(dir)?.sync_all()
 }
 
 /// The writer task: gathers appends for one flush interval, writes them as records of
@@ -653,7 +853,7 @@ fn write_group(shared: &Shared, records: Vec<(Vec<u8>, Record)>, first_seq: u64,
         next += 1;
     }
     store.meta.insert("next_seq", &next.to_be_bytes()).map_err(&err)?;
-    store.db.flush().map_err(&err)?;
+    store.flush().map_err(&err)?;
     shared.commit_drops();
     let mut totals = shared.totals.lock().expect("totals lock");
     let mut recent = shared.recent.lock().expect("recent lock");
@@ -721,7 +921,7 @@ fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
     for key in &unflushed {
         store.records.remove(key).map_err(&err)?;
     }
-    store.db.flush().map_err(&err)?;
+    store.flush().map_err(&err)?;
     // Removals are recovered as a prefix: a dropped record is gone if the head is past it.
     let head = store.records.first().map_err(&err)?.map(|(k, _)| sequence_of(&k));
     let dropped: u64 = shared
@@ -733,6 +933,7 @@ fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
         .map(|(_, points)| points)
         .sum();
     let (stats, totals) = summary::summarize(&store.records, &store.meta, &store.db).map_err(&err)?;
+    let (retained_records, retained_bytes) = retained::summarize(&store.retained).map_err(&err)?;
     {
         let mut current = shared.stats();
         *current = QueueStats {
@@ -740,6 +941,9 @@ fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
             corrupt_records: current.corrupt_records,
             write_error: current.write_error.take(),
             write_failures: current.write_failures,
+            retained_evicted: current.retained_evicted,
+            retained_records,
+            retained_bytes,
             ..stats
         };
     }
@@ -759,16 +963,59 @@ fn payload_limit(shared: &Shared) -> (u64, bool) {
     }
 }
 
+/// Whether the queue holds more than `limit` payload bytes with `incoming` more; retained
+/// records count, as they take the same disk.
+fn over(shared: &Shared, incoming: u64, limit: u64) -> bool {
+    let stats = shared.stats();
+    stats.payload_bytes + stats.retained_bytes + incoming > limit
+}
+
+/// Gives up retained records, oldest first, until `incoming` more bytes fit: keeping
+/// acknowledged points for a broker's power cut never costs a point not yet delivered.
+async fn evict_retained(shared: &Arc<Shared>, incoming: u64, limit: u64) {
+    let shared2 = Arc::clone(shared);
+    let evicted = run_blocking(move || {
+        let store = shared2.store()?;
+        let mut records = 0;
+        remove_retained(&shared2, &store, |_| {
+            let take = over(&shared2, incoming, limit);
+            records += u64::from(take);
+            take
+        })?;
+        Ok(records)
+    })
+    .await;
+    match evicted {
+        Ok(0) => {}
+        Ok(records) => {
+            shared.stats().retained_evicted += records;
+            warn!(
+                records,
+                "queue full: gave up acknowledged records before their retention ended; a broker power cut now could lose them"
+            );
+        }
+        Err(e) => error!(error = %e, "queue full, and giving up retained records failed"),
+    }
+}
+
 /// Applies the full policy before `incoming` payload bytes are written.
 async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<Append>) {
-    let fits = |shared: &Shared| {
-        let (limit, by_disk) = payload_limit(shared);
-        let payload = shared.stats().payload_bytes;
-        let fits = payload + incoming <= limit;
-        shared.stats().disk_full = by_disk && !fits;
-        (fits, limit)
+    // Whether `incoming` fits, once retained records gave way if they must.
+    let fits = async |shared: &Arc<Shared>| {
+        let check = |shared: &Shared| {
+            let (limit, by_disk) = payload_limit(shared);
+            let fits = !over(shared, incoming, limit);
+            shared.stats().disk_full = by_disk && !fits;
+            (fits, limit)
+        };
+        let (fit, limit) = check(shared);
+        if fit || shared.stats().retained_records == 0 {
+            return (fit, limit);
+        }
+        evict_retained(shared, incoming, limit).await;
+        check(shared)
     };
-    let (fit, limit) = fits(shared);
+    let (fit, limit) = fits(shared).await;
     if fit {
         shared.volume.ensure_reserve();
         return;
@@ -777,9 +1024,9 @@ async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<
         FullPolicy::DropOldest => {
             let shared2 = Arc::clone(shared);
             let dropped = run_blocking(move || {
-                let over = |s: &Shared| s.stats().payload_bytes + incoming > limit;
+                let over = |s: &Shared| over(s, incoming, limit);
                 let store = shared2.store()?;
-                remove_head(&shared2, &store, |_| over(&shared2), true)
+                remove_head(&shared2, &store, |_| over(&shared2), true, |_, _| Ok(()))
             })
             .await;
             match dropped {
@@ -797,7 +1044,7 @@ async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<
                 disk_full = shared.stats().disk_full,
                 "queue full: holding new points until the broker takes some (policy pausePolling)"
             );
-            while !fits(shared).0 {
+            while !fits(shared).await.0 {
                 // Appends wait in the channel meanwhile; when it fills, pollers wait too.
                 let room = shared.room.notified();
                 if rx.is_closed() || shared.failed.load(Ordering::Acquire) {

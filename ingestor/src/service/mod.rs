@@ -160,6 +160,7 @@ fn queue_config(site: &SiteConfig, dir: &PathBuf) -> QueueConfig {
     config.max_bytes = quantity_bytes(&site.spec.queue.max_size.0).unwrap_or(config.max_bytes);
     config.policy = site.spec.queue.full_policy;
     config.flush_interval = site.spec.queue.flush_interval.get();
+    config.acked_retention = site.spec.queue.acked_retention.get();
     config
 }
 

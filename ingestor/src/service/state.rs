@@ -148,6 +148,9 @@ impl SiteState {
                 volume_available_bytes: q.volume_available_bytes,
                 write_error: q.write_error,
                 write_failures: q.write_failures,
+                retained_records: q.retained_records,
+                retained_bytes: q.retained_bytes,
+                retained_evicted: q.retained_evicted,
             },
             publisher: self.publisher.lock().expect("publisher lock").clone(),
             points_polled: self.points_polled.load(Ordering::Relaxed),
@@ -257,6 +260,16 @@ impl Collector for Metrics {
                 one(status.queue.write_failures),
             ),
             (
+                "tagstream_queue_retained_evicted",
+                "Acknowledged records given up before their ackedRetention ended, to make room",
+                one(status.queue.retained_evicted),
+            ),
+            (
+                "tagstream_broker_lost_records",
+                "Records JetStream acknowledged and then no longer held (a broker's power cut), published again",
+                one(status.publisher.broker_lost_records),
+            ),
+            (
                 "tagstream_published_batches",
                 "Batches sent to JetStream",
                 one(status.publisher.published_batches),
@@ -303,6 +316,11 @@ impl Collector for Metrics {
                 "tagstream_queue_disk_bytes",
                 "Bytes the queue uses on disk",
                 one(status.queue.disk_bytes as f64),
+            ),
+            (
+                "tagstream_queue_retained_bytes",
+                "Bytes of acknowledged records kept for ackedRetention, to publish again what a broker's power cut loses",
+                one(status.queue.retained_bytes as f64),
             ),
             (
                 "tagstream_queue_oldest_age_seconds",

@@ -2,6 +2,7 @@
 
 pub mod child;
 pub mod cluster;
+pub mod forgetful_fs;
 pub mod http;
 pub mod nats;
 pub mod points;
