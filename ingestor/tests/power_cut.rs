@@ -259,7 +259,10 @@ async fn power_cuts_after_a_brokers_partial_sync_republish_only_the_lost_tail() 
         return;
     };
     let lost = cuts_in_a_row(&server, Some("jetstream { sync_interval: 1s }\n")).await;
-    assert!(lost > 0, "{CUTS} cuts a second after a sync and nothing was lost: the test does not cut");
+    assert!(
+        lost > 0,
+        "{CUTS} cuts a second after a sync and nothing was lost: the test does not cut"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -761,9 +761,9 @@ async fn a_broker_that_lost_acknowledged_records_turns_broker_durable_false_with
     let mut world = World::new(Some(&site), &devices, &formulas);
     world.reconcile("plant-a").await;
     let mut loop_ = status_loop(&world, Duration::ZERO);
-    let loss = "the broker lost 12 records it had acknowledged (queue records 88 to 99, stream sequences after \
-                310); publishing them again";
-    let lost = |ago: Duration| {
+    let loss = "the broker lost 12 records it had acknowledged (queue records 88 to 99; the stream ends at \
+                sequence 310); publishing them again";
+    let report_of_loss = |ago: Duration| {
         let mut report: Value = serde_json::from_str(&report(true)).unwrap();
         report["publisher"]["brokerLostRecords"] = json!(12);
         report["publisher"]["lastBrokerLoss"] = json!(loss);
@@ -779,7 +779,7 @@ async fn a_broker_that_lost_acknowledged_records_turns_broker_durable_false_with
     world.status_pass(&mut loop_).await;
     assert_eq!(broker_durable(&world)["status"], "True");
 
-    world.server.proxy(PROXY, 200, lost(Duration::from_secs(5)));
+    world.server.proxy(PROXY, 200, report_of_loss(Duration::from_secs(5)));
     let requests = world.status_pass(&mut loop_).await;
     assert_eq!(warnings(&requests), ["\"plant-a\" \"BrokerLostRecords\""]);
     let condition = broker_durable(&world);
@@ -790,7 +790,9 @@ async fn a_broker_that_lost_acknowledged_records_turns_broker_durable_false_with
     let requests = world.status_pass(&mut loop_).await;
     assert_eq!(warnings(&requests), Vec::<String>::new(), "one warning per loss");
 
-    world.server.proxy(PROXY, 200, lost(Duration::from_secs(2 * 3600)));
+    world
+        .server
+        .proxy(PROXY, 200, report_of_loss(Duration::from_secs(2 * 3600)));
     world.status_pass(&mut loop_).await;
     assert_eq!(broker_durable(&world)["status"], "True");
 }

@@ -2,41 +2,72 @@
 //!
 //! JetStream acks a message before it syncs it (every `sync_interval`, 2 minutes by
 //! default), so after a power cut a restarted broker may no longer hold messages it
-//! acknowledged: the stream's tail from the last sync on is gone, and its last sequence
-//! is lower than some the publisher was given. The queue keeps acknowledged records for
-//! `ackedRetention` with the stream sequence of each part (`queue/retained.rs`). Whenever
-//! the publisher (re)connects it compares them with the stream, before it sends anything
-//! new: a part whose stream sequence is past the stream's last one was lost, and is sent
-//! again, in queue order, so the stream stays in queue order. The loss is reported at
-//! once (an ERROR log naming the records, `/status`, the metric, and through the
-//! operator the Site's condition and a Warning event), repaired or not.
+//! acknowledged: the stream's tail from its last sync on is gone. The queue keeps
+//! acknowledged records for `ackedRetention` with the stream sequence of each part
+//! (`queue/retained.rs`). Whenever the publisher (re)connects, before it sends anything
+//! new, it reads back the newest retained record's last message: when the stream still
+//! holds it under the publisher's `Nats-Msg-Id`, nothing was lost. Otherwise it bisects
+//! the retained records (the stream sequences grow with them, and a cut loses a tail) for
+//! the first one the stream no longer holds, and sends again, in queue order, that
+//! record's lost parts and every later record, so the stream stays in queue order.
 //!
-//! The last surviving part is also read back: when it is not the message the publisher
-//! sent (the stream was deleted and made again, its sequences reused), every retained
-//! record is sent again, and JetStream's duplicate window drops what it still holds.
-//! Either way, when the oldest retained record was lost too, records older than the
-//! retention may have been lost with it, and the report says so.
+//! Reading the messages back, rather than comparing sequences with the stream's last one,
+//! also finds the loss when other sites published into the same stream after the restart
+//! (their messages took the lost sequences), or when the stream was deleted and made
+//! again. The loss is reported at once (an ERROR log naming the records, `/status`, the
+//! metric, and through the operator the Site's condition and a Warning event). When the
+//! oldest retained record was lost too, older ones may have been, and the report says so.
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, stream::RawMessageErrorKind};
 use tagstream_core::point::now_ns;
 use tracing::{error, info};
 
 use super::{Connection, PublishError, format_message_id, window::AckWindow};
 use crate::queue::{Acked, RetainedAck};
 
-/// What the stream still holds of the retained records.
-#[derive(Debug, PartialEq, Eq)]
-enum Found {
-    /// Everything the publisher was acked.
-    Intact,
-    /// The parts after `last_sequence` (of the stream), from record `from` on.
-    TailLost { from: u64, last_sequence: u64 },
-    /// Not the messages the publisher sent: every retained record is sent again.
-    Replaced,
+/// A retained record's lost parts and what the stream said.
+#[derive(Debug)]
+struct Loss {
+    /// The first retained record the stream no longer holds whole.
+    from: u64,
+    /// Its parts the stream lost (every later record lost all of its parts).
+    from_parts: Vec<usize>,
+    /// The stream's last sequence when the loss was found.
+    stream_last_sequence: u64,
 }
 
-fn highest(ack: &RetainedAck) -> u64 {
-    ack.stream_sequences.iter().copied().max().unwrap_or(0)
+/// The stream a repair reads from.
+struct Probe {
+    stream: jetstream::stream::Stream,
+    /// The stream's first sequence: a message before it was removed by the stream's
+    /// limits or a consumer, not by a power cut.
+    first_sequence: u64,
+    epoch: u64,
+}
+
+impl Probe {
+    /// Whether the stream holds part `part` of record `sequence` at `stream_sequence`.
+    async fn holds(&self, sequence: u64, part: usize, stream_sequence: u64) -> Result<bool, PublishError> {
+        if stream_sequence < self.first_sequence {
+            return Ok(true);
+        }
+        match self.stream.get_raw_message(stream_sequence).await {
+            Ok(message) => {
+                let expected = format_message_id(self.epoch, sequence, part as u32);
+                Ok(message.headers.get("Nats-Msg-Id").map(ToString::to_string).as_deref() == Some(&expected))
+            }
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(PublishError::Publish(format!("reading the stream back: {e}"))),
+        }
+    }
+
+    /// Whether the stream holds the last message the publisher was acked for a record.
+    async fn holds_last(&self, sequence: u64, ack: &RetainedAck) -> Result<bool, PublishError> {
+        match ack.stream_sequences.iter().enumerate().max_by_key(|(_, s)| **s) {
+            Some((part, stream_sequence)) => self.holds(sequence, part, *stream_sequence).await,
+            None => Ok(true),
+        }
+    }
 }
 
 impl Connection<'_> {
@@ -45,21 +76,19 @@ impl Connection<'_> {
         let Some((first, last)) = self.queue.retained_bounds().await? else {
             return Ok(());
         };
-        let found = self.find_loss(epoch, first, last).await?;
-        let (from, last_sequence) = match found {
-            Found::Intact => return Ok(()),
-            Found::TailLost { from, last_sequence } => (from, Some(last_sequence)),
-            Found::Replaced => (first, None),
+        let Some(loss) = self.find_loss(epoch, first, last).await? else {
+            return Ok(());
         };
+        let Loss {
+            from,
+            stream_last_sequence,
+            ..
+        } = loss;
         let records = last - from + 1;
         let maybe_older = from == first;
         let message = format!(
-            "the broker lost {records} records it had acknowledged (queue records {from} to {last}{}); \
-             publishing them again{}",
-            last_sequence.map_or_else(
-                || ", the stream no longer holds what was published".to_owned(),
-                |s| format!(", stream sequences after {s}")
-            ),
+            "the broker lost {records} records it had acknowledged (queue records {from} to {last}; the \
+             stream ends at sequence {stream_last_sequence}); publishing them again{}",
             if maybe_older {
                 "; records acknowledged before the queue's ackedRetention may be lost for good"
             } else {
@@ -70,7 +99,7 @@ impl Connection<'_> {
             lost_from = from,
             lost_to = last,
             records,
-            stream_last_sequence = last_sequence,
+            stream_last_sequence,
             maybe_older,
             "{message}"
         );
@@ -80,13 +109,13 @@ impl Connection<'_> {
             status.last_broker_loss = Some(message);
             status.last_broker_loss_ns = Some(now_ns());
         }
-        self.publish_again(epoch, from, last, last_sequence, window).await?;
+        self.publish_again(epoch, &loss, last, window).await?;
         info!(records, "published again what the broker had lost");
         Ok(())
     }
 
-    /// Where the stream's holdings end among the retained records `first..=last`.
-    async fn find_loss(&self, epoch: u64, first: u64, last: u64) -> Result<Found, PublishError> {
+    /// The first retained record in `first..=last` the stream no longer holds whole.
+    async fn find_loss(&self, epoch: u64, first: u64, last: u64) -> Result<Option<Loss>, PublishError> {
         let fail = |e: String| PublishError::Stream {
             stream: self.config.stream.name.clone(),
             message: e,
@@ -96,111 +125,92 @@ impl Connection<'_> {
             .get_stream(&self.config.stream.name)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let last_sequence = stream
-            .info()
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .state
-            .last_sequence;
+        let state = stream.info().await.map_err(|e| fail(e.to_string()))?.state.clone();
+        let probe = Probe {
+            stream,
+            first_sequence: state.first_sequence,
+            epoch,
+        };
         let at = |sequence: u64| self.queue.retained_at_or_after(sequence);
         let Some((newest, newest_ack)) = at(last).await? else {
-            return Ok(Found::Intact);
+            return Ok(None);
         };
-        // The first record with a part past the stream's end: the acks of later records
-        // have higher stream sequences (they are published in order), so this bisects.
-        let from = if highest(&newest_ack) <= last_sequence {
-            None
-        } else {
-            let (mut lo, mut hi) = (first, newest);
-            while lo < hi {
-                let mid = lo + (hi - lo) / 2;
-                match at(mid).await? {
-                    Some((sequence, ack)) if highest(&ack) <= last_sequence => lo = sequence + 1,
-                    Some((sequence, _)) => hi = sequence,
-                    None => hi = mid,
-                }
-            }
-            Some(hi)
-        };
-        // The last part the stream should still hold is read back: it must be ours.
-        let survivor = match from {
-            None => Some((newest, newest_ack)),
-            Some(from) => self.queue.retained_before(from).await?,
-        };
-        if let Some((sequence, ack)) = survivor
-            && let Some((part, stream_sequence)) = ack
-                .stream_sequences
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| **s <= last_sequence)
-                .max_by_key(|(_, s)| **s)
-        {
-            let expected = format_message_id(epoch, sequence, part as u32);
-            match stream.get_raw_message(*stream_sequence).await {
-                Ok(message) => {
-                    let id = message.headers.get("Nats-Msg-Id").map(ToString::to_string);
-                    if id.as_deref() != Some(expected.as_str()) {
-                        return Ok(Found::Replaced);
-                    }
-                }
-                // Removed since (a limit, a work queue's consumer): not a power cut's loss.
-                Err(e) if matches!(e.kind(), jetstream::stream::RawMessageErrorKind::NoMessageFound) => {}
-                Err(e) => return Err(fail(e.to_string())),
+        if probe.holds_last(newest, &newest_ack).await? {
+            return Ok(None);
+        }
+        // A cut loses a tail, and the retained records' stream sequences grow with them.
+        let (mut lo, mut hi) = (first, newest);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match at(mid).await? {
+                Some((sequence, ack)) if sequence < hi && probe.holds_last(sequence, &ack).await? => lo = sequence + 1,
+                Some((sequence, _)) if sequence < hi => hi = sequence,
+                _ => hi = mid,
             }
         }
-        Ok(from.map_or(Found::Intact, |from| Found::TailLost { from, last_sequence }))
+        let Some((from, ack)) = at(hi).await? else {
+            return Ok(None);
+        };
+        let mut from_parts = Vec::new();
+        for (part, stream_sequence) in ack.stream_sequences.iter().enumerate() {
+            if !probe.holds(from, part, *stream_sequence).await? {
+                from_parts.push(part);
+            }
+        }
+        Ok(Some(Loss {
+            from,
+            from_parts,
+            stream_last_sequence: state.last_sequence,
+        }))
     }
 
-    /// Sends again, in order, the parts of retained records `from..=last` past the stream's
-    /// `last_sequence` (every part when `None`), and notes their new stream sequences.
+    /// Sends again, in order, the lost parts of record `loss.from` and every part of the
+    /// retained records after it through `last`, and notes their new stream sequences.
     async fn publish_again(
         &self,
         epoch: u64,
-        from: u64,
+        loss: &Loss,
         last: u64,
-        last_sequence: Option<u64>,
         window: &mut AckWindow,
     ) -> Result<(), PublishError> {
         let chunk = self.config.chunk_records.max(1) as u64;
-        // Each record's stream sequences, with the ones being sent again still to fill in.
-        let mut pending: std::collections::VecDeque<(u64, Vec<u64>, Vec<usize>)> = std::collections::VecDeque::new();
-        let mut start = from;
+        // Each record's stream sequences, with the parts being sent again still to fill in.
+        let mut pending = std::collections::VecDeque::new();
+        let mut start = loss.from;
         while start <= last {
             let end = (start + chunk - 1).min(last);
-            let mut sequences = Vec::new();
+            let mut sequences: Vec<u64> = Vec::new();
             let mut acks = Vec::new();
-            let mut sequence = start;
-            while sequence <= end {
-                match self.queue.retained_at_or_after(sequence).await? {
-                    Some((s, ack)) if s <= end => {
-                        sequences.push(s);
-                        acks.push(ack);
-                        sequence = s + 1;
-                    }
-                    _ => break,
-                }
+            while let Some((sequence, ack)) = self
+                .queue
+                .retained_at_or_after(sequences.last().map_or(start, |s| s + 1))
+                .await?
+                .filter(|(s, _)| *s <= end)
+            {
+                sequences.push(sequence);
+                acks.push(ack);
             }
             let records = self.queue.read_retained(sequences).await?;
             for (stored, ack) in records.into_iter().zip(acks) {
-                let lost: Vec<usize> = (0..stored.record.batches.len())
-                    .filter(|i| last_sequence.is_none_or(|last| ack.stream_sequences.get(*i).is_none_or(|s| *s > last)))
-                    .collect();
-                if lost.is_empty() {
-                    continue;
-                }
-                let mut stream_sequences = ack.stream_sequences.clone();
-                stream_sequences.resize(stored.record.batches.len(), 0);
-                let parts = stored
+                let parts = stored.record.batches.len();
+                let resent: Vec<usize> = if stored.sequence == loss.from && !loss.from_parts.is_empty() {
+                    loss.from_parts.clone()
+                } else {
+                    (0..parts).collect()
+                };
+                let mut stream_sequences = ack.stream_sequences;
+                stream_sequences.resize(parts, 0);
+                let batches = stored
                     .record
                     .batches
                     .into_iter()
                     .enumerate()
-                    .filter(|(i, _)| lost.contains(i))
+                    .filter(|(i, _)| resent.contains(i))
                     .map(|(i, b)| (i as u32, b))
                     .collect::<Vec<_>>();
-                self.send_parts(epoch, stored.sequence, parts.into_iter(), window)
+                self.send_parts(epoch, stored.sequence, batches.into_iter(), window)
                     .await?;
-                pending.push_back((stored.sequence, stream_sequences, lost));
+                pending.push_back((stored.sequence, stream_sequences, resent));
                 let mut acked = Vec::new();
                 window
                     .settle(self.config.max_in_flight, self.status, &mut acked)
@@ -214,6 +224,7 @@ impl Connection<'_> {
         self.reack(&mut pending, acked)
     }
 
+    /// Notes the new stream sequences of records sent again, in the order they were sent.
     fn reack(
         &self,
         pending: &mut std::collections::VecDeque<(u64, Vec<u64>, Vec<usize>)>,
@@ -223,7 +234,6 @@ impl Connection<'_> {
             let Some((sequence, mut stream_sequences, sent)) = pending.pop_front() else {
                 break;
             };
-            debug_assert_eq!(sequence, record.sequence);
             for (part, stream_sequence) in sent.into_iter().zip(record.stream_sequences) {
                 stream_sequences[part] = stream_sequence;
             }

@@ -491,6 +491,10 @@ impl Queue {
         // (found by tests/disk_full.rs, where the moves took what the acks had freed).
         if retention.is_zero() || shared.stats().disk_full {
             remove_head(shared, &store, |key| key <= last, false, |_, _| Ok(()))?;
+            if retention.is_zero() {
+                // What an earlier run with a retention kept.
+                remove_retained(shared, &store, |_| true)?;
+            }
         } else {
             let now = now_ns();
             let err = shared.storage_error();
@@ -531,12 +535,13 @@ impl Queue {
                 let Some(entry) = store.retained.get(sequence.to_be_bytes()).map_err(&err)? else {
                     continue;
                 };
-                match retained::decode(&entry).map(|(_, value)| record::decode(value)) {
-                    Some(Ok(record)) => out.push(Stored { sequence, record }),
-                    _ => error!(
+                if let Some(Ok(record)) = retained::decode(&entry).map(|(_, value)| record::decode(value)) {
+                    out.push(Stored { sequence, record });
+                } else {
+                    error!(
                         sequence,
                         "skipping a corrupt retained record; it cannot be published again"
-                    ),
+                    );
                 }
             }
             Ok(out)
