@@ -28,6 +28,8 @@ pub struct Metrics {
     pub applies: Family<WriteLabels, Counter>,
     /// Status patches, by kind.
     pub status_writes: Family<KindLabels, Counter>,
+    /// Status patches that failed, by kind (the pass goes on with the other objects).
+    pub status_write_failures: Family<KindLabels, Counter>,
     pub report_failures: Counter,
     pub sites_created: Counter,
 }
@@ -43,6 +45,7 @@ impl Default for Metrics {
             )),
             applies: Family::default(),
             status_writes: Family::default(),
+            status_write_failures: Family::default(),
             report_failures: Counter::default(),
             sites_created: Counter::default(),
         }
@@ -70,6 +73,11 @@ impl Metrics {
         );
         registry.register("status_writes", "Status patches by kind", self.status_writes.clone());
         registry.register(
+            "status_write_failures",
+            "Status patches that failed, by kind (the pass goes on with the other objects)",
+            self.status_write_failures.clone(),
+        );
+        registry.register(
             "report_failures",
             "Ingestor /status reads that failed",
             self.report_failures.clone(),
@@ -79,6 +87,12 @@ impl Metrics {
             "Sites created for a Device or Formula naming a missing one",
             self.sites_created.clone(),
         );
+    }
+
+    pub fn count_status_write_failure(&self, kind: &str) {
+        self.status_write_failures
+            .get_or_create(&KindLabels { kind: kind.to_owned() })
+            .inc();
     }
 
     pub fn count_status_write(&self, kind: &str) {

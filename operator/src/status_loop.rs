@@ -130,9 +130,7 @@ impl StatusLoop {
                 }
             };
             let reached: Reached<'_> = reached.as_ref().map_err(String::as_str).copied();
-            if let Err(error) = self.write_site(&site, reached).await {
-                tracing::warn!(site = %site.name_any(), %error, "cannot write status");
-            }
+            self.write_site(&site, reached).await;
         }
     }
 
@@ -152,15 +150,15 @@ impl StatusLoop {
             if self.awaiting_watch(&*stored) {
                 continue;
             }
-            if let Some(patch) = siteless_device_patch(&stored, now)
-                && let Err(error) = self.write(&*stored, &patch).await
-            {
-                tracing::warn!(device = %stored.name_any(), %error, "cannot write status");
+            if let Some(patch) = siteless_device_patch(&stored, now) {
+                self.write(&*stored, &patch).await;
             }
         }
     }
 
-    async fn write_site(&mut self, site: &Site, report: Reached<'_>) -> Result<(), crate::reconcile::Error> {
+    /// Writes what `report` says into the site's Formulas, Devices and Site; an object
+    /// whose write fails is logged and counted, and the others are still written.
+    async fn write_site(&mut self, site: &Site, report: Reached<'_>) {
         let now = Timestamp::now();
         let (devices, formulas) = self.ctx.members(site);
         for formula in formulas.iter().map(Arc::as_ref) {
@@ -169,7 +167,7 @@ impl StatusLoop {
             }
             let due = self.heartbeat_due(formula);
             if let Some(patch) = formula_report_patch(formula, report, due) {
-                self.write(formula, &patch).await?;
+                self.write(formula, &patch).await;
             }
         }
         for device in devices.iter().map(Arc::as_ref) {
@@ -177,8 +175,9 @@ impl StatusLoop {
                 continue;
             }
             let due = self.heartbeat_due(device);
-            if let Some(patch) = device_report_patch(device, report, now, due) {
-                self.write(device, &patch).await?;
+            if let Some(patch) = device_report_patch(device, report, now, due)
+                && self.write(device, &patch).await
+            {
                 let before = device
                     .status
                     .as_ref()
@@ -203,11 +202,12 @@ impl StatusLoop {
             }
         }
         if self.awaiting_watch(site) {
-            return Ok(());
+            return;
         }
         let due = self.heartbeat_due(site);
-        if let Some(patch) = site_report_patch(site, report, now, due) {
-            self.write(site, &patch).await?;
+        if let Some(patch) = site_report_patch(site, report, now, due)
+            && self.write(site, &patch).await
+        {
             let before = site
                 .status
                 .as_ref()
@@ -235,7 +235,6 @@ impl StatusLoop {
                     .await;
             }
         }
-        Ok(())
     }
 
     fn heartbeat_due<K: kube::Resource<DynamicType = ()>>(&self, object: &K) -> bool {
@@ -252,8 +251,9 @@ impl StatusLoop {
             .is_some_and(|w| w.from_version == stored.meta().resource_version)
     }
 
-    /// Writes `patch` to the status of `stored` (the store's version of the object).
-    async fn write<K>(&mut self, stored: &K, patch: &Value) -> Result<(), crate::reconcile::Error>
+    /// Writes `patch` to the status of `stored` (the store's version of the object);
+    /// whether it was written. A failure is logged and counted, naming the object.
+    async fn write<K>(&mut self, stored: &K, patch: &Value) -> bool
     where
         K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
             + serde::de::DeserializeOwned
@@ -261,7 +261,12 @@ impl StatusLoop {
             + Clone
             + std::fmt::Debug,
     {
-        write_status(&self.ctx, stored, patch).await?;
+        if let Err(error) = write_status(&self.ctx, stored, patch).await {
+            let kind = K::kind(&());
+            tracing::warn!(%kind, name = %stored.name_any(), %error, "cannot write status");
+            self.ctx.metrics.count_status_write_failure(&kind);
+            return false;
+        }
         self.written.insert(
             key(stored),
             Written {
@@ -269,7 +274,7 @@ impl StatusLoop {
                 from_version: stored.meta().resource_version.clone(),
             },
         );
-        Ok(())
+        true
     }
 }
 

@@ -752,6 +752,38 @@ async fn a_full_disk_under_the_queue_turns_queue_healthy_false_with_one_warning(
     assert_eq!(queue_healthy(&world)["status"], "True");
 }
 
+/// One object's failed status write (a Device deleted since the pass read the store)
+/// does not skip the rest of its site: the other Devices, the Formulas and the Site are
+/// still written (issue 28: a `?` on each patch gave up the whole site's pass).
+#[tokio::test]
+async fn a_failed_status_write_does_not_skip_the_rest_of_the_site() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.reconcile("plant-a").await;
+    let mut loop_ = status_loop(&world, Duration::ZERO);
+    world.server.proxy(PROXY, 200, report(true));
+    world.server.refuse_next(
+        "PATCH",
+        &format!("{GROUP}/devices/boiler/status"),
+        404,
+        "devices.tagstream.io \"boiler\" not found",
+    );
+    let requests = world.status_pass(&mut loop_).await;
+    let written: Vec<String> = requests
+        .iter()
+        .map(Recorded::line)
+        .filter(|line| line.starts_with("PATCH") && line.ends_with("/status"))
+        .collect();
+    for expected in [
+        format!("PATCH {GROUP}/devices/boiler/status"),
+        format!("PATCH {GROUP}/devices/line/status"),
+        format!("PATCH {GROUP}/devices/meter/status"),
+        format!("PATCH {GROUP}/sites/plant-a/status"),
+    ] {
+        assert!(written.contains(&expected), "{expected} missing from {written:#?}");
+    }
+}
+
 /// A broker that lost what it had acknowledged (a power cut): the Site's `BrokerDurable`
 /// turns False with the ingestor's account of it and one Warning; a loss found more than
 /// an hour ago no longer counts.
