@@ -635,3 +635,114 @@ async fn token_and_nkey_from_the_mounted_secret() {
     let server = format!("authorization {{ users: [ {{ nkey: {} }} ] }}\n", user.public_key());
     publish_with(&server, CredentialsKind::Nkey, &[("nkey", &user.seed().unwrap())]).await;
 }
+
+/// The boiler with `t_in` and `t_out` in the order given, and `delta = t_out - t_in`:
+/// always 20 K, whatever the order of the tags.
+fn reordered_boiler(dir: &Path, url: &str, port: u16, out_first: bool) {
+    let t_in = "{name: t_in, register: holding, address: 0, type: uint16, simulation: {waveform: constant, min: 20}}";
+    let t_out = "{name: t_out, register: holding, address: 1, type: uint16, simulation: {waveform: constant, min: 40}}";
+    let (first, second) = if out_first { (t_out, t_in) } else { (t_in, t_out) };
+    std::fs::write(
+        dir.join("site.yaml"),
+        format!(
+            "apiVersion: tagstream.io/v1alpha1
+kind: Site
+metadata: {{name: boiler-room}}
+spec:
+  broker: {{urls: [\"{url}\"]}}
+  queue: {{flushInterval: 2ms}}
+---
+apiVersion: tagstream.io/v1alpha1
+kind: Device
+metadata: {{name: boiler}}
+spec:
+  site: boiler-room
+  connection: {{tcp: {{host: 127.0.0.1, port: {port}}}}}
+  pollInterval: 10ms
+  tags:
+    - {first}
+    - {second}
+---
+apiVersion: tagstream.io/v1alpha1
+kind: Formula
+metadata: {{name: delta}}
+spec: {{site: boiler-room, inputs: {{a: boiler/t_in, b: boiler/t_out}}, expression: b - a}}
+"
+        ),
+    )
+    .unwrap();
+}
+
+/// Issue 28: batches polled before a reload that reordered a device's tags were mapped
+/// through the new tag order, so formulas computed from the wrong tags with quality Good
+/// (`delta` published as -20). Rewritten 60 times under load, every result is 20.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reordering_a_devices_tags_under_load_never_feeds_a_formula_the_wrong_tag() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let port = free_port();
+    reordered_boiler(&manifests, &nats.url(), port, false);
+    let options = RunOptions {
+        paths: vec![manifests.clone()],
+        site: None,
+        queue_dir: dir.path().join("queue"),
+        credentials_dir: PathBuf::from("/nonexistent"),
+        tls_dir: PathBuf::from("/nonexistent"),
+        http: "127.0.0.1:0".parse().unwrap(),
+        simulate: true,
+        nats_url: None,
+        reload_interval: Duration::from_millis(20),
+        drain_deadline: Duration::from_secs(5),
+    };
+    let shutdown = CancellationToken::new();
+    let (bound, address) = tokio::sync::oneshot::channel();
+    let service = tokio::spawn(service::run(options, shutdown.clone(), Some(bound)));
+    let address = address.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(address).await["devices"]["boiler"]["polls"]
+        .as_u64()
+        .unwrap_or(0)
+        < 20
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the boiler was never polled: {}",
+            status(address).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for round in 0..60 {
+        reordered_boiler(&manifests, &nats.url(), port, round % 2 == 0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), service)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let deltas: Vec<Point> = read_stream(&nats.url(), async_nats::ConnectOptions::new())
+        .await
+        .into_iter()
+        .filter(|(_, b)| b.source == "delta")
+        .flat_map(|(_, b)| b.points)
+        .collect();
+    assert!(deltas.len() > 100, "only {} results", deltas.len());
+    let wrong: Vec<&Point> = deltas
+        .iter()
+        .filter(|p| match p.value {
+            Some(Value::IntValue(v)) => v != 20,
+            Some(Value::DoubleValue(v)) => (v - 20.0).abs() > 1e-9,
+            _ => true,
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} results were computed from the wrong tags, e.g. {:?}",
+        wrong.len(),
+        deltas.len(),
+        wrong.first()
+    );
+}

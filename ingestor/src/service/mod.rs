@@ -189,6 +189,9 @@ struct EndpointPoller {
     writes: mpsc::Sender<WriteJob>,
 }
 
+/// The longest a reload waits for a replaced endpoint's poller to end.
+const ENDPOINT_STOP_LIMIT: Duration = Duration::from_secs(30);
+
 /// The polling tasks, one per endpoint, each with its own stop token, and where each
 /// device's writes go.
 struct Pollers {
@@ -197,26 +200,39 @@ struct Pollers {
 }
 
 impl Pollers {
-    fn start(devices: &[Device], out: &mpsc::Sender<PolledBatch>, state: &SiteState) -> Self {
+    async fn start(devices: &[Device], out: &mpsc::Sender<PolledBatch>, state: &SiteState) -> Self {
         let mut pollers = Self {
             endpoints: BTreeMap::new(),
             routes: WriteRoutes::default(),
         };
-        pollers.apply(devices, out, state);
+        pollers.apply(devices, out, state).await;
         pollers
     }
 
-    /// Restarts the endpoints whose devices changed; leaves the others polling.
-    fn apply(&mut self, devices: &[Device], out: &mpsc::Sender<PolledBatch>, state: &SiteState) -> usize {
+    /// Restarts the endpoints whose devices changed; leaves the others polling. A
+    /// replaced endpoint's task has ended before its successor starts: one task owns a
+    /// bus (a serial line, a gateway) at a time, and the old one polls no more after the
+    /// reload (issue 28: it was cancelled but not awaited, and could poll once more).
+    async fn apply(&mut self, devices: &[Device], out: &mpsc::Sender<PolledBatch>, state: &SiteState) -> usize {
         let wanted = poller::by_endpoint(devices);
         let mut restarted = 0;
-        self.endpoints.retain(|endpoint, running| {
-            let keep = wanted.get(endpoint) == Some(&running.devices);
-            if !keep {
+        let mut stopped = Vec::new();
+        let endpoints = std::mem::take(&mut self.endpoints);
+        for (endpoint, running) in endpoints {
+            if wanted.get(&endpoint) == Some(&running.devices) {
+                self.endpoints.insert(endpoint, running);
+            } else {
                 running.stop.cancel();
+                stopped.push((endpoint, running.task));
             }
-            keep
-        });
+        }
+        for (endpoint, task) in stopped {
+            // A poll in flight ends within its device's timeout; the bound is for a task
+            // stuck anyway, which is then left behind rather than blocking the reload.
+            if tokio::time::timeout(ENDPOINT_STOP_LIMIT, task).await.is_err() {
+                warn!(%endpoint, limit = ?ENDPOINT_STOP_LIMIT, "a replaced endpoint's poller did not stop in time; starting its successor anyway");
+            }
+        }
         let mut health = state.devices.lock().expect("devices lock");
         health.retain(|name, _| devices.iter().any(|d| d.metadata.name.as_deref() == Some(name)));
         for (endpoint, group) in wanted {
@@ -347,7 +363,7 @@ impl Runtime {
         if self.options.simulate {
             next.devices = local(next.devices);
         }
-        let restarted = self.pollers.apply(&next.devices, &self.polled, &self.state);
+        let restarted = self.pollers.apply(&next.devices, &self.polled, &self.state).await;
         let reconfigured = {
             let mut derivation = self.derivation.lock().await;
             let outcome = derivation.reconfigure(&next);
@@ -447,7 +463,7 @@ pub async fn run(
     let derivation = Arc::new(Mutex::new(Derivation::new(&site)));
     record_formulas(&state, &*derivation.lock().await);
     let (polled, rx) = mpsc::channel::<PolledBatch>(4096);
-    let pollers = Pollers::start(&site.devices, &polled, &state);
+    let pollers = Pollers::start(&site.devices, &polled, &state).await;
     let pipeline = tokio::spawn(pipeline::run(
         rx,
         Arc::clone(&derivation),

@@ -23,8 +23,37 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct Derivation {
     pub calc: Calc,
-    /// Device name -> signal of each tag (by index in the device's tags).
-    pub signals: HashMap<String, Vec<Option<SignalId>>>,
+    /// Device name -> its tags, and the signal of each (by index in the device's tags).
+    pub signals: HashMap<String, DeviceSignals>,
+}
+
+/// The tags of a device as configured, and the signal each feeds.
+#[derive(Debug, Default)]
+pub struct DeviceSignals {
+    tags: Vec<String>,
+    ids: Vec<Option<SignalId>>,
+}
+
+impl DeviceSignals {
+    /// The signal of tag `index` of a batch polled with `tags`. A batch polled before a
+    /// reload that inserted, removed or reordered the device's tags carries indices into
+    /// the old list: its tags are looked up by name (issue 28: mapped through the new
+    /// order, they fed formulas the wrong tags with quality Good).
+    fn of<'a>(
+        &'a self,
+        tags: &'a [tagstream_crds::device::Tag],
+        calc: &'a Calc,
+        device: &'a str,
+    ) -> impl Fn(usize) -> Option<SignalId> + 'a {
+        let current = tags.len() == self.tags.len() && tags.iter().zip(&self.tags).all(|(t, n)| t.name == *n);
+        move |index| {
+            if current {
+                self.ids.get(index).copied().flatten()
+            } else {
+                tags.get(index).and_then(|t| calc.tag_signal(device, &t.name))
+            }
+        }
+    }
 }
 
 impl Derivation {
@@ -43,13 +72,16 @@ impl Derivation {
     }
 }
 
-fn signals(calc: &Calc, site: &tagstream_core::config::SiteConfig) -> HashMap<String, Vec<Option<SignalId>>> {
+fn signals(calc: &Calc, site: &tagstream_core::config::SiteConfig) -> HashMap<String, DeviceSignals> {
     site.devices
         .iter()
         .map(|d| {
             let name = d.metadata.name.clone().unwrap_or_default();
-            let ids = d.spec.tags.iter().map(|t| calc.tag_signal(&name, &t.name)).collect();
-            (name, ids)
+            let signals = DeviceSignals {
+                tags: d.spec.tags.iter().map(|t| t.name.clone()).collect(),
+                ids: d.spec.tags.iter().map(|t| calc.tag_signal(&name, &t.name)).collect(),
+            };
+            (name, signals)
         })
         .collect()
 }
@@ -121,13 +153,17 @@ pub async fn run(
             derived.clear();
             for polled in &group {
                 batches.push(device_batch(polled));
-                let Some(ids) = signals.get(&polled.device.name) else {
+                let Some(device) = signals.get(&polled.device.name) else {
                     continue;
                 };
-                let changes = polled
-                    .points
-                    .iter()
-                    .filter_map(|(i, s)| ids.get(*i).copied().flatten().map(|id| (id, s)));
+                let changes: Vec<_> = {
+                    let signal = device.of(&polled.device.spec.tags, calc, &polled.device.name);
+                    polled
+                        .points
+                        .iter()
+                        .filter_map(|(i, s)| signal(*i).map(|id| (id, s)))
+                        .collect()
+                };
                 calc.update(changes, now_ns(), &mut derived);
             }
             batches.extend(formula_batches(calc, &derived));
@@ -205,7 +241,7 @@ mod tests {
             let name = device.metadata.name.as_deref().unwrap();
             for (index, tag) in device.spec.tags.iter().enumerate() {
                 assert_eq!(
-                    derivation.signals[name][index],
+                    derivation.signals[name].ids[index],
                     derivation.calc.tag_signal(name, &tag.name),
                     "{name}/{}",
                     tag.name
