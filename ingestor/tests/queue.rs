@@ -11,7 +11,7 @@ use std::{
 };
 
 use tagstream_crds::site::FullPolicy;
-use tagstream_ingestor::queue::{Acked, Queue, QueueConfig, Stored};
+use tagstream_ingestor::queue::{Acked, Queue, QueueConfig, QueueError, Stored};
 use tagstream_proto::v1::{Point, PointBatch, point::Value};
 
 use support::points::stored_values;
@@ -472,4 +472,25 @@ async fn a_queue_directory_that_cannot_be_written_is_refused_naming_it() {
         "{error}"
     );
     assert!(error.contains("writable volume"), "{error}");
+}
+
+/// `close` shuts the queue down even while another handle is kept elsewhere: appends
+/// through it fail from then on, and what was appended before is kept (issue 28: close
+/// waited up to a second for the other handles to go, and the writer ran on after it).
+#[tokio::test]
+async fn close_shuts_the_queue_down_for_every_handle() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = QueueConfig::new(dir.path().join("q"));
+    let queue = Queue::open(config.clone()).unwrap().queue;
+    let other = queue.clone();
+    queue.append(vec![batch(1)]).await.unwrap();
+    queue.close().await.unwrap();
+    assert!(
+        matches!(other.append(vec![batch(2)]).await, Err(QueueError::Closed)),
+        "an append after the close was taken"
+    );
+    drop(other);
+    let reopened = Queue::open(config).unwrap().queue;
+    assert_eq!(stored_values(&everything(&reopened).await), vec![1]);
+    reopened.close().await.unwrap();
 }

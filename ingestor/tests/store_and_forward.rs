@@ -6,6 +6,7 @@ mod support;
 
 use std::{
     collections::BTreeSet,
+    fmt::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -745,4 +746,104 @@ async fn reordering_a_devices_tags_under_load_never_feeds_a_formula_the_wrong_ta
         deltas.len(),
         wrong.first()
     );
+}
+
+/// Issue 28: with `fullPolicy: pausePolling`, a full queue and no broker, SIGTERM hung:
+/// the pollers waited on a full channel, the pipeline on the paused writer, and the
+/// writer for room nobody would free. It must stop within its drain deadline, with
+/// every record it had stored still in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_paused_full_queue_and_no_broker_stops_and_keeps_what_was_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let mut yaml = format!(
+        "apiVersion: tagstream.io/v1alpha1
+kind: Site
+metadata: {{name: paused}}
+spec:
+  broker: {{urls: [\"nats://127.0.0.1:{}\"]}}
+  queue: {{maxSize: 17Mi, fullPolicy: pausePolling}}
+",
+        free_port()
+    );
+    for d in 0..8 {
+        let _ = write!(
+            yaml,
+            "---
+apiVersion: tagstream.io/v1alpha1
+kind: Device
+metadata: {{name: d{d}}}
+spec:
+  site: paused
+  connection: {{tcp: {{host: 127.0.0.1, port: {}}}}}
+  pollInterval: 10ms
+  tags:
+",
+            free_port()
+        );
+        for t in 0..60 {
+            let _ = writeln!(
+                yaml,
+                "    - {{name: t{t}, register: holding, address: {t}, type: uint16, simulation: {{waveform: ramp, min: 0, max: 60000, period: 1s}}}}"
+            );
+        }
+    }
+    std::fs::write(manifests.join("site.yaml"), yaml).unwrap();
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let queue_dir = dir.path().join("queue");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tagstream-ingestor"))
+        .args([
+            "run",
+            "--simulate",
+            "--reload-interval",
+            "1h",
+            "--drain-deadline",
+            "2s",
+            "--http",
+        ])
+        .arg(http.to_string())
+        .arg("-f")
+        .arg(&manifests)
+        .arg("--queue-dir")
+        .arg(&queue_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let stored = loop {
+        if let Some(body) = http_get(http, "/status").await
+            && let Ok(s) = serde_json::from_str::<serde_json::Value>(&body)
+            && s["queue"]["paused"] == true
+        {
+            break s["queue"]["records"].as_u64().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the queue never filled and paused within 90 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("SIGTERM with a paused full queue: still running 15 s later (drain deadline 2 s)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let queue = Queue::open(QueueConfig::new(&queue_dir)).unwrap().queue;
+    let kept = queue.stats().records;
+    assert!(
+        kept >= stored,
+        "{stored} records were stored when SIGTERM came, {kept} are left"
+    );
+    queue.close().await.unwrap();
 }

@@ -328,8 +328,11 @@ pub async fn run_endpoint(
             device: Arc::clone(&device.device),
             points: batch,
         };
-        if out.send(message).await.is_err() {
-            return;
+        // A full channel (a paused queue) must not hold a shutdown: the batch in hand was
+        // never stored, and the stop goes on without it.
+        tokio::select! {
+            sent = out.send(message) => if sent.is_err() { return },
+            () = shutdown.cancelled() => break,
         }
     }
     if let Some(link) = context {

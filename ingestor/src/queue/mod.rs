@@ -75,6 +75,7 @@ use std::{
 
 use tagstream_crds::site::FullPolicy;
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use record::{Record, StoredBatch};
@@ -242,6 +243,9 @@ struct Shared {
     /// Set by any failed sled call: sled refuses writes from then on, and the writer
     /// reopens it.
     failed: AtomicBool,
+    /// Set when the ingestor stops: the writer no longer waits for room nor retries a
+    /// failed write, so a shutdown never waits on a broker that is gone.
+    stopping: AtomicBool,
     /// Records the full policy removed since the last flush, as (sequence, points): they
     /// count as dropped once a flush covers their removal (a reopened sled may bring them
     /// back otherwise).
@@ -255,6 +259,10 @@ struct Shared {
     appended: Notify,
     /// The records flushed last, for a publisher that keeps up.
     recent: Mutex<recent::Recent>,
+    /// Cancelled by `close`: the writer takes what was already handed to it, then ends.
+    closing: CancellationToken,
+    /// The writer task, awaited by `close`.
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A handle to the queue; clones share it.
@@ -372,14 +380,18 @@ impl Queue {
             epoch,
             durable_next: AtomicU64::new(next),
             failed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             unflushed_drops: Mutex::new(Vec::new()),
             stats: Mutex::new(stats),
             totals: Mutex::new(totals),
             room: Notify::new(),
             appended: Notify::new(),
             recent: Mutex::default(),
+            closing: CancellationToken::new(),
+            writer: Mutex::new(None),
         });
-        tokio::spawn(writer(Arc::clone(&shared), rx, next));
+        let task = tokio::spawn(writer(Arc::clone(&shared), rx, next));
+        *shared.writer.lock().expect("writer lock") = Some(task);
         Ok(Opened {
             queue: Self { shared, appends },
             moved_aside,
@@ -612,19 +624,27 @@ impl Queue {
         Ok(())
     }
 
-    /// Stops taking appends through this handle, flushes, and, when this is the last
-    /// handle, waits (up to a second) for the writer to end so the database's file lock is
-    /// released and the queue can be opened again. Every append already returned after its
-    /// own flush; the final flush covers deletions of acknowledged records.
+    /// The ingestor is stopping: appends still come (what the pipeline holds), but the
+    /// writer stops waiting for room (`pausePolling` writes them past the limit, by at
+    /// most what is in flight) and gives up a write that keeps failing.
+    pub fn stop_waiting(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.room.notify_waiters();
+    }
+
+    /// Shuts the queue down: the writer writes what was already handed to it and ends
+    /// (appends through any handle fail with `Closed` from then on), and a last flush
+    /// covers the deletions of acknowledged records. When no other handle is left, the
+    /// database's file lock is released on return and the queue can be opened again.
+    /// It used to wait for every other handle to go, polling their count for up to a
+    /// second, and a handle kept elsewhere kept the writer running after the close.
     pub async fn close(self) -> Result<(), QueueError> {
         let Self { shared, appends } = self;
         drop(appends);
-        // The writer ends when every sender is gone; give it the time of one group.
-        for _ in 0..200 {
-            if Arc::strong_count(&shared) <= 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        shared.closing.cancel();
+        let task = shared.writer.lock().expect("writer lock").take();
+        if let Some(task) = task {
+            task.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         }
         let store = shared.store()?;
         let flushed = Arc::clone(&shared);
@@ -751,7 +771,21 @@ fn sync_new_files(dir: &Path) -> std::io::Result<()> {
 /// about `record_bytes`, flushes once, then answers every appender. A group that cannot
 /// be written is kept and written again once sled is reopened; only shutdown gives up.
 async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>, mut next_seq: u64) {
-    while let Some(first) = rx.recv().await {
+    let mut closed = false;
+    loop {
+        let first = tokio::select! {
+            biased;
+            // What was sent before the close is still received, then `None`.
+            () = shared.closing.cancelled(), if !closed => {
+                rx.close();
+                closed = true;
+                continue;
+            }
+            append = rx.recv() => match append {
+                Some(append) => append,
+                None => break,
+            },
+        };
         let deadline = tokio::time::Instant::now() + shared.config.flush_interval;
         let mut group = vec![first];
         while let Ok(Some(more)) = tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -776,7 +810,7 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>, mut next_se
                 stats.write_error = Some(failure.clone());
                 stats.write_failures += 1;
             }
-            if rx.is_closed() {
+            if rx.is_closed() || shared.stopping.load(Ordering::Acquire) {
                 break Err(failure);
             }
             reopen_until_open(&shared, next_seq, &rx).await;
@@ -1052,7 +1086,7 @@ async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<
             while !fits(shared).await.0 {
                 // Appends wait in the channel meanwhile; when it fills, pollers wait too.
                 let room = shared.room.notified();
-                if rx.is_closed() || shared.failed.load(Ordering::Acquire) {
+                if rx.is_closed() || shared.failed.load(Ordering::Acquire) || shared.stopping.load(Ordering::Acquire) {
                     break;
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(200), room).await;

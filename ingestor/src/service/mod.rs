@@ -401,6 +401,9 @@ impl Runtime {
     /// drain deadline passes, and closes the queue.
     async fn stop(mut self, pipeline: JoinHandle<()>) -> anyhow::Result<()> {
         info!("stopping: polling stops, queued points are published until the drain deadline");
+        // A paused queue (pausePolling, no broker) would hold the pipeline, and through the
+        // full channel the pollers, forever.
+        self.queue.stop_waiting();
         // Before the pollers: the writes they were handed are answered and audited.
         self.stop_writes().await;
         self.pollers.stop().await;
