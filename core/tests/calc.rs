@@ -427,3 +427,25 @@ fn the_example_plants_chain_computes_heat_and_efficiency() {
     assert!((value("boiler-heat-output") - 93.04).abs() < 1e-9);
     assert!((value("boiler-efficiency") - 93.04).abs() < 1e-9);
 }
+
+/// A tag removed by a reload and added back later starts without a value: it used to keep
+/// the one polled before its removal, and a formula reading it was evaluated from that
+/// old value with quality Good (issue 28).
+#[test]
+fn a_tag_removed_and_added_back_does_not_keep_its_old_value() {
+    let formulas = vec![formula("doubled-flow", &[("f", "boiler/flow")], "f * 2")];
+    let mut calc = calc(&formulas);
+    set(&mut calc, 1, &[(("boiler", "flow"), num(2.0, 1))]);
+    let without_flow: Vec<(&str, &str)> = TAGS.into_iter().filter(|t| t.1 != "flow").collect();
+    calc.configure(without_flow, &[]);
+    calc.configure(TAGS, &formulas);
+    let mut out = Vec::new();
+    calc.update([], 2, &mut out);
+    let values = by_name(&calc, &out);
+    assert!(
+        values
+            .get("doubled-flow")
+            .is_none_or(|s| s.value.is_none() && s.quality.level != QualityLevel::Good),
+        "the re-added tag brought its old value back: {values:?}"
+    );
+}

@@ -29,6 +29,28 @@ pub enum ReportError {
     Decode(#[from] serde_json::Error),
     #[error("no answer from the ingestor within {0:?}")]
     Timeout(Duration),
+    #[error("cannot reach the ingestor through the API server: HTTP {0}")]
+    ProxyStatus(http::StatusCode),
+    #[error("the ingestor's /status is larger than {} MiB, more than any site reports", MAX_REPORT_BYTES >> 20)]
+    TooLarge,
+}
+
+/// The largest `/status` body read: a site of 1,000 devices reports about 1 MiB. The
+/// whole body used to be read whatever its size, so one wrong or hostile answer could
+/// take the operator's memory (issue 28).
+pub const MAX_REPORT_BYTES: usize = 16 << 20;
+
+/// A response body, read up to [`MAX_REPORT_BYTES`].
+async fn read_limited<B>(body: B, failed: impl Fn(String) -> ReportError) -> Result<Vec<u8>, ReportError>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match http_body_util::Limited::new(body, MAX_REPORT_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes().to_vec()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReportError::TooLarge),
+        Err(e) => Err(failed(e.to_string())),
+    }
 }
 
 impl ReportError {
@@ -39,8 +61,8 @@ impl ReportError {
     /// is logged.
     pub fn condition_message(&self) -> String {
         match self {
-            Self::Decode(_) => self.to_string(),
-            Self::Proxy(_) | Self::Direct { .. } | Self::Timeout(_) => NOT_ANSWERING.to_owned(),
+            Self::Decode(_) | Self::TooLarge => self.to_string(),
+            Self::Proxy(_) | Self::ProxyStatus(_) | Self::Direct { .. } | Self::Timeout(_) => NOT_ANSWERING.to_owned(),
         }
     }
 }
@@ -93,10 +115,17 @@ impl ReportSource {
                 let request = http::Request::get(format!(
                     "/api/v1/namespaces/{namespace}/services/{service}:http/proxy/status"
                 ))
-                .body(Vec::new())
+                .body(kube::client::Body::empty())
                 .expect("a valid request");
-                let text = client.request_text(request).await.map_err(ReportError::Proxy)?;
-                Ok(text.into_bytes())
+                let response = client.send(request).await.map_err(ReportError::Proxy)?;
+                if !response.status().is_success() {
+                    return Err(ReportError::ProxyStatus(response.status()));
+                }
+                read_limited(response.into_body(), |message| ReportError::Direct {
+                    url: "the API server's service proxy".into(),
+                    message,
+                })
+                .await
             }
             Self::Direct { template, http } => {
                 let url = template
@@ -113,12 +142,7 @@ impl ReportSource {
                 if !response.status().is_success() {
                     return Err(failed(format!("HTTP {}", response.status())));
                 }
-                let body = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| failed(e.to_string()))?;
-                Ok(body.to_bytes().to_vec())
+                read_limited(response.into_body(), failed).await
             }
         }
     }

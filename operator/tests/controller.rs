@@ -752,6 +752,33 @@ async fn a_full_disk_under_the_queue_turns_queue_healthy_false_with_one_warning(
     assert_eq!(queue_healthy(&world)["status"], "True");
 }
 
+/// A `/status` body larger than any site reports is not read whole: the Site says so
+/// (issue 28: the operator read any body, whatever its size).
+#[tokio::test]
+async fn an_oversized_report_is_refused_and_said_on_the_site() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.reconcile("plant-a").await;
+    let mut loop_ = status_loop(&world, Duration::ZERO);
+    let mut huge = report(true);
+    huge.push_str(&" ".repeat(tagstream_operator::report::MAX_REPORT_BYTES));
+    world.server.proxy(PROXY, 200, huge);
+    world.status_pass(&mut loop_).await;
+    let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+    let ready = site["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+        .unwrap();
+    assert_eq!(ready["status"], "False", "{ready}");
+    assert_eq!(
+        ready["message"],
+        "the ingestor's /status is larger than 16 MiB, more than any site reports"
+    );
+}
+
 /// One object's failed status write (a Device deleted since the pass read the store)
 /// does not skip the rest of its site: the other Devices, the Formulas and the Site are
 /// still written (issue 28: a `?` on each patch gave up the whole site's pass).

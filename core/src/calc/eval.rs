@@ -135,6 +135,16 @@ impl Calc {
                 tag: (*tag).to_owned(),
             });
         }
+        // A tag the site no longer has forgets its value: its id stays (ids are indices),
+        // but if it comes back it starts unpolled rather than with what was polled
+        // before its removal.
+        for (input, id) in &self.signals {
+            if let Input::Tag { device, tag } = input
+                && !tags.contains(&(device.as_str(), tag.as_str()))
+            {
+                self.latest[id.0 as usize] = None;
+            }
+        }
 
         let mut outcome = Reconfigured::default();
         let mut fresh = HashSet::new();

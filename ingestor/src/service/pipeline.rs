@@ -151,21 +151,19 @@ pub async fn run(
             let mut derivation = derivation.lock().await;
             let Derivation { calc, signals } = &mut *derivation;
             derived.clear();
+            // Every change of the drain first, then one evaluation: a formula reading two
+            // devices polled into one drain is evaluated once, from both new values, not
+            // once per device with one new input and one old (issue 28).
+            let mut changes = Vec::new();
             for polled in &group {
                 batches.push(device_batch(polled));
                 let Some(device) = signals.get(&polled.device.name) else {
                     continue;
                 };
-                let changes: Vec<_> = {
-                    let signal = device.of(&polled.device.spec.tags, calc, &polled.device.name);
-                    polled
-                        .points
-                        .iter()
-                        .filter_map(|(i, s)| signal(*i).map(|id| (id, s)))
-                        .collect()
-                };
-                calc.update(changes, now_ns(), &mut derived);
+                let signal = device.of(&polled.device.spec.tags, calc, &polled.device.name);
+                changes.extend(polled.points.iter().filter_map(|(i, s)| signal(*i).map(|id| (id, s))));
             }
+            calc.update(changes, now_ns(), &mut derived);
             batches.extend(formula_batches(calc, &derived));
             let mut values = state.formula_values.lock().expect("values lock");
             for d in &derived {
@@ -230,6 +228,72 @@ mod tests {
         std::fs::write(dir.path().join("site.yaml"), text).unwrap();
         let report = tagstream_crds::manifest::load(&[dir.path().to_path_buf()]).unwrap();
         sites(&report).remove(0)
+    }
+
+    /// Two devices polled into one drain feed a formula reading both once, after both
+    /// changes: it was evaluated once per device, publishing an intermediate value that
+    /// mixed one new input with an old one (issue 28).
+    #[tokio::test]
+    async fn a_formula_of_two_devices_in_one_drain_is_evaluated_once() {
+        use std::sync::Arc;
+
+        use tagstream_core::point::{PointValue, Sample};
+        use tagstream_proto::v1::point::Value;
+        use tokio::sync::{Mutex, mpsc};
+
+        use super::run;
+        use crate::{
+            acquisition::poller::{PolledBatch, PolledDevice},
+            queue::{Queue, QueueConfig},
+            service::state::SiteState,
+        };
+
+        let mut text = site(2).devices.iter().fold(String::new(), |mut text, device| {
+            let _ = write!(text, "---\n{}", serde_yaml::to_string(device).unwrap());
+            text
+        });
+        text.push_str(
+            "---\napiVersion: tagstream.io/v1alpha1\nkind: Formula\nmetadata: {name: sum}\n\
+             spec: {site: s, inputs: {a: d0/t0, b: d1/t0}, expression: a + b}\n",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("site.yaml"), text).unwrap();
+        let report = tagstream_crds::manifest::load(&[dir.path().to_path_buf()]).unwrap();
+        let site = sites(&report).remove(0);
+        let queue = Queue::open(QueueConfig::new(dir.path().join("queue"))).unwrap().queue;
+        let state = Arc::new(SiteState::new("default", "s", queue.clone(), None));
+        let derivation = Arc::new(Mutex::new(super::Derivation::new(&site)));
+        // One drain with both devices, then another with both changed.
+        for values in [[1u64, 2], [10, 20]] {
+            let (tx, rx) = mpsc::channel(16);
+            for (device, value) in site.devices.iter().zip(values) {
+                let polled = PolledBatch {
+                    device: Arc::new(PolledDevice {
+                        name: device.metadata.name.clone().unwrap(),
+                        spec: device.spec.clone(),
+                    }),
+                    points: vec![(0, Sample::good(PointValue::UInt(value), 1))],
+                };
+                tx.send(polled).await.unwrap();
+            }
+            drop(tx);
+            run(rx, Arc::clone(&derivation), queue.clone(), Arc::clone(&state)).await;
+        }
+        let sums: Vec<_> = queue
+            .read(None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .flat_map(|stored| stored.record.batches)
+            .filter(|batch| batch.source == "sum")
+            .flat_map(|batch| batch.decode().points)
+            .filter_map(|point| point.value)
+            .collect();
+        assert_eq!(
+            sums,
+            [Value::IntValue(3), Value::IntValue(30)],
+            "one result per drain, from both new inputs"
+        );
     }
 
     #[test]
