@@ -16,7 +16,8 @@
 //! (their messages took the lost sequences), or when the stream was deleted and made
 //! again. The loss is reported at once (an ERROR log naming the records, `/status`, the
 //! metric, and through the operator the Site's condition and a Warning event). When the
-//! oldest retained record was lost too, older ones may have been, and the report says so.
+//! oldest retained record was lost too (and is not the queue's first), older ones may
+//! have been, and the report says so.
 
 use async_nats::jetstream::{self, stream::RawMessageErrorKind};
 use tagstream_core::point::now_ns;
@@ -85,7 +86,8 @@ impl Connection<'_> {
             ..
         } = loss;
         let records = last - from + 1;
-        let maybe_older = from == first;
+        // Sequences start at 0 with a queue: before record 0 there was nothing to lose.
+        let maybe_older = from == first && first > 0;
         let message = format!(
             "the broker lost {records} records it had acknowledged (queue records {from} to {last}; the \
              stream ends at sequence {stream_last_sequence}); publishing them again{}",
