@@ -181,19 +181,7 @@ impl Connection<'_> {
         let mut start = loss.from;
         while start <= last {
             let end = (start + chunk - 1).min(last);
-            let mut sequences: Vec<u64> = Vec::new();
-            let mut acks = Vec::new();
-            while let Some((sequence, ack)) = self
-                .queue
-                .retained_at_or_after(sequences.last().map_or(start, |s| s + 1))
-                .await?
-                .filter(|(s, _)| *s <= end)
-            {
-                sequences.push(sequence);
-                acks.push(ack);
-            }
-            let records = self.queue.read_retained(sequences).await?;
-            for (stored, ack) in records.into_iter().zip(acks) {
+            for (stored, ack) in self.queue.read_retained(start, end).await? {
                 let parts = stored.record.batches.len();
                 let resent: Vec<usize> = if stored.sequence == loss.from && !loss.from_parts.is_empty() {
                     loss.from_parts.clone()

@@ -535,20 +535,21 @@ impl Queue {
         Ok(())
     }
 
-    /// The retained records `sequences`, decoded (one that is gone or does not decode is
-    /// left out).
-    pub async fn read_retained(&self, sequences: Vec<u64>) -> Result<Vec<Stored>, QueueError> {
+    /// The retained records from `from` through `through`, decoded, each with its ack,
+    /// in one pass (one that does not decode is logged and left out).
+    pub async fn read_retained(&self, from: u64, through: u64) -> Result<Vec<(Stored, RetainedAck)>, QueueError> {
         let shared = Arc::clone(&self.shared);
         run_blocking(move || {
             let store = shared.store()?;
             let err = shared.storage_error();
-            let mut out = Vec::with_capacity(sequences.len());
-            for sequence in sequences {
-                let Some(entry) = store.retained.get(sequence.to_be_bytes()).map_err(&err)? else {
-                    continue;
-                };
-                if let Some(Ok(record)) = retained::decode(&entry).map(|(_, value)| record::decode(value)) {
-                    out.push(Stored { sequence, record });
+            let mut out = Vec::new();
+            for entry in store.retained.range(from.to_be_bytes()..=through.to_be_bytes()) {
+                let (key, entry) = entry.map_err(&err)?;
+                let sequence = sequence_of(&key);
+                if let Some((ack, Ok(record))) =
+                    retained::decode(&entry).map(|(ack, value)| (ack, record::decode(value)))
+                {
+                    out.push((Stored { sequence, record }, ack));
                 } else {
                     error!(
                         sequence,
@@ -583,23 +584,6 @@ impl Queue {
             let store = shared.store()?;
             let err = shared.storage_error();
             for entry in store.retained.range(sequence.to_be_bytes()..) {
-                let (key, value) = entry.map_err(&err)?;
-                if let Some((ack, _)) = retained::decode(&value) {
-                    return Ok(Some((sequence_of(&key), ack)));
-                }
-            }
-            Ok(None)
-        })
-        .await
-    }
-
-    /// The last retained record before `sequence`, and its ack.
-    pub async fn retained_before(&self, sequence: u64) -> Result<Option<(u64, RetainedAck)>, QueueError> {
-        let shared = Arc::clone(&self.shared);
-        run_blocking(move || {
-            let store = shared.store()?;
-            let err = shared.storage_error();
-            for entry in store.retained.range(..sequence.to_be_bytes()).rev() {
                 let (key, value) = entry.map_err(&err)?;
                 if let Some((ack, _)) = retained::decode(&value) {
                     return Ok(Some((sequence_of(&key), ack)));

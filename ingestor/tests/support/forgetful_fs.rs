@@ -280,6 +280,14 @@ impl ForgetfulFs {
     }
 }
 
+/// The unsynced state of `ino`, started from its backing file on the first write.
+fn dirty_of<'a>(state: &'a mut State, ino: u64, file: &File) -> Result<&'a mut Dirty, Errno> {
+    match state.dirty.entry(ino) {
+        std::collections::hash_map::Entry::Occupied(dirty) => Ok(dirty.into_mut()),
+        std::collections::hash_map::Entry::Vacant(slot) => Ok(slot.insert(Dirty::of(file).map_err(|e| errno(&e))?)),
+    }
+}
+
 /// The backing file of a handle. Opened for writing even when the handle only reads: an
 /// fsync through a read-only descriptor (which sled makes) writes the pages held for the
 /// file, whoever wrote them.
@@ -346,13 +354,7 @@ impl Filesystem for ForgetfulFs {
                     ),
                 };
                 let mut state = self.state();
-                let dirty = match state.dirty.remove(&ino.0) {
-                    Some(dirty) => dirty,
-                    None => Dirty::of(&file).map_err(|e| errno(&e))?,
-                };
-                let mut dirty = dirty;
-                dirty.truncate(size);
-                state.dirty.insert(ino.0, dirty);
+                dirty_of(&mut state, ino.0, &file)?.truncate(size);
             }
             self.attr(&path)
         })();
@@ -512,14 +514,9 @@ impl Filesystem for ForgetfulFs {
     ) {
         let result = self.handle(fh).and_then(|(_, file)| {
             let mut state = self.state();
-            let dirty = match state.dirty.remove(&ino.0) {
-                Some(dirty) => dirty,
-                None => Dirty::of(&file).map_err(|e| errno(&e))?,
-            };
-            let mut dirty = dirty;
-            let written = dirty.write(&file, offset, data).map_err(|e| errno(&e));
-            state.dirty.insert(ino.0, dirty);
-            written
+            dirty_of(&mut state, ino.0, &file)?
+                .write(&file, offset, data)
+                .map_err(|e| errno(&e))
         });
         match result {
             Ok(()) => reply.written(data.len() as u32),
