@@ -85,11 +85,11 @@ async fn main() {
                 sequence: stored.sequence,
                 stream_sequences: vec![stored.sequence + 1],
             });
-            queue.ack(&acks.collect::<Vec<_>>()).expect("ack");
+            queue.ack(acks.collect()).await.expect("ack");
             acked += head.len() as u64;
         }
         if (n + 1) % (records / samples).max(1) == 0 {
-            let stats = queue.stats();
+            let stats = queue.measured_stats().await;
             println!(
                 "| {} | {:.1} | {} | {} |",
                 n + 1,
@@ -99,7 +99,7 @@ async fn main() {
             );
         }
     }
-    let stats = queue.stats();
+    let stats = queue.measured_stats().await;
     queue.close().await.expect("close");
     println!(
         "\n{records} records of {points} points in {:.1} s; {acked} acked; {} left in the queue",

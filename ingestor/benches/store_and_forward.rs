@@ -107,7 +107,7 @@ async fn append() {
     let queue = queue_at(dir.path());
     let points = 2_000_000;
     let seconds = fill(&queue, points, 16).await;
-    let stats = queue.stats();
+    let stats = queue.measured_stats().await;
     println!(
         "| queue append, 16 writers, 100-point batches | {:.0} points/s | {:.0} records/s | {:.1} KiB per record | {:.1} MiB on disk for {:.1} MiB payload |",
         points as f64 / seconds,
@@ -125,7 +125,7 @@ async fn drain(queue: &Queue, url: &str) -> (f64, Vec<f64>) {
     let start = Instant::now();
     let task = tokio::spawn(publish::run(queue.clone(), publisher_config(url), status, stop.clone()));
     let mut rss = Vec::new();
-    while queue.stats().records > 0 {
+    while queue.records() > 0 {
         rss.push(rss_mib());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -206,7 +206,7 @@ async fn replay(backlog: u64) {
     });
     let fill_seconds = fill(&queue, backlog, 16).await;
     let fill_peak = *peak.lock().expect("peak");
-    let disk = queue.stats().disk_bytes as f64 / 1_048_576.0;
+    let disk = queue.measured_stats().await.disk_bytes as f64 / 1_048_576.0;
     // What a restarted pod pays before it polls again: opening the queue counts the
     // backlog's records.
     queue.close().await.expect("close");

@@ -220,10 +220,11 @@ async fn pause_polling_on_a_full_disk_waits_for_the_publisher_and_drops_nothing(
     // write them again.
     let stored = queue.read(None, usize::MAX).await.unwrap();
     queue
-        .ack(&[Acked {
+        .ack(vec![Acked {
             sequence: stored.last().unwrap().sequence,
             stream_sequences: Vec::new(),
         }])
+        .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), held)
         .await

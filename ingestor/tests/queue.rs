@@ -55,7 +55,7 @@ async fn records_come_back_in_order_and_sequences_never_restart() {
     assert_eq!(stored_values(&stored), [0, 1, 2, 3, 4]);
     let last = stored.last().unwrap().sequence;
     assert_eq!(queue.stats().points, 5);
-    queue.ack(&[acked(last)]).unwrap();
+    queue.ack(vec![acked(last)]).await.unwrap();
     assert_eq!(queue.stats().points, 0);
     queue.close().await.unwrap();
 
@@ -156,7 +156,7 @@ async fn reading_on_from_a_record_sees_what_the_queue_holds() {
         if n % 1001 == 0
             && let Some(through) = last
         {
-            queue.ack(&[acked(through)]).unwrap();
+            queue.ack(vec![acked(through)]).await.unwrap();
         }
     }
     assert!(queue.stats().dropped_points > 0, "the full policy dropped records");
@@ -189,7 +189,7 @@ async fn pause_polling_holds_appends_until_the_publisher_frees_room() {
         async move { queue.append(vec![batch(1_000_000)]).await }
     });
     let head = everything(&queue).await[0].sequence;
-    queue.ack(&[acked(head + 20)]).unwrap();
+    queue.ack(vec![acked(head + 20)]).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
         .expect("room was made")
@@ -225,7 +225,7 @@ async fn acknowledged_records_are_retained_with_their_stream_sequences() {
             stream_sequences: vec![100 + s.sequence],
         })
         .collect();
-    queue.ack(&acks).unwrap();
+    queue.ack(acks).await.unwrap();
     let stats = queue.stats();
     assert_eq!((stats.records, stats.retained_records), (6, 4), "{stats:?}");
     assert_eq!(
@@ -249,7 +249,7 @@ async fn acknowledged_records_are_retained_with_their_stream_sequences() {
         vec![stored[2].clone()],
         "a retained record reads back as it was stored"
     );
-    queue.reack(stored[2].sequence, &[500]).unwrap();
+    queue.reack(stored[2].sequence, vec![500]).await.unwrap();
     queue.close().await.unwrap();
 
     let queue = Queue::open(config).unwrap().queue;
@@ -263,10 +263,11 @@ async fn acknowledged_records_are_retained_with_their_stream_sequences() {
     assert_eq!(ack.stream_sequences, vec![500]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     queue
-        .ack(&[Acked {
+        .ack(vec![Acked {
             sequence: stored[4].sequence,
             stream_sequences: vec![104],
         }])
+        .await
         .unwrap();
     assert_eq!(
         queue.retained_bounds().await.unwrap(),
@@ -386,7 +387,7 @@ async fn counters_match_the_records_when_acks_race_appends() {
         let stored = queue.read(None, 64).await.unwrap();
         if let Some(last) = stored.last() {
             seen += stored_values(&stored).len();
-            queue.ack(&[acked(last.sequence)]).unwrap();
+            queue.ack(vec![acked(last.sequence)]).await.unwrap();
         }
     }
     appender.await.unwrap();
@@ -423,7 +424,7 @@ async fn a_reopened_queue_reports_what_it_holds() {
     }
     let stored = everything(&queue).await;
     assert!(stored.len() >= 10, "{} records", stored.len());
-    queue.ack(&[acked(stored[3].sequence)]).unwrap();
+    queue.ack(vec![acked(stored[3].sequence)]).await.unwrap();
     let before = counted(&queue);
     queue.close().await.unwrap();
 
@@ -453,7 +454,7 @@ async fn a_reopened_queue_reports_what_it_holds() {
     assert_eq!(counted(&queue), after_skip);
 
     // Drained, then refilled: the counting starts over.
-    queue.ack(&[acked(left.last().unwrap().sequence)]).unwrap();
+    queue.ack(vec![acked(left.last().unwrap().sequence)]).await.unwrap();
     queue.append(vec![batch(7)]).await.unwrap();
     let refilled = counted(&queue);
     assert_eq!((refilled.0, refilled.1), (1, 1));

@@ -28,6 +28,10 @@ pub enum Outcome {
     Unchanged,
     /// The object was missing or rendered differently, and was applied.
     Written,
+    /// The live object is being deleted (a StatefulSet re-created for an immutable
+    /// change waits for the garbage collector to orphan its pods): nothing written; apply
+    /// again once it is gone.
+    Terminating,
 }
 
 /// The hex SHA-256 of an object's JSON form (struct fields and `BTreeMap`s serialise in a
@@ -42,17 +46,22 @@ pub fn rendered_hash<K: Serialize>(object: &K) -> String {
         })
 }
 
-/// Applies `object` unless the live one carries the same rendered hash.
+/// Applies `object` unless the live one carries the same rendered hash, or is being
+/// deleted: an apply to a terminating object changes an object about to vanish (or, for
+/// a StatefulSet's immutable fields, is refused again).
 pub async fn apply_if_changed<K>(api: &Api<K>, rendered: &K) -> Result<Outcome, kube::Error>
 where
     K: Resource + Serialize + DeserializeOwned + Clone + Debug,
 {
     let hash = rendered_hash(rendered);
     let name = rendered.name_any();
-    if let Some(live) = api.get_opt(&name).await?
-        && live.annotations().get(RENDERED_HASH) == Some(&hash)
-    {
-        return Ok(Outcome::Unchanged);
+    if let Some(live) = api.get_opt(&name).await? {
+        if live.meta().deletion_timestamp.is_some() {
+            return Ok(Outcome::Terminating);
+        }
+        if live.annotations().get(RENDERED_HASH) == Some(&hash) {
+            return Ok(Outcome::Unchanged);
+        }
     }
     let mut object = rendered.clone();
     object.annotations_mut().insert(RENDERED_HASH.to_owned(), hash);
@@ -66,28 +75,44 @@ where
 }
 
 /// What the API server says when a change touches a StatefulSet's immutable fields (its
-/// claim templates, selector or service name).
-const IMMUTABLE_STATEFUL_SET: &str = "updates to statefulset spec for fields other than";
+/// claim templates, selector or service name): older releases refuse any field outside
+/// the updatable ones, newer ones name the field (`spec.volumeClaimTemplates: Invalid
+/// value: ...: field is immutable`, Kubernetes 1.37).
+const IMMUTABLE_STATEFUL_SET: [&str; 2] = [
+    "updates to statefulset spec for fields other than",
+    "field is immutable",
+];
 
 /// [`apply_if_changed`] for a StatefulSet: when the API server refuses the change because
 /// it touches immutable fields (a Site's new storage size or class), the StatefulSet is
-/// deleted with its pod and claim orphaned, and applied again; the new one adopts the
-/// running pod and its claim, so no point is lost. The claim keeps its old size: growing
-/// it is the storage class's business (see docs/k3s.md).
+/// deleted with its pod and claim orphaned, and applied again once it is gone; the new
+/// one adopts the running pod and its claim, so no point is lost. The claim keeps its old
+/// size: growing it is the storage class's business (see docs/k3s.md).
+///
+/// An orphaning delete is not immediate: the API server keeps the StatefulSet, with a
+/// deletion timestamp and the `orphan` finalizer, until the garbage collector has taken
+/// its owner reference off the pods. Until then this answers [`Outcome::Terminating`],
+/// and the caller looks again shortly.
 pub async fn apply_or_recreate<K>(api: &Api<K>, rendered: &K) -> Result<Outcome, kube::Error>
 where
     K: Resource + Serialize + DeserializeOwned + Clone + Debug,
 {
     let name = rendered.name_any();
     match apply_if_changed(api, rendered).await {
-        Err(kube::Error::Api(status)) if status.code == 422 && status.message.contains(IMMUTABLE_STATEFUL_SET) => {
+        Err(kube::Error::Api(status))
+            if status.code == 422 && IMMUTABLE_STATEFUL_SET.iter().any(|m| status.message.contains(m)) =>
+        {
             tracing::warn!(%name, reason = %status.message, "immutable fields changed: recreating, pods and claims orphaned");
             let orphan = DeleteParams {
                 propagation_policy: Some(PropagationPolicy::Orphan),
                 ..DeleteParams::default()
             };
-            api.delete(&name, &orphan).await?;
-            apply_if_changed(api, rendered).await
+            let gone = api.delete(&name, &orphan).await?.is_right();
+            if gone {
+                apply_if_changed(api, rendered).await
+            } else {
+                Ok(Outcome::Terminating)
+            }
         }
         outcome => outcome,
     }

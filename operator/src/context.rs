@@ -191,7 +191,7 @@ impl Context {
         let event = Event {
             type_,
             reason: reason.into(),
-            note: Some(note),
+            note: Some(fit_note(note)),
             action: "Reconcile".into(),
             secondary: None,
         };
@@ -199,6 +199,24 @@ impl Context {
             tracing::warn!(object = %object.name_any(), reason, %error, "cannot publish an event");
         }
     }
+}
+
+/// The longest note the API server accepts on an event (`events.k8s.io/v1`).
+const MAX_EVENT_NOTE: usize = 1024;
+
+/// `note` cut to what an event may hold: an API server error quoted whole (a refused
+/// StatefulSet's spec) runs to several KiB, and the server refused the whole event.
+fn fit_note(mut note: String) -> String {
+    const ELLIPSIS: &str = "...";
+    if note.len() > MAX_EVENT_NOTE {
+        let end = (0..=MAX_EVENT_NOTE - ELLIPSIS.len())
+            .rev()
+            .find(|&i| note.is_char_boundary(i))
+            .unwrap_or_default();
+        note.truncate(end);
+        note.push_str(ELLIPSIS);
+    }
+    note
 }
 
 fn members_of<K: SiteMember>(store: &Store<K>, site: &Site) -> Vec<Arc<K>> {
@@ -211,4 +229,19 @@ fn members_of<K: SiteMember>(store: &Store<K>, site: &Site) -> Vec<Arc<K>> {
         .collect();
     members.sort_by_key(|m| m.name_any());
     members
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_EVENT_NOTE, fit_note};
+
+    #[test]
+    fn a_note_longer_than_an_event_holds_is_cut_on_a_character_boundary() {
+        let short = "the last poll failed".to_owned();
+        assert_eq!(fit_note(short.clone()), short);
+        let long = "é".repeat(MAX_EVENT_NOTE);
+        let fitted = fit_note(long);
+        assert!(fitted.len() <= MAX_EVENT_NOTE, "{}", fitted.len());
+        assert!(fitted.ends_with("é..."), "{fitted}");
+    }
 }

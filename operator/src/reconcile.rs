@@ -13,7 +13,7 @@ use kube::{
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
 use serde::{Serialize, de::DeserializeOwned};
-use serde_json::Value;
+use serde_json::json;
 use tagstream_core::calc::FormulaError;
 use tagstream_crds::{Formula, Site, condition_types::VALID};
 
@@ -22,7 +22,7 @@ use crate::{
     context::Context,
     metrics::WriteLabels,
     render::render,
-    status::{device_deployed_patch, formula_patch, site_deployed_patch, turns_false},
+    status::{FieldManager, device_deployed, formula_deployed, site_deployed, turns_false},
 };
 
 /// A reconcile is repeated this often even without a change, so that a rendered object
@@ -129,9 +129,12 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
         )
         .await?,
     ];
+    let mut terminating = None;
     for (kind, outcome) in applied {
-        if outcome == Outcome::Written {
-            written.push(kind);
+        match outcome {
+            Outcome::Written => written.push(kind),
+            Outcome::Terminating => terminating = Some(TERMINATING_RECHECK),
+            Outcome::Unchanged => {}
         }
     }
     if !written.is_empty() {
@@ -141,15 +144,15 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
     }
 
     if !ctx.statuses_now(site) {
-        return Ok(Action::await_change());
+        return Ok(terminating.map_or_else(Action::await_change, Action::requeue));
     }
 
     let now = Timestamp::now();
-    let mut report_due: Option<Duration> = None;
+    let mut look_again: Option<Duration> = terminating;
     for formula in formulas.iter().map(Arc::as_ref) {
         let issue = rendered.formula_issues.get(&formula.name_any());
         if let Some(wait) = issue.and_then(|issue| input_may_be_arriving(formula, issue, ctx.apply_window, now)) {
-            report_due = Some(report_due.map_or(wait, |due| due.min(wait)));
+            look_again = Some(look_again.map_or(wait, |due| due.min(wait)));
             continue;
         }
         let order = rendered
@@ -157,14 +160,14 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
             .get(&formula.name_any())
             .cloned()
             .unwrap_or_default();
-        if let Some(patch) = formula_patch(formula, issue, &order, now) {
-            write_status(ctx, formula, &patch).await?;
+        if let Some(deployed) = formula_deployed(formula, issue, &order, now) {
+            write_status(ctx, formula, FieldManager::Reconcile, &deployed).await?;
             let before = formula
                 .status
                 .as_ref()
                 .map(|s| s.conditions.as_slice())
                 .unwrap_or_default();
-            if let Some(issue) = issue.filter(|_| turns_false(before, &patch, VALID)) {
+            if let Some(issue) = issue.filter(|_| turns_false(before, &deployed.conditions, VALID)) {
                 ctx.event(
                     formula,
                     EventType::Warning,
@@ -176,17 +179,22 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
         }
     }
     for device in devices.iter().map(Arc::as_ref) {
-        if let Some(patch) = device_deployed_patch(device, now) {
-            write_status(ctx, device, &patch).await?;
+        if let Some(deployed) = device_deployed(device) {
+            write_status(ctx, device, FieldManager::Reconcile, &deployed).await?;
         }
     }
     let valid_formulas = formulas.len() - rendered.formula_issues.len();
-    if let Some(patch) = site_deployed_patch(site, devices.len() as u32, valid_formulas as u32, now) {
-        write_status(ctx, site, &patch).await?;
+    if let Some(deployed) = site_deployed(site, devices.len() as u32, valid_formulas as u32) {
+        write_status(ctx, site, FieldManager::Reconcile, &deployed).await?;
     }
-    // A held-back report is due when the apply window closes: look again then.
-    Ok(Action::requeue(report_due.map_or(RESYNC, |due| due + REPORT_MARGIN)))
+    // A held-back report is due when the apply window closes, and a terminating object
+    // may be gone soon: look again then.
+    Ok(Action::requeue(look_again.map_or(RESYNC, |due| due + REPORT_MARGIN)))
 }
+
+/// How soon a reconcile that found a rendered object terminating looks again (its
+/// deletion, once the garbage collector is done, also triggers one).
+const TERMINATING_RECHECK: Duration = Duration::from_secs(2);
 
 /// Past the end of an apply window, so that the creation timestamp's one-second
 /// resolution cannot make the next look fall just short of it.
@@ -232,10 +240,10 @@ where
         name,
         source,
     })?;
-    let outcome_label = if outcome == Outcome::Written {
-        "written"
-    } else {
-        "unchanged"
+    let outcome_label = match outcome {
+        Outcome::Written => "written",
+        Outcome::Unchanged => "unchanged",
+        Outcome::Terminating => "terminating",
     };
     ctx.metrics
         .applies
@@ -247,8 +255,14 @@ where
     Ok((kind, outcome))
 }
 
-/// Merge-patches the status subresource of `object`; returns the object as written.
-pub async fn write_status<K>(ctx: &Context, object: &K, patch: &Value) -> Result<K, Error>
+/// Applies `status` (the fields `manager` owns) to the status subresource of `object`;
+/// returns the object as written.
+pub async fn write_status<K>(
+    ctx: &Context,
+    object: &K,
+    manager: FieldManager,
+    status: &impl Serialize,
+) -> Result<K, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + DeserializeOwned
@@ -257,9 +271,15 @@ where
 {
     let namespace = object.namespace().unwrap_or_default();
     let name = object.name_any();
+    let body = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"name": name, "namespace": namespace},
+        "status": status,
+    });
     let api = Api::<K>::namespaced(ctx.client.clone(), &namespace);
     let written = api
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .patch_status(&name, &PatchParams::apply(manager.name()).force(), &Patch::Apply(&body))
         .await
         .map_err(|source| Error::Status {
             kind: K::kind(&()).into_owned(),

@@ -1,11 +1,19 @@
 //! What the operator writes into `status`: pure functions from the objects and the
 //! ingestor's report, and the rule for when a write is worth making.
 //!
-//! Two writers share each object's status, on disjoint fields (JSON merge patches):
+//! Two writers share each object's status, each owning its own fields, and each writes
+//! them with server-side apply under its own field manager ([`FieldManager`]):
 //! - the reconcile of a Site writes what it deployed: `observedGeneration`, Device
-//!   `tagCount`, Site `devices`/`formulas`, and the Formula `Valid` condition;
+//!   `tagCount`, Site `devices`/`formulas`, and the Formula `Valid` condition and
+//!   `dependencyOrder` ([`DeviceDeployed`], [`SiteDeployed`], [`FormulaDeployed`]);
 //! - the status loop writes what the ingestor reports: Device and Site conditions, poll
-//!   and queue figures.
+//!   and queue figures, a Formula's last value ([`DeviceReported`], [`SiteReported`],
+//!   [`FormulaReported`]).
+//!
+//! An apply sends a writer's whole intent for its fields, so the API server merges the
+//! two by field (and `conditions`, a list keyed by `type`, by condition): a writer whose
+//! cached object predates the other's last write cannot undo it, and a field a writer
+//! stops sending (an empty queue's oldest age) is removed. A JSON merge patch did neither.
 //!
 //! Counters and timestamps change on every poll; writing them every period would load the
 //! API server with a write per device every few seconds. They are written when something a
@@ -20,7 +28,7 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::ResourceExt;
-use serde_json::{Value, json};
+use serde::Serialize;
 use tagstream_core::{calc::FormulaError, report::Status as Report};
 use tagstream_crds::{
     Device, Formula, Site,
@@ -33,6 +41,25 @@ pub const QUEUE_BACKLOG_LIMIT: Duration = Duration::from_secs(300);
 
 /// `status.dependencyOrder`'s `maxItems` in the Formula CRD.
 const MAX_DEPENDENCY_ORDER: usize = 1024;
+
+/// The field managers of the two status writers. Their fields are disjoint, so neither
+/// takes a field from the other; their applies are forced all the same, to take over
+/// what an earlier version of the operator wrote with merge patches (as an `Update`
+/// manager, which a non-forced apply of a different value conflicts with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldManager {
+    Reconcile,
+    StatusLoop,
+}
+
+impl FieldManager {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Reconcile => "tagstream-operator-reconcile",
+            Self::StatusLoop => "tagstream-operator-status",
+        }
+    }
+}
 
 /// A condition's state: `True`, `False` or `Unknown` with a reason and message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,101 +125,83 @@ pub fn formula_validity(issue: Option<&FormulaError>) -> State {
     }
 }
 
-/// The merge patch of a Formula's status written by the reconcile, or `None` when the
-/// stored status already says it.
-pub fn formula_patch(
+/// What the reconcile owns of a Formula's status.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FormulaDeployed {
+    pub conditions: Vec<Condition>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    pub dependency_order: Vec<String>,
+}
+
+/// What the reconcile owns of a Formula's status, or `None` when the stored status
+/// already says it.
+pub fn formula_deployed(
     formula: &Formula,
     issue: Option<&FormulaError>,
     dependency_order: &[String],
     now: Timestamp,
-) -> Option<Value> {
+) -> Option<FormulaDeployed> {
     let current = formula.status.clone().unwrap_or_default();
     let generation = formula.metadata.generation;
-    // The schema bounds the list; a longer one would make the API server refuse the patch.
+    // The schema bounds the list; a longer one would make the API server refuse the write.
     let dependency_order = &dependency_order[..dependency_order.len().min(MAX_DEPENDENCY_ORDER)];
     let valid = condition(&current.conditions, VALID, &formula_validity(issue), generation, now);
     let unchanged = current.observed_generation == generation
         && current.dependency_order == dependency_order
         && same_conditions(&current.conditions, std::slice::from_ref(&valid));
-    (!unchanged).then(|| {
-        json!({"status": {
-            "conditions": [valid],
-            "observedGeneration": generation,
-            "dependencyOrder": dependency_order,
-        }})
+    (!unchanged).then(|| FormulaDeployed {
+        conditions: vec![valid],
+        observed_generation: generation,
+        dependency_order: dependency_order.to_vec(),
     })
 }
 
 const AWAITING_INGESTOR: &str = "waiting for the site's ingestor to report";
 
-/// The conditions of a Device or Site deployed but not yet reported on by its ingestor,
-/// or `None` once it has conditions: the object says what the operator knows (the
-/// ingestor is not ready yet) instead of nothing.
-fn awaiting_ingestor(
-    existing: &[Condition],
-    states: &[(&str, &'static str)],
-    generation: Option<i64>,
-    now: Timestamp,
-) -> Option<Vec<Condition>> {
-    existing.is_empty().then(|| {
-        states
-            .iter()
-            .map(|(type_, status)| {
-                let state = State::new(status, "IngestorNotReady", AWAITING_INGESTOR);
-                condition(existing, type_, &state, generation, now)
-            })
-            .collect()
-    })
+/// What the reconcile owns of a Device's status.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceDeployed {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    pub tag_count: u32,
 }
 
-/// The merge patch of what the reconcile deployed for a Device, or `None` when stored.
-pub fn device_deployed_patch(device: &Device, now: Timestamp) -> Option<Value> {
+/// What the reconcile deployed for a Device, or `None` when stored.
+pub fn device_deployed(device: &Device) -> Option<DeviceDeployed> {
     let current = device.status.clone().unwrap_or_default();
-    let generation = device.metadata.generation;
-    let tags = device.spec.tags.len() as u32;
-    let awaiting = awaiting_ingestor(
-        &current.conditions,
-        &[(CONNECTED, "Unknown"), (READY, "False")],
-        generation,
-        now,
-    );
-    let deployed = current.observed_generation == generation && current.tag_count == Some(tags);
-    deployed_patch(
-        deployed,
-        json!({"observedGeneration": generation, "tagCount": tags}),
-        awaiting,
-    )
+    let deployed = DeviceDeployed {
+        observed_generation: device.metadata.generation,
+        tag_count: device.spec.tags.len() as u32,
+    };
+    let stored =
+        current.observed_generation == deployed.observed_generation && current.tag_count == Some(deployed.tag_count);
+    (!stored).then_some(deployed)
 }
 
-/// The merge patch of what the reconcile deployed for a Site, or `None` when stored.
-pub fn site_deployed_patch(site: &Site, devices: u32, formulas: u32, now: Timestamp) -> Option<Value> {
+/// What the reconcile owns of a Site's status.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteDeployed {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    pub devices: u32,
+    pub formulas: u32,
+}
+
+/// What the reconcile deployed for a Site, or `None` when stored.
+pub fn site_deployed(site: &Site, devices: u32, formulas: u32) -> Option<SiteDeployed> {
     let current = site.status.clone().unwrap_or_default();
-    let generation = site.metadata.generation;
-    let awaiting = awaiting_ingestor(
-        &current.conditions,
-        &[(READY, "False"), (QUEUE_HEALTHY, "Unknown")],
-        generation,
-        now,
-    );
-    let deployed =
-        current.observed_generation == generation && current.devices == devices && current.formulas == formulas;
-    deployed_patch(
-        deployed,
-        json!({"observedGeneration": generation, "devices": devices, "formulas": formulas}),
-        awaiting,
-    )
-}
-
-/// The merge patch of a deploy's `fields` (and the conditions awaiting the ingestor), or
-/// `None` when the stored status already holds them.
-fn deployed_patch(deployed: bool, mut fields: Value, awaiting: Option<Vec<Condition>>) -> Option<Value> {
-    if deployed && awaiting.is_none() {
-        return None;
-    }
-    if let Some(conditions) = awaiting {
-        fields["conditions"] = json!(conditions);
-    }
-    Some(json!({ "status": fields }))
+    let stored = current.observed_generation == site.metadata.generation
+        && current.devices == devices
+        && current.formulas == formulas;
+    (!stored).then_some(SiteDeployed {
+        observed_generation: site.metadata.generation,
+        devices,
+        formulas,
+    })
 }
 
 fn time_from_ns(ns: i64) -> Option<Time> {
@@ -202,9 +211,28 @@ fn time_from_ns(ns: i64) -> Option<Time> {
 /// How the ingestor of a device's site answered.
 pub type Reached<'a> = Result<&'a Report, &'a str>;
 
-/// The merge patch of a Device's status from its ingestor's report, or `None` when the
-/// stored status says the same and is fresh enough.
-pub fn device_report_patch(device: &Device, report: Reached<'_>, now: Timestamp, heartbeat_due: bool) -> Option<Value> {
+/// What the status loop owns of a Device's status.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceReported {
+    pub conditions: Vec<Condition>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_poll_time: Option<Time>,
+    pub polls: u64,
+    pub failed_polls: u64,
+    pub poll_cycles_skipped: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A Device's status from its ingestor's report, or `None` when the stored status says
+/// the same and is fresh enough.
+pub fn device_reported(
+    device: &Device,
+    report: Reached<'_>,
+    now: Timestamp,
+    heartbeat_due: bool,
+) -> Option<DeviceReported> {
     let current = device.status.clone().unwrap_or_default();
     let generation = device.metadata.generation;
     let health = report.ok().and_then(|r| r.devices.get(&device.name_any()));
@@ -260,32 +288,42 @@ pub fn device_report_patch(device: &Device, report: Reached<'_>, now: Timestamp,
         || current.poll_cycles_skipped != skipped
         || current.last_poll_time != last_poll_time;
     let write = significant || (moved && heartbeat_due);
-    write.then(|| {
-        json!({"status": {
-            "conditions": conditions,
-            "lastPollTime": last_poll_time,
-            "polls": polls,
-            "failedPolls": failed_polls,
-            "pollCyclesSkipped": skipped,
-            "lastError": last_error,
-        }})
+    write.then_some(DeviceReported {
+        conditions,
+        last_poll_time,
+        polls,
+        failed_polls,
+        poll_cycles_skipped: skipped,
+        last_error,
     })
 }
 
-/// The merge patch of a Formula's latest result from its ingestor's report, or `None`.
-/// Results change every cycle: they are written once per heartbeat at most.
-pub fn formula_report_patch(formula: &Formula, report: Reached<'_>, heartbeat_due: bool) -> Option<Value> {
-    let reported = report.ok()?.formulas.get(&formula.name_any())?;
-    let current = formula.status.clone().unwrap_or_default();
-    let time = reported.last_value_ns.and_then(time_from_ns);
-    let moved = current.last_value != reported.last_value || current.last_value_time != time;
-    (moved && heartbeat_due && reported.last_value.is_some())
-        .then(|| json!({"status": {"lastValue": reported.last_value, "lastValueTime": time}}))
+/// What the status loop owns of a Formula's status: its latest result.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FormulaReported {
+    pub last_value: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_value_time: Option<Time>,
 }
 
-/// The merge patch of a Device whose Site does not exist (deleted, or not created yet),
-/// or `None` when its status already says so.
-pub fn siteless_device_patch(device: &Device, now: Timestamp) -> Option<Value> {
+/// A Formula's latest result from its ingestor's report, or `None`. Results change every
+/// cycle: they are written once per heartbeat at most.
+pub fn formula_reported(formula: &Formula, report: Reached<'_>, heartbeat_due: bool) -> Option<FormulaReported> {
+    let reported = report.ok()?.formulas.get(&formula.name_any())?;
+    let last_value = reported.last_value.clone()?;
+    let current = formula.status.clone().unwrap_or_default();
+    let time = reported.last_value_ns.and_then(time_from_ns);
+    let moved = current.last_value.as_ref() != Some(&last_value) || current.last_value_time != time;
+    (moved && heartbeat_due).then_some(FormulaReported {
+        last_value,
+        last_value_time: time,
+    })
+}
+
+/// The status of a Device whose Site does not exist (deleted, or not created yet): not
+/// polled by anything, so no poll figures. `None` when its status already says so.
+pub fn siteless_device(device: &Device, now: Timestamp) -> Option<DeviceReported> {
     let current = device.status.clone().unwrap_or_default();
     let generation = device.metadata.generation;
     let why = format!("Site {} does not exist in this namespace", device.spec.site);
@@ -305,7 +343,14 @@ pub fn siteless_device_patch(device: &Device, now: Timestamp) -> Option<Value> {
             now,
         ),
     ];
-    (!same_conditions(&current.conditions, &conditions)).then(|| json!({"status": {"conditions": conditions}}))
+    (!same_conditions(&current.conditions, &conditions)).then_some(DeviceReported {
+        conditions,
+        last_poll_time: None,
+        polls: 0,
+        failed_polls: 0,
+        poll_cycles_skipped: 0,
+        last_error: None,
+    })
 }
 
 /// `QueueHealthy` reasons that warrant a Warning event when they appear.
@@ -386,8 +431,17 @@ fn broker_durability(report: &Report, now: Timestamp) -> State {
     }
 }
 
-/// The merge patch of a Site's status from its ingestor's report, or `None`.
-pub fn site_report_patch(site: &Site, report: Reached<'_>, now: Timestamp, heartbeat_due: bool) -> Option<Value> {
+/// What the status loop owns of a Site's status.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteReported {
+    pub conditions: Vec<Condition>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStatus>,
+}
+
+/// A Site's status from its ingestor's report, or `None`.
+pub fn site_reported(site: &Site, report: Reached<'_>, now: Timestamp, heartbeat_due: bool) -> Option<SiteReported> {
     let current = site.status.clone().unwrap_or_default();
     let generation = site.metadata.generation;
     let (ready, queue_state, broker_state, queue) = match report {
@@ -416,30 +470,23 @@ pub fn site_report_patch(site: &Site, report: Reached<'_>, now: Timestamp, heart
     ];
     let significant = !same_conditions(&current.conditions, &conditions);
     let write = significant || (current.queue != queue && heartbeat_due);
-    // Every field spelled out: a merge patch leaves an omitted field as it was, so an
-    // empty queue's absent oldest age would keep the last backlog's.
-    let queue = queue.map(
-        |q| json!({"depth": q.depth, "bytes": q.bytes, "oldestAgeSeconds": q.oldest_age_seconds, "dropped": q.dropped}),
-    );
-    write.then(|| json!({"status": {"conditions": conditions, "queue": queue}}))
+    write.then_some(SiteReported { conditions, queue })
 }
 
-/// Whether `patch` turns the condition `type_` to `False` from anything else in `before`
+/// Whether `after` turns the condition `type_` to `False` from anything else in `before`
 /// (for events, which say a thing once, when it happens).
-pub fn turns_false(before: &[Condition], patch: &Value, type_: &str) -> bool {
-    turns(before, patch, type_, "False")
+pub fn turns_false(before: &[Condition], after: &[Condition], type_: &str) -> bool {
+    turns(before, after, type_, "False")
 }
 
-/// Whether `patch` turns the condition `type_` to `to` from anything else in `before`.
-pub fn turns(before: &[Condition], patch: &Value, type_: &str, to: &str) -> bool {
-    let after: Vec<Condition> = serde_json::from_value(patch["status"]["conditions"].clone()).unwrap_or_default();
-    condition_status(&after, type_) == Some(to) && condition_status(before, type_) != Some(to)
+/// Whether `after` turns the condition `type_` to `to` from anything else in `before`.
+pub fn turns(before: &[Condition], after: &[Condition], type_: &str, to: &str) -> bool {
+    condition_status(after, type_) == Some(to) && condition_status(before, type_) != Some(to)
 }
 
-/// The condition `type_` in `patch`, when `patch` turns it to a new reason (for events).
-pub fn new_reason(before: &[Condition], patch: &Value, type_: &str) -> Option<Condition> {
-    let after: Vec<Condition> = serde_json::from_value(patch["status"]["conditions"].clone()).unwrap_or_default();
-    let now = after.into_iter().find(|c| c.type_ == type_)?;
+/// The condition `type_` in `after`, when it has a new reason since `before` (for events).
+pub fn new_reason<'a>(before: &[Condition], after: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    let now = after.iter().find(|c| c.type_ == type_)?;
     let was = before.iter().find(|c| c.type_ == type_).map(|c| c.reason.as_str());
     (was != Some(now.reason.as_str())).then_some(now)
 }
@@ -451,6 +498,8 @@ pub fn condition_status<'a>(list: &'a [Condition], type_: &str) -> Option<&'a st
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
     fn formula() -> Formula {
@@ -463,11 +512,8 @@ mod tests {
     #[test]
     fn a_dependency_order_longer_than_the_schema_allows_is_cut_to_fit() {
         let order: Vec<String> = (0..2000).map(|i| format!("f{i}")).collect();
-        let patch = formula_patch(&formula(), None, &order, Timestamp::now()).unwrap();
-        assert_eq!(
-            patch["status"]["dependencyOrder"].as_array().unwrap().len(),
-            MAX_DEPENDENCY_ORDER
-        );
+        let deployed = formula_deployed(&formula(), None, &order, Timestamp::now()).unwrap();
+        assert_eq!(deployed.dependency_order.len(), MAX_DEPENDENCY_ORDER);
     }
 
     #[test]
@@ -481,5 +527,59 @@ mod tests {
         let false_ = State::new("False", "PollFailed", "timeout");
         let changed = condition(&[again], CONNECTED, &false_, Some(1), now);
         assert_eq!(changed.last_transition_time, Time(now));
+    }
+
+    fn fields(status: &impl Serialize) -> Vec<String> {
+        let Value::Object(map) = serde_json::to_value(status).unwrap() else {
+            panic!("a status is an object");
+        };
+        map.keys().cloned().collect()
+    }
+
+    /// The two writers apply disjoint fields of each kind's status: neither removes or
+    /// conflicts with the other's (every optional field set, so that each is counted).
+    #[test]
+    fn the_reconcile_and_the_status_loop_own_disjoint_fields() {
+        let time = Some(Time(Timestamp::now()));
+        let reported = DeviceReported {
+            conditions: vec![],
+            last_poll_time: time.clone(),
+            polls: 1,
+            failed_polls: 1,
+            poll_cycles_skipped: 1,
+            last_error: Some("e".into()),
+        };
+        let deployed = DeviceDeployed {
+            observed_generation: Some(1),
+            tag_count: 1,
+        };
+        let site_reported = SiteReported {
+            conditions: vec![],
+            queue: Some(QueueStatus::default()),
+        };
+        let site_deployed = SiteDeployed {
+            observed_generation: Some(1),
+            devices: 1,
+            formulas: 1,
+        };
+        let formula_reported = FormulaReported {
+            last_value: "1".into(),
+            last_value_time: time,
+        };
+        let formula_deployed = FormulaDeployed {
+            conditions: vec![],
+            observed_generation: Some(1),
+            dependency_order: vec![],
+        };
+        for (reconcile, status_loop) in [
+            (fields(&deployed), fields(&reported)),
+            (fields(&site_deployed), fields(&site_reported)),
+            (fields(&formula_deployed), fields(&formula_reported)),
+        ] {
+            assert!(
+                reconcile.iter().all(|f| !status_loop.contains(f)),
+                "{reconcile:?} and {status_loop:?} share a field"
+            );
+        }
     }
 }

@@ -14,7 +14,6 @@ use kube::{
     ResourceExt,
     runtime::{events::EventType, reflector::ObjectRef},
 };
-use serde_json::Value;
 use tagstream_crds::{
     Device, Site,
     condition_types::{BROKER_DURABLE, CONNECTED, QUEUE_HEALTHY, READY},
@@ -27,8 +26,8 @@ use crate::{
     reconcile::write_status,
     report::ReportSource,
     status::{
-        BROKER_LOST_RECORDS, DISK_FULL, QUEUE_WRITE_FAILING, Reached, condition_status, device_report_patch,
-        formula_report_patch, new_reason, site_report_patch, siteless_device_patch, turns, turns_false,
+        BROKER_LOST_RECORDS, DISK_FULL, DeviceReported, FieldManager, QUEUE_WRITE_FAILING, Reached, condition_status,
+        device_reported, formula_reported, new_reason, site_reported, siteless_device, turns, turns_false,
     },
 };
 
@@ -146,14 +145,12 @@ impl StatusLoop {
             .filter(|d| self.ctx.sites.get(&site_of(&**d)).is_none())
             .collect();
         siteless.sort_by_key(|d| (d.namespace(), d.name_any()));
-        for stored in siteless {
-            if self.awaiting_watch(&*stored) {
-                continue;
-            }
-            if let Some(patch) = siteless_device_patch(&stored, now) {
-                self.write(&*stored, &patch).await;
-            }
-        }
+        let writes = siteless
+            .into_iter()
+            .filter(|d| !self.awaiting_watch(&**d))
+            .filter_map(|d| siteless_device(&d, now).map(|status| (d, status)))
+            .collect();
+        self.write_all(writes).await;
     }
 
     /// Writes what `report` says into the site's Formulas, Devices and Site; an object
@@ -161,52 +158,47 @@ impl StatusLoop {
     async fn write_site(&mut self, site: &Site, report: Reached<'_>) {
         let now = Timestamp::now();
         let (devices, formulas) = self.ctx.members(site);
-        for formula in formulas.iter().map(Arc::as_ref) {
-            if self.awaiting_watch(formula) {
-                continue;
+        let formula_writes = formulas
+            .into_iter()
+            .filter(|f| !self.awaiting_watch(&**f))
+            .filter_map(|f| formula_reported(&f, report, self.heartbeat_due(&*f)).map(|status| (f, status)))
+            .collect();
+        self.write_all(formula_writes).await;
+        let device_writes = devices
+            .into_iter()
+            .filter(|d| !self.awaiting_watch(&**d))
+            .filter_map(|d| device_reported(&d, report, now, self.heartbeat_due(&*d)).map(|status| (d, status)))
+            .collect();
+        for (device, status) in self.write_all(device_writes).await {
+            let device = &*device;
+            let before = device
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            if turns_false(before, &status.conditions, CONNECTED) {
+                let why = status.last_error.as_deref().unwrap_or_default();
+                let note = format!("the last poll failed: {why}");
+                self.ctx
+                    .event(device, EventType::Warning, "DeviceUnreachable", note)
+                    .await;
             }
-            let due = self.heartbeat_due(formula);
-            if let Some(patch) = formula_report_patch(formula, report, due) {
-                self.write(formula, &patch).await;
-            }
-        }
-        for device in devices.iter().map(Arc::as_ref) {
-            if self.awaiting_watch(device) {
-                continue;
-            }
-            let due = self.heartbeat_due(device);
-            if let Some(patch) = device_report_patch(device, report, now, due)
-                && self.write(device, &patch).await
-            {
-                let before = device
-                    .status
-                    .as_ref()
-                    .map(|s| s.conditions.as_slice())
-                    .unwrap_or_default();
-                if turns_false(before, &patch, CONNECTED) {
-                    let why = patch["status"]["lastError"].as_str().unwrap_or_default();
-                    let note = format!("the last poll failed: {why}");
-                    self.ctx
-                        .event(device, EventType::Warning, "DeviceUnreachable", note)
-                        .await;
-                }
-                if let Some(skipped) = keeps_skipping(device, &patch) {
-                    let note = format!(
-                        "{skipped} poll cycles skipped since the last status: polling takes longer than pollInterval {}",
-                        device.spec.poll_interval
-                    );
-                    self.ctx
-                        .event(device, EventType::Warning, "PollCyclesSkipped", note)
-                        .await;
-                }
+            if let Some(skipped) = keeps_skipping(device, &status) {
+                let note = format!(
+                    "{skipped} poll cycles skipped since the last status: polling takes longer than pollInterval {}",
+                    device.spec.poll_interval
+                );
+                self.ctx
+                    .event(device, EventType::Warning, "PollCyclesSkipped", note)
+                    .await;
             }
         }
         if self.awaiting_watch(site) {
             return;
         }
         let due = self.heartbeat_due(site);
-        if let Some(patch) = site_report_patch(site, report, now, due)
-            && self.write(site, &patch).await
+        if let Some(status) = site_reported(site, report, now, due)
+            && self.write(site, &status).await
         {
             let before = site
                 .status
@@ -215,23 +207,24 @@ impl StatusLoop {
                 .unwrap_or_default();
             // Said once per transition, never once per failed pass; an ingestor not up
             // yet after a deploy is expected and its status says so.
-            if condition_status(before, READY) == Some("True") && turns_false(before, &patch, READY) {
+            let after = status.conditions.as_slice();
+            if condition_status(before, READY) == Some("True") && turns_false(before, after, READY) {
                 let why = report.err().unwrap_or_default();
                 tracing::warn!(site = %site.name_any(), why, "the site's ingestor stopped answering");
                 self.ctx
                     .event(site, EventType::Warning, "IngestorNotReady", why.to_owned())
                     .await;
-            } else if turns(before, &patch, READY, "True") {
+            } else if turns(before, after, READY, "True") {
                 tracing::info!(site = %site.name_any(), "the site's ingestor answers");
             }
             let warnings = [
-                new_reason(before, &patch, QUEUE_HEALTHY)
+                new_reason(before, after, QUEUE_HEALTHY)
                     .filter(|c| [DISK_FULL, QUEUE_WRITE_FAILING].contains(&c.reason.as_str())),
-                new_reason(before, &patch, BROKER_DURABLE).filter(|c| c.reason == BROKER_LOST_RECORDS),
+                new_reason(before, after, BROKER_DURABLE).filter(|c| c.reason == BROKER_LOST_RECORDS),
             ];
             for warning in warnings.into_iter().flatten() {
                 self.ctx
-                    .event(site, EventType::Warning, &warning.reason, warning.message)
+                    .event(site, EventType::Warning, &warning.reason, warning.message.clone())
                     .await;
             }
         }
@@ -251,22 +244,57 @@ impl StatusLoop {
             .is_some_and(|w| w.from_version == stored.meta().resource_version)
     }
 
-    /// Writes `patch` to the status of `stored` (the store's version of the object);
+    /// Applies `status` to the status of `stored` (the store's version of the object);
     /// whether it was written. A failure is logged and counted, naming the object.
-    async fn write<K>(&mut self, stored: &K, patch: &Value) -> bool
+    async fn write<K>(&mut self, stored: &K, status: &impl serde::Serialize) -> bool
     where
         K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
             + serde::de::DeserializeOwned
-            + serde::Serialize
             + Clone
             + std::fmt::Debug,
     {
-        if let Err(error) = write_status(&self.ctx, stored, patch).await {
-            let kind = K::kind(&());
-            tracing::warn!(%kind, name = %stored.name_any(), %error, "cannot write status");
-            self.ctx.metrics.count_status_write_failure(&kind);
-            return false;
+        let written = apply_logged(&self.ctx, stored, status).await;
+        if written {
+            self.remember(stored);
         }
+        written
+    }
+
+    /// Applies each status to its object, [`StatusSettings::concurrency`] at a time (the
+    /// first pass after a deploy writes every Device of every site); the writes made.
+    async fn write_all<K, S>(&mut self, writes: Vec<(Arc<K>, S)>) -> Vec<(Arc<K>, S)>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + serde::de::DeserializeOwned
+            + Clone
+            + std::fmt::Debug
+            + Send
+            + Sync,
+        S: serde::Serialize + Send,
+    {
+        let applies = writes.into_iter().map(|(stored, status)| {
+            let ctx = Arc::clone(&self.ctx);
+            async move {
+                let written = apply_logged(&ctx, &*stored, &status).await;
+                (stored, status, written)
+            }
+        });
+        let results: Vec<_> = futures::stream::iter(applies)
+            .buffered(self.settings.concurrency.max(1))
+            .collect()
+            .await;
+        let mut written = Vec::with_capacity(results.len());
+        for (stored, status, ok) in results {
+            if ok {
+                self.remember(&*stored);
+                written.push((stored, status));
+            }
+        }
+        written
+    }
+
+    /// Notes a write to `stored`, for the heartbeat and for [`Self::awaiting_watch`].
+    fn remember<K: kube::Resource<DynamicType = ()>>(&mut self, stored: &K) {
         self.written.insert(
             key(stored),
             Written {
@@ -274,8 +302,25 @@ impl StatusLoop {
                 from_version: stored.meta().resource_version.clone(),
             },
         );
-        true
     }
+}
+
+/// Applies `status` to `stored` under the status loop's field manager; whether it was
+/// written. A failure is logged and counted, naming the object.
+async fn apply_logged<K>(ctx: &Context, stored: &K, status: &impl serde::Serialize) -> bool
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + serde::de::DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let Err(error) = write_status(ctx, stored, FieldManager::StatusLoop, status).await else {
+        return true;
+    };
+    let kind = K::kind(&());
+    tracing::warn!(%kind, name = %stored.name_any(), %error, "cannot write status");
+    ctx.metrics.count_status_write_failure(&kind);
+    false
 }
 
 fn key<K: kube::Resource<DynamicType = ()>>(object: &K) -> Key {
@@ -288,8 +333,9 @@ fn key<K: kube::Resource<DynamicType = ()>>(object: &K) -> Key {
 /// ingestor, so a smaller number than before is no news.
 const KEEPS_SKIPPING: u64 = 10;
 
-fn keeps_skipping(device: &Device, patch: &serde_json::Value) -> Option<u64> {
+fn keeps_skipping(device: &Device, reported: &DeviceReported) -> Option<u64> {
     let before = device.status.as_ref().map_or(0, |s| s.poll_cycles_skipped);
-    let now = patch["status"]["pollCyclesSkipped"].as_u64()?;
-    now.checked_sub(before).filter(|skipped| *skipped >= KEEPS_SKIPPING)
+    (reported.poll_cycles_skipped)
+        .checked_sub(before)
+        .filter(|skipped| *skipped >= KEEPS_SKIPPING)
 }

@@ -358,7 +358,7 @@ impl Connection<'_> {
             let mut acked = Vec::new();
             let Some(last) = chunk.last().map(|s| s.sequence) else {
                 window.settle(0, status, &mut acked).await?;
-                queue.ack(&acked)?;
+                queue.ack(acked).await?;
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
@@ -385,7 +385,7 @@ impl Connection<'_> {
                 self.send_parts(epoch, sequence, parts, &mut window).await?;
                 window.settle(config.max_in_flight, status, &mut acked).await?;
             }
-            queue.ack(&acked)?;
+            queue.ack(acked).await?;
         }
     }
 
@@ -429,7 +429,7 @@ async fn stalled(queue: &Queue, status: &Mutex<PublisherStatus>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let acked = status.lock().expect("status lock").acked_records;
-        if acked != last.0 || queue.stats().records == 0 {
+        if acked != last.0 || queue.records() == 0 {
             last = (acked, Instant::now());
         } else if last.1.elapsed() >= STALL_LIMIT {
             return;

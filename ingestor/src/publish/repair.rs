@@ -205,17 +205,17 @@ impl Connection<'_> {
                 window
                     .settle(self.config.max_in_flight, self.status, &mut acked)
                     .await?;
-                self.reack(&mut pending, acked)?;
+                self.reack(&mut pending, acked).await?;
             }
             start = end + 1;
         }
         let mut acked = Vec::new();
         window.settle(0, self.status, &mut acked).await?;
-        self.reack(&mut pending, acked)
+        self.reack(&mut pending, acked).await
     }
 
     /// Notes the new stream sequences of records sent again, in the order they were sent.
-    fn reack(
+    async fn reack(
         &self,
         pending: &mut std::collections::VecDeque<(u64, Vec<u64>, Vec<usize>)>,
         acked: Vec<Acked>,
@@ -227,7 +227,7 @@ impl Connection<'_> {
             for (part, stream_sequence) in sent.into_iter().zip(record.stream_sequences) {
                 stream_sequences[part] = stream_sequence;
             }
-            self.queue.reack(sequence, &stream_sequences)?;
+            self.queue.reack(sequence, stream_sequences).await?;
         }
         Ok(())
     }

@@ -205,6 +205,21 @@ struct Store {
     meta: sled::Tree,
     /// sled's data file, for the fsync its flush does not make.
     file: File,
+    /// Declared last, so dropped last: signals that sled's handles are gone.
+    released: Released,
+}
+
+/// Tells a waiter when the last handle to a store is dropped, and sled's file lock with
+/// it, so that sled can be opened again at once.
+#[derive(Debug, Default)]
+struct Released(Mutex<Option<std::sync::mpsc::Sender<()>>>);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        if let Some(waiter) = self.0.get_mut().ok().and_then(Option::take) {
+            let _ = waiter.send(());
+        }
+    }
 }
 
 impl Store {
@@ -220,6 +235,7 @@ impl Store {
             retained,
             meta,
             file,
+            released: Released::default(),
         })
     }
 
@@ -314,6 +330,18 @@ impl Shared {
         self.stats.lock().expect("stats lock")
     }
 
+    /// Measures what sled's files take and what the filesystem has free (blocking: a
+    /// statvfs, and sled reads its file's metadata and its blob directory).
+    fn measure_disk(&self) {
+        let disk_bytes = self.store().ok().and_then(|s| s.db.size_on_disk().ok());
+        let available = self.volume.space().map(|s| s.available);
+        let mut stats = self.stats();
+        if let Some(bytes) = disk_bytes {
+            stats.disk_bytes = bytes;
+        }
+        stats.volume_available_bytes = available;
+    }
+
     /// Maps a sled error to the queue's, noting that sled must be reopened.
     fn storage_error(&self) -> impl Fn(sled::Error) -> QueueError + '_ {
         move |source| {
@@ -371,6 +399,7 @@ impl Queue {
         (stats.retained_records, stats.retained_bytes) = retained::summarize(&store.retained).map_err(&err)?;
         let next = next_sequence(&store).map_err(&err)?;
         volume.ensure_reserve();
+        stats.volume_available_bytes = volume.space().map(|s| s.available);
         info!(queue = %config.dir.display(), epoch = format!("{epoch:016x}"), records = stats.records, points = stats.points, "queue opened");
         let (appends, rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
@@ -403,13 +432,28 @@ impl Queue {
         self.shared.epoch
     }
 
+    /// The queue's figures, from memory: the disk's (`disk_bytes`,
+    /// `volume_available_bytes`) are as of the writer's last measure, at most
+    /// [`DISK_MEASURE_PERIOD`] old.
     pub fn stats(&self) -> QueueStats {
-        let mut stats = self.shared.stats().clone();
-        if let Ok(store) = self.shared.store() {
-            stats.disk_bytes = store.db.size_on_disk().unwrap_or(stats.disk_bytes);
-        }
-        stats.volume_available_bytes = self.shared.volume.space().map(|s| s.available);
-        stats
+        self.shared.stats().clone()
+    }
+
+    /// [`Queue::stats`] with the disk's figures measured now (on the blocking pool).
+    pub async fn measured_stats(&self) -> QueueStats {
+        let shared = Arc::clone(&self.shared);
+        blocking(move || shared.measure_disk()).await;
+        self.stats()
+    }
+
+    /// Records not yet acknowledged.
+    pub fn records(&self) -> u64 {
+        self.shared.stats().records
+    }
+
+    /// Whether `pausePolling` is holding appends back.
+    pub fn is_paused(&self) -> bool {
+        self.shared.stats().paused
     }
 
     /// Stores `batches`; returns once they are on disk.
@@ -447,7 +491,7 @@ impl Queue {
             return Ok(records);
         }
         let shared = Arc::clone(&self.shared);
-        run_blocking(move || {
+        blocking(move || {
             let store = shared.store()?;
             let err = shared.storage_error();
             let mut out = Vec::with_capacity(max.min(1024));
@@ -489,49 +533,18 @@ impl Queue {
     /// `retained` with its parts' stream sequences, and retained records acknowledged
     /// longer ago than the retention leave.
     ///
-    /// On the caller's thread: removals are in-memory log entries sled writes out with the
-    /// next flush, and the records removed are the ones just read, so nothing here waits
-    /// for the disk; a round trip through the blocking pool cost more than the removal.
-    pub fn ack(&self, acked: &[Acked]) -> Result<(), QueueError> {
+    /// On the blocking pool, once per chunk the publisher acknowledges. It ran on the
+    /// caller's thread while an ack only removed records (in-memory log entries), where a
+    /// round trip through the pool cost more than the removal; with a retention every
+    /// acknowledged record is written again, and sled's writes wait for its log buffers,
+    /// so on a slow disk the publisher's runtime thread would wait too.
+    pub async fn ack(&self, acked: Vec<Acked>) -> Result<(), QueueError> {
         let Some(last) = acked.last().map(|a| a.sequence) else {
             return Ok(());
         };
-        let shared = &self.shared;
-        let store = shared.store()?;
-        let retention = shared.config.acked_retention;
-        // Moving a record writes it again: on a short disk that space goes to new points
-        // (found by tests/disk_full.rs, where the moves took what the acks had freed).
-        if retention.is_zero() || shared.stats().disk_full {
-            remove_head(shared, &store, |key| key <= last, false, |_, _| Ok(()))?;
-            if retention.is_zero() {
-                // What an earlier run with a retention kept.
-                remove_retained(shared, &store, |_| true)?;
-            }
-        } else {
-            let now = now_ns();
-            let err = shared.storage_error();
-            remove_head(
-                shared,
-                &store,
-                |key| key <= last,
-                false,
-                |sequence, value| {
-                    let streams = acked
-                        .binary_search_by_key(&sequence, |a| a.sequence)
-                        .map_or(&[][..], |i| acked[i].stream_sequences.as_slice());
-                    let entry = retained::encode(now, streams, value);
-                    let bytes = entry.len() as u64;
-                    store.retained.insert(sequence.to_be_bytes(), entry).map_err(&err)?;
-                    let mut stats = shared.stats();
-                    stats.retained_records += 1;
-                    stats.retained_bytes += bytes;
-                    Ok(())
-                },
-            )?;
-            let cutoff = now - i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
-            remove_retained(shared, &store, |ack| ack.acked_ns < cutoff)?;
-        }
-        shared.room.notify_waiters();
+        let shared = Arc::clone(&self.shared);
+        blocking(move || ack_through(&shared, &acked, last)).await?;
+        self.shared.room.notify_waiters();
         Ok(())
     }
 
@@ -539,7 +552,7 @@ impl Queue {
     /// in one pass (one that does not decode is logged and left out).
     pub async fn read_retained(&self, from: u64, through: u64) -> Result<Vec<(Stored, RetainedAck)>, QueueError> {
         let shared = Arc::clone(&self.shared);
-        run_blocking(move || {
+        blocking(move || {
             let store = shared.store()?;
             let err = shared.storage_error();
             let mut out = Vec::new();
@@ -565,7 +578,7 @@ impl Queue {
     /// The first and last retained sequences, when there are any.
     pub async fn retained_bounds(&self) -> Result<Option<(u64, u64)>, QueueError> {
         let shared = Arc::clone(&self.shared);
-        run_blocking(move || {
+        blocking(move || {
             let store = shared.store()?;
             let err = shared.storage_error();
             let first = store.retained.first().map_err(&err)?;
@@ -580,7 +593,7 @@ impl Queue {
     /// The first retained record at or after `sequence`, and its ack.
     pub async fn retained_at_or_after(&self, sequence: u64) -> Result<Option<(u64, RetainedAck)>, QueueError> {
         let shared = Arc::clone(&self.shared);
-        run_blocking(move || {
+        blocking(move || {
             let store = shared.store()?;
             let err = shared.storage_error();
             for entry in store.retained.range(sequence.to_be_bytes()..) {
@@ -596,16 +609,20 @@ impl Queue {
 
     /// Notes that JetStream stored a retained record again, at `stream_sequences`: it is
     /// kept for another retention, since the broker has not synced it yet either.
-    pub fn reack(&self, sequence: u64, stream_sequences: &[u64]) -> Result<(), QueueError> {
-        let store = self.shared.store()?;
-        let err = self.shared.storage_error();
-        let key = sequence.to_be_bytes();
-        if let Some(entry) = store.retained.get(key).map_err(&err)?
-            && let Some(entry) = retained::reacked(&entry, now_ns(), stream_sequences)
-        {
-            store.retained.insert(key, entry).map_err(&err)?;
-        }
-        Ok(())
+    pub async fn reack(&self, sequence: u64, stream_sequences: Vec<u64>) -> Result<(), QueueError> {
+        let shared = Arc::clone(&self.shared);
+        blocking(move || {
+            let store = shared.store()?;
+            let err = shared.storage_error();
+            let key = sequence.to_be_bytes();
+            if let Some(entry) = store.retained.get(key).map_err(&err)?
+                && let Some(entry) = retained::reacked(&entry, now_ns(), &stream_sequences)
+            {
+                store.retained.insert(key, entry).map_err(&err)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The ingestor is stopping: appends still come (what the pipeline holds), but the
@@ -632,7 +649,7 @@ impl Queue {
         }
         let store = shared.store()?;
         let flushed = Arc::clone(&shared);
-        run_blocking(move || store.flush().map_err(flushed.storage_error())).await?;
+        blocking(move || store.flush().map_err(flushed.storage_error())).await?;
         shared.commit_drops();
         Ok(())
     }
@@ -671,12 +688,55 @@ fn open_store(config: &QueueConfig, volume: &Volume) -> Result<Store, sled::Erro
     }
 }
 
-async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
-) -> Result<T, QueueError> {
+/// Runs `f` on the blocking pool: sled calls, fsyncs, statvfs and the reserve file's
+/// writes never run on a runtime thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// How often the writer measures the disk's figures for [`Queue::stats`].
+pub const DISK_MEASURE_PERIOD: Duration = Duration::from_secs(1);
+
+/// Removes the head records through `last`, moving them to the retained tree (with the
+/// stream sequences `acked` lists) unless there is no retention (blocking).
+fn ack_through(shared: &Shared, acked: &[Acked], last: u64) -> Result<(), QueueError> {
+    let store = shared.store()?;
+    let retention = shared.config.acked_retention;
+    // Moving a record writes it again: on a short disk that space goes to new points
+    // (found by tests/disk_full.rs, where the moves took what the acks had freed).
+    if retention.is_zero() || shared.stats().disk_full {
+        remove_head(shared, &store, |key| key <= last, false, |_, _| Ok(()))?;
+        if retention.is_zero() {
+            // What an earlier run with a retention kept.
+            remove_retained(shared, &store, |_| true)?;
+        }
+    } else {
+        let now = now_ns();
+        let err = shared.storage_error();
+        remove_head(
+            shared,
+            &store,
+            |key| key <= last,
+            false,
+            |sequence, value| {
+                let streams = acked
+                    .binary_search_by_key(&sequence, |a| a.sequence)
+                    .map_or(&[][..], |i| acked[i].stream_sequences.as_slice());
+                let entry = retained::encode(now, streams, value);
+                let bytes = entry.len() as u64;
+                store.retained.insert(sequence.to_be_bytes(), entry).map_err(&err)?;
+                let mut stats = shared.stats();
+                stats.retained_records += 1;
+                stats.retained_bytes += bytes;
+                Ok(())
+            },
+        )?;
+        let cutoff = now - i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
+        remove_retained(shared, &store, |ack| ack.acked_ns < cutoff)?;
+    }
+    Ok(())
 }
 
 /// Removes head records while `take(sequence)` holds, each after `keep(sequence, value)`;
@@ -756,6 +816,8 @@ fn sync_new_files(dir: &Path) -> std::io::Result<()> {
 /// be written is kept and written again once sled is reopened; only shutdown gives up.
 async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>, mut next_seq: u64) {
     let mut closed = false;
+    let mut measure = tokio::time::interval(DISK_MEASURE_PERIOD);
+    measure.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             biased;
@@ -763,6 +825,11 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>, mut next_se
             () = shared.closing.cancelled(), if !closed => {
                 rx.close();
                 closed = true;
+                continue;
+            }
+            _ = measure.tick() => {
+                let shared = Arc::clone(&shared);
+                blocking(move || shared.measure_disk()).await;
                 continue;
             }
             append = rx.recv() => match append {
@@ -902,7 +969,7 @@ fn next_sequence(store: &Store) -> Result<u64, sled::Error> {
 async fn reopen_until_open(shared: &Arc<Shared>, next_seq: u64, rx: &mpsc::Receiver<Append>) {
     loop {
         let shared2 = Arc::clone(shared);
-        match run_blocking(move || reopen(&shared2, next_seq)).await {
+        match blocking(move || reopen(&shared2, next_seq)).await {
             Ok(()) => {
                 info!(queue = %shared.config.dir.display(), "queue reopened after a failed write");
                 return;
@@ -919,6 +986,9 @@ async fn reopen_until_open(shared: &Arc<Shared>, next_seq: u64, rx: &mpsc::Recei
     }
 }
 
+/// How long reopening waits for readers to let go of the failed store.
+const STORE_RELEASE_WAIT: Duration = Duration::from_secs(5);
+
 fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
     let err = storage(&shared.config.dir);
     let old = shared.store.write().expect("store lock").take();
@@ -926,11 +996,11 @@ fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
     if let Some(old) = old {
         // Readers that cloned the store finish within their blocking call; sled's file
         // lock is released only when the last handle is gone.
-        for _ in 0..500 {
-            if Arc::strong_count(&old) == 1 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let (gone, released) = std::sync::mpsc::channel();
+        *old.released.0.lock().expect("released lock") = Some(gone);
+        drop(old);
+        if released.recv_timeout(STORE_RELEASE_WAIT).is_err() {
+            warn!(queue = %shared.config.dir.display(), "a reader still holds the failed queue; opening it again anyway");
         }
     }
     shared.volume.release_reserve();
@@ -976,7 +1046,8 @@ fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
     Ok(())
 }
 
-/// The payload the queue may hold now, and whether the disk (not `maxSize`) sets it.
+/// The payload the queue may hold now, and whether the disk (not `maxSize`) sets it
+/// (blocking: a statvfs, and below the disk's margin sled's size on disk).
 fn payload_limit(shared: &Shared) -> (u64, bool) {
     let configured = (shared.config.max_bytes as f64 / DISK_AMPLIFICATION) as u64;
     let disk_bytes = || shared.store().ok().and_then(|s| s.db.size_on_disk().ok()).unwrap_or(0);
@@ -997,7 +1068,7 @@ fn over(shared: &Shared, incoming: u64, limit: u64) -> bool {
 /// acknowledged points for a broker's power cut never costs a point not yet delivered.
 async fn evict_retained(shared: &Arc<Shared>, incoming: u64, limit: u64) {
     let shared2 = Arc::clone(shared);
-    let evicted = run_blocking(move || {
+    let evicted: Result<u64, QueueError> = blocking(move || {
         let store = shared2.store()?;
         let mut records = 0;
         remove_retained(&shared2, &store, |_| {
@@ -1025,28 +1096,32 @@ async fn evict_retained(shared: &Arc<Shared>, incoming: u64, limit: u64) {
 async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<Append>) {
     // Whether `incoming` fits, once retained records gave way if they must.
     let fits = async |shared: &Arc<Shared>| {
-        let check = |shared: &Shared| {
-            let (limit, by_disk) = payload_limit(shared);
-            let fits = !over(shared, incoming, limit);
-            shared.stats().disk_full = by_disk && !fits;
-            (fits, limit)
+        let check = |shared: &Arc<Shared>| {
+            let shared = Arc::clone(shared);
+            blocking(move || {
+                let (limit, by_disk) = payload_limit(&shared);
+                let fits = !over(&shared, incoming, limit);
+                shared.stats().disk_full = by_disk && !fits;
+                (fits, limit)
+            })
         };
-        let (fit, limit) = check(shared);
+        let (fit, limit) = check(shared).await;
         if fit || shared.stats().retained_records == 0 {
             return (fit, limit);
         }
         evict_retained(shared, incoming, limit).await;
-        check(shared)
+        check(shared).await
     };
     let (fit, limit) = fits(shared).await;
     if fit {
-        shared.volume.ensure_reserve();
+        let shared = Arc::clone(shared);
+        blocking(move || shared.volume.ensure_reserve()).await;
         return;
     }
     match shared.config.policy {
         FullPolicy::DropOldest => {
             let shared2 = Arc::clone(shared);
-            let dropped = run_blocking(move || {
+            let dropped = blocking(move || {
                 let over = |s: &Shared| over(s, incoming, limit);
                 let store = shared2.store()?;
                 remove_head(&shared2, &store, |_| over(&shared2), true, |_, _| Ok(()))

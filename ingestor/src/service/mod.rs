@@ -410,7 +410,7 @@ impl Runtime {
         drop(self.polled);
         let _ = pipeline.await;
         let deadline = Instant::now() + self.options.drain_deadline;
-        while self.queue.stats().records > 0 && Instant::now() < deadline {
+        while self.queue.records() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let left = self.queue.stats().points;

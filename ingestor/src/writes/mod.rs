@@ -229,7 +229,7 @@ impl WriteService {
         requests: &mut Requests,
         running: &mut Running,
     ) {
-        if self.queue.stats().paused {
+        if self.queue.is_paused() {
             // Its audit could not be stored: no write goes unaudited.
             let report = WriteReport::not_done(
                 Outcome::Failed,
@@ -275,7 +275,7 @@ impl WriteService {
         let queue = self.queue.clone();
         let audit = wire::audit(attempt, reply);
         let appended = tokio::spawn(async move { queue.append(vec![audit]).await });
-        let wait = if self.queue.stats().paused {
+        let wait = if self.queue.is_paused() {
             Duration::ZERO
         } else {
             AUDIT_WAIT

@@ -206,6 +206,9 @@ struct ForgetfulFs {
     state: Mutex<State>,
     /// Bytes written through the mount that reached the backing directory by a sync.
     synced_bytes: Arc<AtomicU64>,
+    /// How long `statfs` takes, in milliseconds: a disk (or network volume) that answers
+    /// slowly.
+    statfs_delay_ms: Arc<AtomicU64>,
 }
 
 fn errno(e: &io::Error) -> Errno {
@@ -584,6 +587,7 @@ impl Filesystem for ForgetfulFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        std::thread::sleep(Duration::from_millis(self.statfs_delay_ms.load(Ordering::Relaxed)));
         match rustix::fs::statvfs(&self.backing) {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -606,6 +610,7 @@ pub struct ForgetfulMount {
     mountpoint: PathBuf,
     session: Option<BackgroundSession>,
     synced_bytes: Arc<AtomicU64>,
+    statfs_delay_ms: Arc<AtomicU64>,
 }
 
 impl ForgetfulMount {
@@ -616,6 +621,7 @@ impl ForgetfulMount {
             mountpoint: mountpoint.to_path_buf(),
             session: None,
             synced_bytes: Arc::new(AtomicU64::new(0)),
+            statfs_delay_ms: Arc::new(AtomicU64::new(0)),
         };
         mount.start();
         mount
@@ -638,6 +644,7 @@ impl ForgetfulMount {
                 dirty: HashMap::new(),
             }),
             synced_bytes: Arc::clone(&self.synced_bytes),
+            statfs_delay_ms: Arc::clone(&self.statfs_delay_ms),
         };
         let mut config = Config::default();
         config.mount_options = vec![MountOption::FSName("tagstream-forgetful".into())];
@@ -657,6 +664,12 @@ impl ForgetfulMount {
             session.umount_and_join().expect("unmount after killing its users");
         }
         self.start();
+    }
+
+    /// Makes every `statfs` (what `statvfs` asks) take `delay`.
+    pub fn slow_statfs(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.statfs_delay_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Bytes that reached the backing directory through an fsync so far.

@@ -14,7 +14,7 @@
 //! - requests are answered concurrently, each after a configurable latency.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     convert::Infallible,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -97,6 +97,9 @@ struct State {
     requests: Vec<Recorded>,
     config_map_writes: Vec<ConfigMapWrite>,
     resource_version: u64,
+    /// Per object, the status fields each field manager applied last: a field of `status`
+    /// by name, a condition as `conditions/<type>`.
+    status_owners: HashMap<String, BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl Default for State {
@@ -113,6 +116,7 @@ impl Default for State {
             requests: Vec::new(),
             config_map_writes: Vec::new(),
             resource_version: 0,
+            status_owners: HashMap::new(),
         }
     }
 }
@@ -321,14 +325,26 @@ impl ApiServer {
                     .get(&path)
                     .map_or_else(not_found, |o| (200, (**o).clone())),
             },
-            _ => self.write(&mut state, &method, &content_type, path, body),
+            _ => {
+                let manager = query.get("fieldManager").copied().unwrap_or_default();
+                let force = query.get("force") == Some(&"true");
+                self.write(&mut state, &method, &content_type, (manager, force), path, body)
+            }
         };
         self.wake(&state);
         respond(code, answer.to_string())
     }
 
-    /// A POST, PATCH (server-side apply or merge) or DELETE.
-    fn write(&self, state: &mut State, method: &str, content_type: &str, path: String, body: Value) -> (u16, Value) {
+    /// A POST, PATCH (server-side apply) or DELETE.
+    fn write(
+        &self,
+        state: &mut State,
+        method: &str,
+        content_type: &str,
+        (manager, force): (&str, bool),
+        path: String,
+        body: Value,
+    ) -> (u16, Value) {
         match method {
             "POST" => {
                 let name = body["metadata"]["name"].as_str().unwrap_or_default();
@@ -340,6 +356,10 @@ impl ApiServer {
                     state.store(key, object.clone());
                     (201, object)
                 }
+            }
+            "PATCH" if content_type.starts_with("application/apply-patch") && path.ends_with("/status") => {
+                let key = path.trim_end_matches("/status").to_owned();
+                state.apply_status(key, manager, force, &body["status"])
             }
             "PATCH" if content_type.starts_with("application/apply-patch") => {
                 let previous_status = state.objects.get(&path).map(|o| o["status"].clone());
@@ -354,19 +374,13 @@ impl ApiServer {
                 state.store(path, object.clone());
                 (200, object)
             }
-            "PATCH" => {
-                let key = path.trim_end_matches("/status").to_owned();
-                match state.objects.get(&key).map(|o| (**o).clone()) {
-                    Some(mut object) => {
-                        merge(&mut object, &body);
-                        let object = state.stamp(object);
-                        state.store(key, object.clone());
-                        (200, object)
-                    }
-                    None => not_found(),
-                }
-            }
-            "DELETE" => state.delete(&path).map_or_else(not_found, |o| (200, o)),
+            // Deleted at once (the fake has no finalizers): a real server answers a
+            // Status then, and the object itself only while its deletion is pending.
+            "DELETE" => state.delete(&path).map_or_else(not_found, |_| {
+                let mut success = status(200, "");
+                success["status"] = json!("Success");
+                (200, success)
+            }),
             _ => (405, status(405, "MethodNotAllowed")),
         }
     }
@@ -463,6 +477,75 @@ fn creation_timestamp() -> String {
 }
 
 impl State {
+    /// A server-side apply of `status` to the status subresource of the object at `key`
+    /// by `manager`: what the manager applied is set (conditions merged by `type`), what
+    /// it applied before and no longer does is removed unless another manager owns it,
+    /// and a field another manager owns is taken from it when `force`d, a conflict
+    /// otherwise (stricter than a real server, which lets an equal value be co-owned).
+    fn apply_status(&mut self, key: String, manager: &str, force: bool, status: &Value) -> (u16, Value) {
+        let Some(mut object) = self.objects.get(&key).map(|o| (**o).clone()) else {
+            return not_found();
+        };
+        let Value::Object(fields) = status else {
+            return (400, self::status(400, "BadRequest"));
+        };
+        let applied = owned_fields(fields);
+        let owners = self.status_owners.entry(key.clone()).or_default();
+        let taken: Vec<&String> = owners
+            .iter()
+            .filter(|(other, _)| other.as_str() != manager)
+            .flat_map(|(_, owned)| owned.intersection(&applied))
+            .collect();
+        if !taken.is_empty() && !force {
+            let mut conflict = self::status(409, "Conflict");
+            conflict["message"] = json!(format!("Apply failed with conflicts: {taken:?}"));
+            return (409, conflict);
+        }
+        for (_, owned) in owners.iter_mut().filter(|(other, _)| other.as_str() != manager) {
+            owned.retain(|f| !applied.contains(f));
+        }
+        let released: Vec<String> = owners
+            .remove(manager)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| !applied.contains(f) && !owners.values().any(|owned| owned.contains(f)))
+            .collect();
+        owners.insert(manager.to_owned(), applied);
+        if !object["status"].is_object() {
+            object["status"] = json!({});
+        }
+        let target = object["status"].as_object_mut().unwrap();
+        for field in released {
+            match field.strip_prefix("conditions/") {
+                Some(type_) => {
+                    if let Some(Value::Array(conditions)) = target.get_mut("conditions") {
+                        conditions.retain(|c| c["type"] != type_);
+                    }
+                }
+                None => {
+                    target.remove(&field);
+                }
+            }
+        }
+        for (name, value) in fields {
+            if name != "conditions" {
+                target.insert(name.clone(), value.clone());
+                continue;
+            }
+            let list = target.entry("conditions").or_insert_with(|| json!([]));
+            for condition in value.as_array().into_iter().flatten() {
+                let conditions = list.as_array_mut().unwrap();
+                match conditions.iter_mut().find(|c| c["type"] == condition["type"]) {
+                    Some(existing) => *existing = condition.clone(),
+                    None => conditions.push(condition.clone()),
+                }
+            }
+        }
+        let object = self.stamp(object);
+        self.store(key, object.clone());
+        (200, object)
+    }
+
     fn stamp(&mut self, mut object: Value) -> Value {
         self.resource_version += 1;
         object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
@@ -487,6 +570,7 @@ impl State {
 
     fn delete(&mut self, key: &str) -> Option<Value> {
         let removed = self.objects.remove(key)?;
+        self.status_owners.remove(key);
         self.resource_version += 1;
         let mut object = (*removed).clone();
         object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
@@ -624,21 +708,17 @@ fn not_found() -> (u16, Value) {
     (404, status(404, "NotFound"))
 }
 
-/// RFC 7386 JSON merge patch.
-pub fn merge(target: &mut Value, patch: &Value) {
-    if let Value::Object(patch) = patch {
-        if !target.is_object() {
-            *target = json!({});
-        }
-        let target = target.as_object_mut().unwrap();
-        for (key, value) in patch {
-            if value.is_null() {
-                target.remove(key);
-            } else {
-                merge(target.entry(key.clone()).or_insert(Value::Null), value);
-            }
-        }
-    } else {
-        *target = patch.clone();
-    }
+/// The fields of `status` an apply of it owns: each field by name, each condition as
+/// `conditions/<type>`.
+fn owned_fields(status: &serde_json::Map<String, Value>) -> BTreeSet<String> {
+    status
+        .iter()
+        .flat_map(|(name, value)| match (name.as_str(), value) {
+            ("conditions", Value::Array(conditions)) => conditions
+                .iter()
+                .map(|c| format!("conditions/{}", c["type"].as_str().unwrap_or_default()))
+                .collect(),
+            _ => vec![name.clone()],
+        })
+        .collect()
 }

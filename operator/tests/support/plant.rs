@@ -181,3 +181,28 @@ fn applied_by_kubectl<K: kube::Resource<DynamicType = ()> + serde::Serialize>(mu
     meta.managed_fields = Some(serde_json::from_value(managed).unwrap());
     object
 }
+
+/// An ingestor's report on the example plant: its three devices connected or not, a
+/// queue of 12 points, a connected publisher.
+pub fn report(connected: bool) -> String {
+    let now = tagstream_core::point::now_ns();
+    let device = |name: &str| {
+        (
+            name.to_owned(),
+            serde_json::json!({"connected": connected, "lastPollNs": now, "polls": 10, "failedPolls": u64::from(!connected),
+                   "consecutiveFailures": u32::from(!connected),
+                   "lastError": if connected { serde_json::Value::Null } else { serde_json::json!("connection refused") }}),
+        )
+    };
+    serde_json::json!({
+        "namespace": "plant", "site": "plant-a",
+        "devices": serde_json::Map::from_iter([device("boiler"), device("line"), device("meter")]),
+        "formulas": {"boiler-delta-t": {"valid": true, "error": null, "lastValue": "20.5", "lastValueNs": now}},
+        "queue": {"points": 12, "records": 2, "diskBytes": 4096, "payloadBytes": 900, "oldestAgeSeconds": 0.2,
+                  "droppedPoints": 0, "corruptRecords": 0, "paused": false, "movedAside": null},
+        "publisher": {"connected": true, "publishedBatches": 5, "ackedRecords": 5, "duplicates": 0,
+                      "failures": 0, "lastError": null, "lastAckLatencySeconds": 0.001},
+        "pointsPolled": 30, "pointsDerived": 10, "pointsLost": 0,
+    })
+    .to_string()
+}
