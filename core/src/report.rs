@@ -125,6 +125,11 @@ pub struct PublisherStatus {
     pub reordered: u64,
     pub failures: u64,
     pub last_error: Option<String>,
+    /// What in the Site's broker settings is refused while it is (a stream whose subjects
+    /// overlap another's, credentials that are not mounted): a user's fix, not a retry,
+    /// ends it. Also in `last_error`.
+    #[serde(default)]
+    pub config_error: Option<String>,
     /// Records JetStream had acknowledged and then no longer held (a broker's power cut),
     /// found when the publisher (re)connected, and published again.
     #[serde(default)]
@@ -153,6 +158,7 @@ impl Default for PublisherStatus {
             reordered: 0,
             failures: 0,
             last_error: None,
+            config_error: None,
             broker_lost_records: 0,
             last_broker_loss: None,
             last_broker_loss_ns: None,

@@ -56,6 +56,7 @@ fn rendered_ingestor() -> IngestorRun {
     let formulas: Vec<_> = report.formulas.iter().map(|f| f.object.clone()).collect();
     let settings = Settings {
         ingestor_image: "ignored".into(),
+        image_pull_secrets: Vec::new(),
     };
     let pod = render(site, &devices, &formulas, &settings)
         .stateful_set

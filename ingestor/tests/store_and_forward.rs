@@ -166,6 +166,48 @@ async fn an_idle_publisher_reports_connected_once_its_stream_exists() {
     assert_eq!(status.last_error, None);
 }
 
+/// A stream the broker refuses (its subjects overlap another stream's, as the chart's
+/// edge example and the example plant once made) is reported as a configuration problem,
+/// not as an unreachable broker; the publisher connects once the clash is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_subjects_overlap_another_is_reported_as_refused_settings() {
+    let nats = Nats::start();
+    let context = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    context
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "PLANT".into(),
+            subjects: vec!["tagstream.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(QueueConfig::new(dir.path().join("q"))).unwrap().queue;
+    let publisher = support::publisher::start(&queue, publisher_config(&nats.url(), "clash"));
+    let s = Arc::clone(&publisher.status);
+    wait_until("the refusal to be reported", Duration::from_secs(15), || {
+        s.lock().unwrap().config_error.is_some()
+    })
+    .await;
+    {
+        let status = publisher.status.lock().unwrap();
+        let refusal = status.config_error.clone().unwrap();
+        assert!(
+            refusal.contains("refuses stream TAGSTREAM") && refusal.contains("overlap"),
+            "{refusal}"
+        );
+        assert!(!status.connected);
+    }
+    context.delete_stream("PLANT").await.unwrap();
+    wait_until("the publisher to connect", Duration::from_secs(30), || {
+        let status = s.lock().unwrap();
+        status.connected && status.config_error.is_none()
+    })
+    .await;
+    publisher.stop.cancel();
+    publisher.task.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_stream_serves_every_site_and_namespace_without_an_update() {
     let nats = Nats::start();
@@ -269,6 +311,29 @@ async fn user_and_password_from_the_mounted_secret() {
     task.await.unwrap();
     let error = status.lock().unwrap().last_error.clone().unwrap();
     assert!(error.to_lowercase().contains("auth"), "{error}");
+    assert_eq!(
+        status.lock().unwrap().config_error.as_ref(),
+        Some(&error),
+        "a wrong password is the Site's to fix"
+    );
+    assert_eq!(queue.stats().points, 1);
+
+    // The Secret not mounted (the pod mounts it optionally, so that it starts and queues).
+    let missing = tempfile::tempdir().unwrap();
+    let mut missing_config = config.clone();
+    missing_config.credentials_dir = missing.path().to_path_buf();
+    let publisher = support::publisher::start(&queue, missing_config);
+    let s = Arc::clone(&publisher.status);
+    wait_until(
+        "the missing credentials to be reported",
+        Duration::from_secs(15),
+        || s.lock().unwrap().config_error.is_some(),
+    )
+    .await;
+    publisher.stop.cancel();
+    publisher.task.await.unwrap();
+    let error = publisher.status.lock().unwrap().config_error.clone().unwrap();
+    assert!(error.contains("cannot read broker credentials"), "{error}");
     assert_eq!(queue.stats().points, 1);
 
     let status = Arc::new(Mutex::new(PublisherStatus::default()));

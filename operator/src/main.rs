@@ -25,6 +25,10 @@ struct Args {
     /// Image of the per-site ingestor; by default the ingestor of this operator's version.
     #[arg(long, env = "TAGSTREAM_INGESTOR_IMAGE", default_value = DEFAULT_INGESTOR_IMAGE)]
     ingestor_image: String,
+    /// A Secret the ingestor pods pull their image with (repeat for several); it must
+    /// exist in each Site's namespace.
+    #[arg(long = "ingestor-image-pull-secret")]
+    ingestor_image_pull_secrets: Vec<String>,
     /// YAML file with the spec of the Site created for a Device or Formula naming a missing
     /// one (a Site's `spec`); without it, the Site API's defaults.
     #[arg(long)]
@@ -97,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = OperatorSettings {
         render: Settings {
             ingestor_image: args.ingestor_image.clone(),
+            image_pull_secrets: args.ingestor_image_pull_secrets.clone(),
         },
         default_site,
         status: StatusSettings {

@@ -21,9 +21,9 @@ use k8s_openapi::{
         apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec},
         core::v1::{
             Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-            PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-            SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
-            VolumeMount, VolumeResourceRequirements,
+            LocalObjectReference, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
+            PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort,
+            ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
         },
     },
     apimachinery::pkg::{
@@ -48,6 +48,9 @@ const TLS_DIR: &str = "/etc/tagstream/tls";
 pub struct Settings {
     /// The ingestor image, e.g. `ghcr.io/tagstream/tagstream-ingestor:0.1.0`.
     pub ingestor_image: String,
+    /// Secrets the ingestor pods pull their image with (each must exist in every Site's
+    /// namespace: a pod can only name Secrets of its own).
+    pub image_pull_secrets: Vec<String>,
 }
 
 /// Everything one site needs.
@@ -207,12 +210,19 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
+/// A Secret the ingestor reads its broker credentials or certificates from. Optional:
+/// without it the pod still starts, polls and queues, and the ingestor reports the
+/// missing file in its status (the Site's `QueueHealthy`: `BrokerMisconfigured`); a
+/// required one kept the pod in `ContainerCreating`, where only `kubectl describe pod`
+/// said why. The kubelet mounts the Secret once it exists, and the next connection
+/// attempt reads it.
 fn secret_volume(name: &str, secret: &str) -> Volume {
     Volume {
         name: name.into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret.into()),
             default_mode: Some(0o440),
+            optional: Some(true),
             ..SecretVolumeSource::default()
         }),
         ..Volume::default()
@@ -289,6 +299,14 @@ fn stateful_set(site: &Site, name: &str, metadata: ObjectMeta, settings: &Settin
     let pod = PodSpec {
         automount_service_account_token: Some(false),
         containers: vec![container],
+        image_pull_secrets: Some(
+            settings
+                .image_pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect::<Vec<_>>(),
+        )
+        .filter(|s| !s.is_empty()),
         node_selector: Some(spec.placement.node_selector.clone()).filter(|s| !s.is_empty()),
         tolerations: Some(spec.placement.tolerations.clone()).filter(|t| !t.is_empty()),
         security_context: Some(PodSecurityContext {

@@ -356,6 +356,7 @@ pub fn siteless_device(device: &Device, now: Timestamp) -> Option<DeviceReported
 /// `QueueHealthy` reasons that warrant a Warning event when they appear.
 pub const DISK_FULL: &str = "DiskFull";
 pub const QUEUE_WRITE_FAILING: &str = "QueueWriteFailing";
+pub const BROKER_MISCONFIGURED: &str = "BrokerMisconfigured";
 
 /// The `QueueHealthy` condition from the ingestor's report.
 fn queue_health(report: &Report) -> State {
@@ -390,6 +391,9 @@ fn queue_health(report: &Report) -> State {
     }
     if queue.paused {
         return State::new("False", "QueueFull", "the queue is full and polling is paused");
+    }
+    if let Some(refused) = &report.publisher.config_error {
+        return State::new("False", BROKER_MISCONFIGURED, refused.clone());
     }
     if !report.publisher.connected {
         let why = report

@@ -26,8 +26,9 @@ use crate::{
     reconcile::write_status,
     report::ReportSource,
     status::{
-        BROKER_LOST_RECORDS, DISK_FULL, DeviceReported, FieldManager, QUEUE_WRITE_FAILING, Reached, condition_status,
-        device_reported, formula_reported, new_reason, site_reported, siteless_device, turns, turns_false,
+        BROKER_LOST_RECORDS, BROKER_MISCONFIGURED, DISK_FULL, DeviceReported, FieldManager, QUEUE_WRITE_FAILING,
+        Reached, condition_status, device_reported, formula_reported, new_reason, site_reported, siteless_device,
+        turns, turns_false,
     },
 };
 
@@ -219,7 +220,7 @@ impl StatusLoop {
             }
             let warnings = [
                 new_reason(before, after, QUEUE_HEALTHY)
-                    .filter(|c| [DISK_FULL, QUEUE_WRITE_FAILING].contains(&c.reason.as_str())),
+                    .filter(|c| [DISK_FULL, QUEUE_WRITE_FAILING, BROKER_MISCONFIGURED].contains(&c.reason.as_str())),
                 new_reason(before, after, BROKER_DURABLE).filter(|c| c.reason == BROKER_LOST_RECORDS),
             ];
             for warning in warnings.into_iter().flatten() {

@@ -246,7 +246,28 @@ fn the_edge_example_calls_ingestors_directly_and_needs_no_proxy_rights() {
     let text = &rendered.config_map.unwrap().data.unwrap()["default-site.yaml"];
     let site = default_site::parse(Path::new("edge"), text).unwrap();
     assert_eq!(site.storage.storage_class_name.as_deref(), Some("local-path"));
-    assert_eq!(site.broker.credentials.unwrap().secret_name, "nats-tagstream");
+    // The NATS of deploy/nats/values.yaml has no users, and no document step makes the
+    // Secret: a default Site naming one waited for it (issue 29). Nor may its stream
+    // overlap the example plant's (TAGSTREAM on tagstream.>).
+    assert_eq!(site.broker.credentials, None);
+    assert_eq!(
+        (site.stream.name.as_str(), site.stream.subject_prefix.as_str()),
+        ("TAGSTREAM", "tagstream")
+    );
+}
+
+/// The registry Secrets reach the ingestor pods too: the operator names them in every
+/// StatefulSet it renders (issue 29: only the operator's pod could pull).
+#[test]
+fn image_pull_secrets_reach_the_ingestors() {
+    let rendered = template(&[&chart().join("examples/high-availability.yaml")]);
+    assert!(
+        args(&rendered).contains(&"--ingestor-image-pull-secret=registry-example".to_owned()),
+        "{:?}",
+        args(&rendered)
+    );
+    let pull = pod(&rendered).image_pull_secrets.unwrap();
+    assert_eq!(pull[0].name, "registry-example");
 }
 
 #[test]

@@ -675,6 +675,39 @@ async fn a_device_that_keeps_skipping_poll_cycles_gets_a_warning() {
     assert!(note.as_str().unwrap().starts_with("37 poll cycles skipped"), "{note}");
 }
 
+/// A broker that refuses the Site's stream (its subjects overlap another stream's) is a
+/// configuration problem: `QueueHealthy` says what the broker said, with one Warning.
+#[tokio::test]
+async fn a_stream_the_broker_refuses_turns_queue_healthy_false_with_one_warning() {
+    let (site, devices, formulas) = plant();
+    let mut world = World::new(Some(&site), &devices, &formulas);
+    world.reconcile("plant-a").await;
+    let mut loop_ = status_loop(&world, Duration::ZERO);
+    let refusal = "the broker refuses stream PLANT: jetstream error: subjects overlap with an existing stream \
+                   (code 400, error code 10065)";
+    let mut refused: Value = serde_json::from_str(&report(true)).unwrap();
+    refused["publisher"]["connected"] = json!(false);
+    refused["publisher"]["lastError"] = json!(refusal);
+    refused["publisher"]["configError"] = json!(refusal);
+    world.server.proxy(PROXY, 200, refused.to_string());
+    let requests = world.status_pass(&mut loop_).await;
+    assert_eq!(warnings(&requests), ["\"plant-a\" \"BrokerMisconfigured\""]);
+    let site = world.server.get(&format!("{GROUP}/sites/plant-a")).unwrap();
+    let condition = site["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "QueueHealthy")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&condition["status"], &condition["reason"], &condition["message"]),
+        (&json!("False"), &json!("BrokerMisconfigured"), &json!(refusal))
+    );
+    let requests = world.status_pass(&mut loop_).await;
+    assert_eq!(warnings(&requests), Vec::<String>::new(), "one warning per refusal");
+}
+
 /// A full disk under the queue: the Site's `QueueHealthy` says which policy acts and how
 /// much is free, with one Warning when it starts; a failing write says so too.
 #[tokio::test]

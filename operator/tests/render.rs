@@ -117,6 +117,26 @@ fn the_ingestor_pod_is_locked_down_and_keeps_its_queue() {
 }
 
 #[test]
+fn the_ingestor_pod_pulls_with_the_operators_image_pull_secrets() {
+    let (site, devices, formulas) = plant();
+    let mut settings = settings();
+    let pod = |settings: &tagstream_operator::render::Settings| {
+        render(&site, &devices, &formulas, settings)
+            .stateful_set
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .image_pull_secrets
+    };
+    assert_eq!(pod(&settings), None);
+    settings.image_pull_secrets = vec!["registry".into()];
+    let names: Vec<String> = pod(&settings).unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, ["registry"]);
+}
+
+#[test]
 fn broker_secrets_are_mounted_read_only_when_the_site_names_them() {
     let (mut site, devices, formulas) = plant();
     site.spec.broker.credentials = Some(BrokerCredentials {
@@ -134,13 +154,19 @@ fn broker_secrets_are_mounted_read_only_when_the_site_names_them() {
         .template
         .spec
         .unwrap();
-    let secrets: Vec<String> = pod
+    // Optional: a Secret not created yet must not keep the pod from starting and queueing
+    // (the ingestor reports the missing files).
+    let secrets: Vec<(String, Option<bool>)> = pod
         .volumes
         .unwrap()
         .iter()
-        .filter_map(|v| v.secret.as_ref()?.secret_name.clone())
+        .filter_map(|v| v.secret.as_ref())
+        .map(|s| (s.secret_name.clone().unwrap_or_default(), s.optional))
         .collect();
-    assert_eq!(secrets, ["nats-user", "nats-tls"]);
+    assert_eq!(
+        secrets,
+        [("nats-user".into(), Some(true)), ("nats-tls".into(), Some(true))]
+    );
     let mounts = pod.containers[0].volume_mounts.clone().unwrap();
     for path in ["/etc/tagstream/credentials", "/etc/tagstream/tls"] {
         let mount = mounts

@@ -18,8 +18,13 @@ use std::{
 };
 
 use async_nats::{
-    ConnectOptions, Event,
-    jetstream::{self, ErrorCode, context::GetStreamErrorKind, message::PublishMessage, stream},
+    ConnectErrorKind, ConnectOptions, Event,
+    jetstream::{
+        self, ErrorCode,
+        context::{CreateStreamError, CreateStreamErrorKind, GetStreamErrorKind},
+        message::PublishMessage,
+        stream,
+    },
 };
 use bytes::Bytes;
 use tagstream_core::report::PublisherStatus;
@@ -27,7 +32,7 @@ use tagstream_crds::site::{Broker, CredentialsKind, StreamStorage};
 use tagstream_proto::v1::{PointBatch, SourceKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::queue::{Queue, StoredBatch};
 
@@ -92,12 +97,48 @@ pub enum PublishError {
     },
     #[error("cannot connect to {urls}: {message}")]
     Connect { urls: String, message: String },
+    #[error("the broker at {urls} refuses the Site's credentials: {message}")]
+    CredentialsRefused { urls: String, message: String },
     #[error("stream {stream}: {message}")]
     Stream { stream: String, message: String },
+    /// The broker answered and refused the Site's stream settings: retrying cannot help
+    /// until someone changes them (or the stream they clash with).
+    #[error("the broker refuses stream {stream}: {message}")]
+    StreamRefused { stream: String, message: String },
     #[error("publish failed: {0}")]
     Publish(String),
     #[error(transparent)]
     Queue(#[from] crate::queue::QueueError),
+}
+
+impl PublishError {
+    /// Whether the Site's broker settings, not the broker's reachability, are what fails:
+    /// credentials that are not mounted, a stream the broker refuses.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            Self::Credentials { .. } | Self::CredentialsRefused { .. } | Self::StreamRefused { .. }
+        )
+    }
+}
+
+/// Whether JetStream refused a stream's creation or update for its settings (subjects
+/// overlapping another stream's, replicas the cluster cannot place, ...), as opposed to
+/// not answering or a cluster between leaders.
+fn refuses_settings(error: &CreateStreamError) -> bool {
+    match error.kind() {
+        CreateStreamErrorKind::EmptyStreamName
+        | CreateStreamErrorKind::InvalidStreamName
+        | CreateStreamErrorKind::DomainAndExternalSet => true,
+        CreateStreamErrorKind::JetStream(e) => ![
+            ErrorCode::CLUSTER_NOT_ACTIVE,
+            ErrorCode::CLUSTER_NOT_ASSIGNED,
+            ErrorCode::CLUSTER_NOT_AVAILABLE,
+            ErrorCode::CLUSTER_NOT_LEADER,
+        ]
+        .contains(&e.error_code()),
+        _ => false,
+    }
 }
 
 fn read_secret(dir: &Path, key: &str) -> Result<String, PublishError> {
@@ -164,6 +205,17 @@ pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfi
         stream: spec.name.clone(),
         message,
     };
+    let refused = |message: String| PublishError::StreamRefused {
+        stream: spec.name.clone(),
+        message,
+    };
+    let written = |e: CreateStreamError| {
+        if refuses_settings(&e) {
+            refused(e.to_string())
+        } else {
+            fail(e.to_string())
+        }
+    };
     match context.get_stream(&spec.name).await {
         Ok(mut existing) => {
             let info = existing.info().await.map_err(|e| fail(e.to_string()))?;
@@ -171,17 +223,22 @@ pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfi
                 return Ok(());
             }
             if !spec.create {
-                return Err(fail(format!(
+                return Err(refused(format!(
                     "exists but does not cover {site_subjects}, and stream.create is false"
                 )));
             }
             let mut updated = info.config.clone();
             updated.subjects.push(subjects.clone());
-            context.update_stream(updated).await.map_err(|e| fail(e.to_string()))?;
+            context.update_stream(updated).await.map_err(written)?;
             warn!(stream = %spec.name, %subjects, "the stream did not cover this site; added the prefix's subjects");
             Ok(())
         }
-        Err(e) if !spec.create => Err(fail(format!("cannot be read and stream.create is false: {e}"))),
+        Err(e) if !spec.create => {
+            let missing =
+                matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND);
+            let message = format!("cannot be read and stream.create is false: {e}");
+            Err(if missing { refused(message) } else { fail(message) })
+        }
         // Created only when JetStream says it does not exist: a cluster electing a leader
         // answers other errors (timeouts, no responders), and a stream is not made anew
         // on those.
@@ -203,7 +260,7 @@ pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfi
                     ..stream::Config::default()
                 })
                 .await
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(written)?;
             info!(stream = %spec.name, %subjects, "created the stream");
             Ok(())
         }
@@ -232,8 +289,17 @@ pub async fn run(
             connected = connect(&config) => match connected {
                 Ok(connected) => connected,
                 Err(e) => {
-                    warn!(error = %e, retry_in = ?delay, "broker not reachable; points stay in the queue");
-                    status.lock().expect("status lock").last_error = Some(e.to_string());
+                    let refused = e.is_configuration().then(|| e.to_string());
+                    let already_said = {
+                        let mut s = status.lock().expect("status lock");
+                        s.last_error = Some(e.to_string());
+                        std::mem::replace(&mut s.config_error, refused.clone()) == refused
+                    };
+                    if refused.is_none() {
+                        warn!(error = %e, retry_in = ?delay, "broker not reachable; points stay in the queue");
+                    } else if !already_said {
+                        error!(error = %e, retry_in = ?delay, "the Site's broker settings do not work; points stay in the queue until they are fixed");
+                    }
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
@@ -250,6 +316,7 @@ pub async fn run(
             let mut s = status.lock().expect("status lock");
             s.connected = true;
             s.last_error = None;
+            s.config_error = None;
         }
         let connection = Connection {
             queue: &queue,
@@ -459,9 +526,14 @@ async fn connect(config: &PublisherConfig) -> Result<(jetstream::Context, watch:
         })
         .connect(config.broker.urls.as_slice())
         .await
-        .map_err(|e| PublishError::Connect {
-            urls: config.broker.urls.join(","),
-            message: e.to_string(),
+        .map_err(|e| {
+            let (urls, message) = (config.broker.urls.join(","), e.to_string());
+            match e.kind() {
+                ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                    PublishError::CredentialsRefused { urls, message }
+                }
+                _ => PublishError::Connect { urls, message },
+            }
         })?;
     // The publisher bounds what it has in flight itself. async-nats holds an ack permit
     // until the ack future is dropped, and after a lost connection those futures only fail

@@ -59,6 +59,7 @@ pub fn operator_settings(
 pub fn settings() -> Settings {
     Settings {
         ingestor_image: "ghcr.io/tagstream/tagstream-ingestor:0.1.0".into(),
+        image_pull_secrets: Vec::new(),
     }
 }
 
