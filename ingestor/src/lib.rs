@@ -13,6 +13,7 @@
 
 pub mod acquisition;
 pub mod check;
+pub mod nats_cli;
 pub mod publish;
 pub mod queue;
 pub mod read;

@@ -46,16 +46,21 @@ enum Command {
     },
     /// Write one value to a writable tag: directly on the device of a manifest (`-f`, for
     /// commissioning), or through the site's running ingestor over NATS (`--subject`), which
-    /// performs it between polls and audits it. Exits 1 unless the value was written.
+    /// performs it between polls and audits it. Exits 0 when written, 1 when the ingestor
+    /// or device answered without writing, 2 when it could not be asked (no responders,
+    /// unreachable, refused permissions, no answer in time).
     Write(WriteOptions),
     /// Run the ingestor: poll the site's devices, evaluate its formulas, queue every point
     /// on disk and publish it to JetStream. Reloads the manifests when they change.
     Run(RunOptions),
     /// Print the points arriving on a subject, decoded.
     Tail {
-        /// NATS server URL.
+        /// NATS server URL; `nats://user:password@host:port` authenticates.
         #[arg(long, default_value = "nats://127.0.0.1:4222")]
         nats_url: String,
+        /// A NATS credentials file (JWT and nkey seed, as `nsc` writes them).
+        #[arg(long)]
+        creds: Option<PathBuf>,
         /// Subject to follow, e.g. tagstream.default.plant-a.> for one site.
         #[arg(long, default_value = "tagstream.>")]
         subject: String,
@@ -171,11 +176,18 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Tail {
             nats_url,
+            creds,
             subject,
             json,
             count,
         } => {
-            runtime.block_on(tagstream_ingestor::tail::tail(&nats_url, &subject, json, count))?;
+            runtime.block_on(tagstream_ingestor::tail::tail(
+                &nats_url,
+                creds.as_deref(),
+                &subject,
+                json,
+                count,
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate {

@@ -1,27 +1,50 @@
 //! `tagstream-ingestor tail`: print the points arriving on a subject, decoded.
 
+use std::{io::ErrorKind, path::Path};
+
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use prost::Message as _;
 use tagstream_proto::v1::{Point, PointBatch, Quality, point::Value};
 
-/// Subscribes to `subject` and prints each point until `count` were printed (or forever).
-pub async fn tail(url: &str, subject: &str, json: bool, count: Option<usize>) -> anyhow::Result<()> {
-    let client = async_nats::connect(url)
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
+use crate::nats_cli::{Connected, connect};
+
+/// Subscribes to `subject` and prints each point until `count` were printed (or forever,
+/// or until whoever reads the output stops: `tail | head` ends quietly).
+pub async fn tail(
+    url: &str,
+    creds: Option<&Path>,
+    subject: &str,
+    json: bool,
+    count: Option<usize>,
+) -> anyhow::Result<()> {
+    let Connected { client, mut violations } =
+        connect(url, creds, "tagstream-ingestor tail", |options| options).await?;
     let mut messages = client
         .subscribe(subject.to_owned())
         .await
         .with_context(|| format!("cannot subscribe to {subject}"))?;
+    let mut out = std::io::stdout().lock();
     let mut printed = 0;
     if !json {
-        println!(
+        let header = format!(
             "{:<30}  {:<24}  {:<20}  {:<24}  {:<20}  QUALITY",
             "TIME", "SITE", "SOURCE", "TAG", "VALUE"
         );
+        if !print(&mut out, &header)? {
+            return Ok(());
+        }
     }
-    while let Some(message) = messages.next().await {
+    loop {
+        let message = tokio::select! {
+            message = messages.next() => match message {
+                Some(message) => message,
+                None => return Ok(()),
+            },
+            Some(violation) = violations.recv() => anyhow::bail!(
+                "the broker refused the subscription: {violation} (the NATS user may not subscribe to {subject})"
+            ),
+        };
         let batch = match PointBatch::decode(message.payload.as_ref()) {
             Ok(batch) => batch,
             Err(e) => {
@@ -30,21 +53,27 @@ pub async fn tail(url: &str, subject: &str, json: bool, count: Option<usize>) ->
             }
         };
         for point in &batch.points {
-            println!(
-                "{}",
-                if json {
-                    json_line(&batch, point)
-                } else {
-                    table_line(&batch, point)
-                }
-            );
+            let line = if json {
+                json_line(&batch, point)
+            } else {
+                table_line(&batch, point)
+            };
             printed += 1;
-            if count.is_some_and(|c| printed >= c) {
+            if !print(&mut out, &line)? || count.is_some_and(|c| printed >= c) {
                 return Ok(());
             }
         }
     }
-    Ok(())
+}
+
+/// Writes `line` and flushes it (the output is often a pipe to `grep`); `false` once the
+/// reader has gone. `println!` panicked there ("failed printing to stdout: Broken pipe").
+fn print(out: &mut impl std::io::Write, line: &str) -> anyhow::Result<bool> {
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing to stdout"),
+    }
 }
 
 fn value_text(point: &Point) -> String {

@@ -185,35 +185,30 @@ pub struct NatsWrite {
 
 /// Sends a write request to a running ingestor and waits for its reply.
 pub async fn write_via_nats(write: &NatsWrite) -> anyhow::Result<WriteReply> {
-    let address: async_nats::ServerAddr = write.url.parse().with_context(|| format!("NATS URL {}", write.url))?;
-    // async-nats does not read credentials from the URL itself.
-    let options = match (address.username(), address.password()) {
-        (Some(user), Some(password)) => {
-            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
-        }
-        _ => match &write.credentials_file {
-            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-                .await
-                .with_context(|| format!("reading NATS credentials {}", path.display()))?,
-            None => async_nats::ConnectOptions::new(),
-        },
-    };
-    let client = options
-        .name("tagstream-ingestor write")
-        .request_timeout(Some(write.timeout))
-        .connect(address)
-        .await
-        .with_context(|| format!("connecting to {}", write.url))?;
+    let crate::nats_cli::Connected { client, mut violations } = crate::nats_cli::connect(
+        &write.url,
+        write.credentials_file.as_deref(),
+        "tagstream-ingestor write",
+        |options| options.request_timeout(Some(write.timeout)),
+    )
+    .await?;
     let request = WriteRequest {
         request_id: write.request_id.clone(),
         value: Some(wire::to_wire(&write.value)),
         expected: write.expected.as_ref().map(wire::to_wire),
         requested_by: write.requested_by.clone(),
     };
-    let answer = client
-        .request(write.subject.clone(), request.encode_to_vec().into())
-        .await
-        .map_err(|e| match e.kind() {
+    let asked = client.request(write.subject.clone(), request.encode_to_vec().into());
+    // A user who may not publish on the subject (or take the reply) gets no answer but
+    // the server's `-ERR`: say that, instead of waiting out the timeout.
+    let answer = tokio::select! {
+        answer = asked => answer,
+        Some(violation) = violations.recv() => anyhow::bail!(
+            "the broker refused the request: {violation} (the NATS user may not publish on {} or subscribe to its reply inbox; docs/writes.md)",
+            write.subject
+        ),
+    };
+    let answer = answer.map_err(|e| match e.kind() {
             async_nats::RequestErrorKind::NoResponders => anyhow::anyhow!(
                 "no ingestor takes writes on {}: is the Site's spec.writes.enabled true, its ingestor running, and the subject <writes.subjectPrefix>.<namespace>.<site>.<device>.<tag>?",
                 write.subject

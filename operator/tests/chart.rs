@@ -232,6 +232,64 @@ fn every_documented_values_example_renders_and_its_default_site_validates() {
     }
 }
 
+/// The Secrets a documented step creates: `kubectl create secret <type> <name>` lines in
+/// README.md and docs/*.md.
+fn documented_secrets() -> Vec<String> {
+    let root = chart().join("../..");
+    let mut documents = vec![root.join("README.md")];
+    documents.extend(std::fs::read_dir(root.join("docs")).unwrap().map(|e| e.unwrap().path()));
+    let mut names = Vec::new();
+    for document in documents {
+        let text = std::fs::read_to_string(document).unwrap();
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let Some(i) = words.windows(3).position(|w| w == ["kubectl", "create", "secret"]) {
+                names.extend(words.get(i + 4).map(|n| (*n).to_owned()));
+            }
+        }
+    }
+    names
+}
+
+/// With every documented values file, each ConfigMap and Secret a pod needs (the
+/// operator's, and the ingestors' from the default Site) is made by the chart or by a
+/// documented step (issue 29: the edge example's default Site named a Secret nothing
+/// made, and its ingestors waited for it).
+#[test]
+fn every_secret_and_config_map_a_pod_needs_is_made_by_the_chart_or_a_documented_step() {
+    let documented = documented_secrets();
+    for file in std::iter::once(None).chain(examples().iter().map(Some)) {
+        let rendered = template(file.map(PathBuf::as_path).as_slice());
+        let name = file.map_or("default values".into(), |f| f.display().to_string());
+        let pod = pod(&rendered);
+        let config_map = rendered.config_map.as_ref().unwrap().metadata.name.clone().unwrap();
+        for volume in pod.volumes.iter().flatten() {
+            if let Some(source) = &volume.config_map {
+                assert_eq!(
+                    source.name, config_map,
+                    "{name}: the pod mounts a ConfigMap the chart does not make"
+                );
+            }
+            assert!(volume.secret.is_none(), "{name}: the operator mounts a Secret");
+        }
+        let text = &rendered.config_map.as_ref().unwrap().data.as_ref().unwrap()["default-site.yaml"];
+        let site = default_site::parse(Path::new(&name), text).unwrap();
+        let secrets = pod
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|s| s.name.clone())
+            .chain(site.broker.credentials.map(|c| c.secret_name))
+            .chain(site.broker.tls.map(|t| t.secret_name));
+        for secret in secrets {
+            assert!(
+                documented.contains(&secret),
+                "{name}: Secret {secret} is needed, and no `kubectl create secret` in the docs makes it ({documented:?})"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_edge_example_calls_ingestors_directly_and_needs_no_proxy_rights() {
     let rendered = template(&[&chart().join("examples/edge-k3s.yaml")]);

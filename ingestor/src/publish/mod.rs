@@ -219,6 +219,14 @@ pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfi
     match context.get_stream(&spec.name).await {
         Ok(mut existing) => {
             let info = existing.info().await.map_err(|e| fail(e.to_string()))?;
+            if info.config.num_replicas != usize::from(spec.replicas) {
+                warn!(
+                    stream = %spec.name,
+                    replicas = info.config.num_replicas,
+                    site_asks = spec.replicas,
+                    "the stream exists with other replicas than the Site's stream.replicas; an existing stream is left as it is (nats stream edit changes it)"
+                );
+            }
             if info.config.subjects.iter().any(|s| covers(s, &site_subjects)) {
                 return Ok(());
             }

@@ -887,20 +887,41 @@ async fn write_with_room(
     let start = *shared.totals.lock().expect("totals lock");
     let records = pack(batches, shared.config.record_bytes, now, start);
     let incoming: u64 = records.iter().map(|(value, _)| value.len() as u64).sum();
-    make_room(shared, incoming, rx).await;
-    if shared.failed.load(Ordering::Acquire) {
+    let failed = |shared: &Shared| {
         // A read, an acknowledgement or the full policy's drop found sled failed.
-        return Err(shared
-            .stats()
-            .write_error
-            .clone()
-            .unwrap_or_else(|| "sled failed".into()));
+        shared.failed.load(Ordering::Acquire).then(|| {
+            shared
+                .stats()
+                .write_error
+                .clone()
+                .unwrap_or_else(|| "sled failed".into())
+        })
+    };
+    // The usual case in one trip to the blocking pool: the group fits and is written.
+    let shared2 = Arc::clone(shared);
+    let records = match blocking(move || {
+        if let Some(failure) = failed(&shared2) {
+            return Ok(Err(failure));
+        }
+        if !fits(&shared2, incoming).0 {
+            return Err(records);
+        }
+        shared2.volume.ensure_reserve();
+        Ok(write_group(&shared2, records, first_seq, now).map_err(|e| e.to_string()))
+    })
+    .await
+    {
+        Ok(written) => return written,
+        Err(records) => records,
+    };
+    make_room(shared, incoming, rx).await;
+    if let Some(failure) = failed(shared) {
+        return Err(failure);
     }
     let shared2 = Arc::clone(shared);
-    let written = tokio::task::spawn_blocking(move || write_group(&shared2, records, first_seq, now))
+    blocking(move || write_group(&shared2, records, first_seq, now))
         .await
-        .map_err(|e| format!("queue writer failed: {e}"))?;
-    written.map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Batches as record values of about `record_bytes` each, each after the totals of the
@@ -1092,18 +1113,22 @@ async fn evict_retained(shared: &Arc<Shared>, incoming: u64, limit: u64) {
     }
 }
 
+/// Whether `incoming` more payload bytes fit, and the limit they were held against
+/// (blocking: see [`payload_limit`]); notes whether the disk is what is full.
+fn fits(shared: &Shared, incoming: u64) -> (bool, u64) {
+    let (limit, by_disk) = payload_limit(shared);
+    let fits = !over(shared, incoming, limit);
+    shared.stats().disk_full = by_disk && !fits;
+    (fits, limit)
+}
+
 /// Applies the full policy before `incoming` payload bytes are written.
 async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<Append>) {
     // Whether `incoming` fits, once retained records gave way if they must.
-    let fits = async |shared: &Arc<Shared>| {
+    let fits_after_eviction = async |shared: &Arc<Shared>| {
         let check = |shared: &Arc<Shared>| {
             let shared = Arc::clone(shared);
-            blocking(move || {
-                let (limit, by_disk) = payload_limit(&shared);
-                let fits = !over(&shared, incoming, limit);
-                shared.stats().disk_full = by_disk && !fits;
-                (fits, limit)
-            })
+            blocking(move || fits(&shared, incoming))
         };
         let (fit, limit) = check(shared).await;
         if fit || shared.stats().retained_records == 0 {
@@ -1112,7 +1137,7 @@ async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<
         evict_retained(shared, incoming, limit).await;
         check(shared).await
     };
-    let (fit, limit) = fits(shared).await;
+    let (fit, limit) = fits_after_eviction(shared).await;
     if fit {
         let shared = Arc::clone(shared);
         blocking(move || shared.volume.ensure_reserve()).await;
@@ -1142,7 +1167,7 @@ async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<
                 disk_full = shared.stats().disk_full,
                 "queue full: holding new points until the broker takes some (policy pausePolling)"
             );
-            while !fits(shared).await.0 {
+            while !fits_after_eviction(shared).await.0 {
                 // Appends wait in the channel meanwhile; when it fills, pollers wait too.
                 let room = shared.room.notified();
                 if rx.is_closed() || shared.failed.load(Ordering::Acquire) || shared.stopping.load(Ordering::Acquire) {
