@@ -203,6 +203,8 @@ fn help(binary: &str, subcommand: Option<&str>) -> String {
 fn every_documented_command_names_what_exists() {
     let mut problems = Vec::new();
     let mut commands = 0;
+    // One `--help` per subcommand (and one build of the operator), not one per line.
+    let mut helps = std::collections::HashMap::new();
     for (document, language, text) in blocks() {
         if language != "sh" {
             continue;
@@ -230,7 +232,9 @@ fn every_documented_command_names_what_exists() {
             };
             commands += 1;
             let subcommand = (binary == "tagstream-ingestor").then(|| args[0]);
-            let help = help(binary, subcommand);
+            let help = helps
+                .entry((binary, subcommand.map(str::to_owned)))
+                .or_insert_with(|| help(binary, subcommand));
             for flag in args.iter().filter(|a| a.starts_with("--")) {
                 let flag = flag.split('=').next().unwrap();
                 if !help.contains(&format!("{flag} ")) && !help.contains(&format!("{flag}\n")) {

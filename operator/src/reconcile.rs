@@ -148,11 +148,11 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
     }
 
     let now = Timestamp::now();
-    let mut look_again: Option<Duration> = terminating;
+    let mut report_due: Option<Duration> = None;
     for formula in formulas.iter().map(Arc::as_ref) {
         let issue = rendered.formula_issues.get(&formula.name_any());
         if let Some(wait) = issue.and_then(|issue| input_may_be_arriving(formula, issue, ctx.apply_window, now)) {
-            look_again = Some(look_again.map_or(wait, |due| due.min(wait)));
+            report_due = Some(report_due.map_or(wait, |due| due.min(wait)));
             continue;
         }
         let order = rendered
@@ -189,7 +189,10 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
     }
     // A held-back report is due when the apply window closes, and a terminating object
     // may be gone soon: look again then.
-    Ok(Action::requeue(look_again.map_or(RESYNC, |due| due + REPORT_MARGIN)))
+    let soonest = [report_due.map(|due| due + REPORT_MARGIN), terminating];
+    Ok(Action::requeue(
+        soonest.into_iter().flatten().fold(RESYNC, Duration::min),
+    ))
 }
 
 /// How soon a reconcile that found a rendered object terminating looks again (its

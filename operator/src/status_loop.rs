@@ -156,7 +156,7 @@ impl StatusLoop {
 
     /// Writes what `report` says into the site's Formulas, Devices and Site; an object
     /// whose write fails is logged and counted, and the others are still written.
-    async fn write_site(&mut self, site: &Site, report: Reached<'_>) {
+    async fn write_site(&mut self, site: &Arc<Site>, report: Reached<'_>) {
         let now = Timestamp::now();
         let (devices, formulas) = self.ctx.members(site);
         let formula_writes = formulas
@@ -194,13 +194,13 @@ impl StatusLoop {
                     .await;
             }
         }
-        if self.awaiting_watch(site) {
+        if self.awaiting_watch(&**site) {
             return;
         }
-        let due = self.heartbeat_due(site);
-        if let Some(status) = site_reported(site, report, now, due)
-            && self.write(site, &status).await
-        {
+        let due = self.heartbeat_due(&**site);
+        let write = site_reported(site, report, now, due).map(|status| (Arc::clone(site), status));
+        if let Some((_, status)) = self.write_all(write.into_iter().collect()).await.pop() {
+            let site = &**site;
             let before = site
                 .status
                 .as_ref()
@@ -243,22 +243,6 @@ impl StatusLoop {
         self.written
             .get(&key(stored))
             .is_some_and(|w| w.from_version == stored.meta().resource_version)
-    }
-
-    /// Applies `status` to the status of `stored` (the store's version of the object);
-    /// whether it was written. A failure is logged and counted, naming the object.
-    async fn write<K>(&mut self, stored: &K, status: &impl serde::Serialize) -> bool
-    where
-        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + serde::de::DeserializeOwned
-            + Clone
-            + std::fmt::Debug,
-    {
-        let written = apply_logged(&self.ctx, stored, status).await;
-        if written {
-            self.remember(stored);
-        }
-        written
     }
 
     /// Applies each status to its object, [`StatusSettings::concurrency`] at a time (the

@@ -209,7 +209,7 @@ pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfi
         stream: spec.name.clone(),
         message,
     };
-    let written = |e: CreateStreamError| {
+    let refused_or_failed = |e: CreateStreamError| {
         if refuses_settings(&e) {
             refused(e.to_string())
         } else {
@@ -237,7 +237,7 @@ pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfi
             }
             let mut updated = info.config.clone();
             updated.subjects.push(subjects.clone());
-            context.update_stream(updated).await.map_err(written)?;
+            context.update_stream(updated).await.map_err(refused_or_failed)?;
             warn!(stream = %spec.name, %subjects, "the stream did not cover this site; added the prefix's subjects");
             Ok(())
         }
@@ -268,7 +268,7 @@ pub async fn ensure_stream(context: &jetstream::Context, config: &PublisherConfi
                     ..stream::Config::default()
                 })
                 .await
-                .map_err(written)?;
+                .map_err(refused_or_failed)?;
             info!(stream = %spec.name, %subjects, "created the stream");
             Ok(())
         }
