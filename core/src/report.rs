@@ -110,6 +110,21 @@ pub struct QueueStatus {
     /// Acknowledged records given up before their retention ended, to make room.
     #[serde(default)]
     pub retained_evicted: u64,
+    /// Records held in memory (unacknowledged; some also on disk), and their bytes.
+    #[serde(default)]
+    pub memory_records: u64,
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// Records written to disk because JetStream had not acknowledged them within the
+    /// flush interval, since the ingestor started.
+    #[serde(default)]
+    pub records_written: u64,
+    /// Group writes to disk (each one flush and fsync), since the ingestor started.
+    #[serde(default)]
+    pub groups_written: u64,
+    /// Records JetStream acknowledged before any disk write, since the ingestor started.
+    #[serde(default)]
+    pub records_acked_from_memory: u64,
 }
 
 /// What the publisher reports for status and metrics.

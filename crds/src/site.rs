@@ -213,8 +213,11 @@ pub struct Queue {
     /// What happens when the queue is full.
     #[serde(default)]
     pub full_policy: FullPolicy,
-    /// Longest time a polled point waits before it is flushed to disk (group commit). Shorter
-    /// costs more disk writes; nothing is reported persisted before its flush.
+    /// Longest time a point waits in memory for JetStream's acknowledgement before it is
+    /// written to disk (group commit). Points are published at once; only those not
+    /// acknowledged within this interval are written, so it is also the most a killed
+    /// ingestor loses of what the broker had not taken. Shorter costs more disk writes
+    /// (BENCHMARKS.md).
     #[serde(default = "default_flush_interval")]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1ms') && duration(self) <= duration('1s')").message("must be between 1ms and 1s"))]
     pub flush_interval: Duration,
@@ -228,10 +231,21 @@ pub struct Queue {
     #[serde(default = "default_acked_retention")]
     #[x_kube(validation = Rule::new("duration(self) <= duration('1h')").message("must be at most 1h"))]
     pub acked_retention: Duration,
+    /// Most memory the queue holds points in. Points are published from memory at once
+    /// and written to disk only when JetStream has not acknowledged them within
+    /// `flushInterval`; memory also keeps what was written and is still unacknowledged,
+    /// so a broker that is behind is fed without reading the disk. Appends wait when it
+    /// is full. Costs about this much of the ingestor's RSS at most.
+    #[serde(default = "default_queue_memory_size")]
+    #[x_kube(validation = Rule::new("isQuantity(self) && !quantity(self).isLessThan(quantity('256Ki')) && !quantity(self).isGreaterThan(quantity('1Gi'))").message("must be a quantity from 256Ki to 1Gi"))]
+    pub memory_size: Quantity,
 }
 
 fn default_queue_max_size() -> Quantity {
     Quantity("1Gi".to_owned())
+}
+fn default_queue_memory_size() -> Quantity {
+    Quantity("4Mi".to_owned())
 }
 const fn default_flush_interval() -> Duration {
     Duration::from_millis(5)
@@ -247,6 +261,7 @@ impl Default for Queue {
             full_policy: FullPolicy::default(),
             flush_interval: default_flush_interval(),
             acked_retention: default_acked_retention(),
+            memory_size: default_queue_memory_size(),
         }
     }
 }

@@ -510,7 +510,7 @@ async fn the_example_plant_survives_an_ingestor_kill_and_a_broker_restart() {
         .await
         .expect("the stream is readable after the restarts");
     assert!(after.len() > first.len(), "nothing published after the restarts");
-    assert_exactly_once_in_order(&after);
+    assert_exactly_once_in_order(&after, 0);
     let batches: Vec<&PointBatch> = after.iter().map(|(_, b)| b).collect();
     check_values(&batches, &devices, &formulas);
     println!(

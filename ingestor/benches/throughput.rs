@@ -28,7 +28,13 @@
 //! (this benchmark re-run as a child with `--bare-poll`) that reads the same registers on
 //! the same schedule, decodes the floats and does nothing else. Its CPU per 100k points/s is
 //! what the transport alone costs on this machine (system calls, loopback TCP, wake-ups):
-//! the floor under the ingestor's figure.
+//! the floor under the ingestor's figure, and the ratio column divides one by the other.
+//!
+//! Latency: a core NATS subscriber in this process takes the first device's batches as
+//! the broker routes them (JetStream stores the same message then and acks it right
+//! after) and notes the time since the poll that read them (the points' timestamp):
+//! poll-to-broker, p50 and p99 over the window. The queue's records written to sled and
+//! acknowledged from memory over the window (from `/status`) show which tier carried them.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, reason = "the benchmark uses part of the test support")]
@@ -43,6 +49,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt as _;
+use prost::Message as _;
 use tokio_modbus::client::{Reader as _, tcp};
 
 use support::{
@@ -208,6 +216,50 @@ fn bare_poll(first_port: u16, devices: usize, interval_ms: u64, warmup: u64, sec
     runtime.shutdown_background();
 }
 
+/// Samples poll-to-broker latency (ns) of `subject`'s batches until `stop`.
+fn sample_latency(
+    url: String,
+    subject: String,
+    stop: std::sync::Arc<tokio::sync::Notify>,
+) -> std::thread::JoinHandle<Vec<i64>> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let client = async_nats::connect(url).await.expect("connect the latency sampler");
+            let mut messages = client.subscribe(subject).await.expect("subscribe");
+            client.flush().await.expect("flush the subscription");
+            let mut latencies = Vec::new();
+            let stopped = stop.notified();
+            tokio::pin!(stopped);
+            loop {
+                tokio::select! {
+                    () = &mut stopped => return latencies,
+                    Some(message) = messages.next() => {
+                        let now = tagstream_core::point::now_ns();
+                        if let Ok(batch) = tagstream_proto::v1::PointBatch::decode(message.payload)
+                            && let Some(polled) = batch.points.iter().map(|p| p.timestamp_ns).max()
+                        {
+                            latencies.push(now - polled);
+                        }
+                    }
+                }
+            }
+        })
+    })
+}
+
+/// The `q` quantile of `values` (sorted in place), in ms.
+fn quantile_ms(values: &mut [i64], q: f64) -> f64 {
+    values.sort_unstable();
+    let Some(last) = values.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    values[(last as f64 * q).round() as usize] as f64 / 1e6
+}
+
 /// Runs the baseline in a child process (its CPU is its own); returns (points/s, % of a core).
 fn baseline(first_port: u16, devices: usize, interval_ms: u64, seconds: u64) -> (f64, f64) {
     let exe = std::env::current_exe().expect("the benchmark's path");
@@ -244,85 +296,110 @@ fn main() {
     let interval_ms: u64 = arg("--interval-ms").and_then(|v| v.parse().ok()).unwrap_or(10);
     let seconds: u64 = arg("--seconds").and_then(|v| v.parse().ok()).unwrap_or(15);
     println!(
-        "| devices | offered points/s | delivered points/s | ingestor CPU (% of a core) | % of a core per 100k points/s | poll cycles skipped | nats-server CPU (% of a core) | retained MiB | bare poller: points/s | bare poller: % per 100k points/s |"
+        "| devices | offered points/s | delivered points/s | ingestor CPU (% of a core) | % of a core per 100k points/s | bare poller: % per 100k points/s | ingestor / bare poller | poll-to-broker p50 / p99 ms | records written to sled / acked from memory | poll cycles skipped | nats-server CPU (% of a core) | retained MiB |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for devices in counts {
+        println!("{}", measure(devices, interval_ms, seconds));
+    }
+}
+
+/// One row of the table: the ingestor, then the bare poller, on `devices` devices.
+fn measure(devices: usize, interval_ms: u64, seconds: u64) -> String {
     let server = arg("--nats-server").unwrap_or_else(|| support::nats::DEBIAN_SERVER.into());
     let nats_config = arg("--nats-config");
-    for devices in counts {
-        let nats = Nats::start_in(None, Path::new(&server), nats_config.as_deref());
-        let dir = tempfile::tempdir().unwrap();
-        let first_port = free_ports(devices);
-        manifests(dir.path(), devices, first_port, interval_ms, &nats.url());
-        let manifests_dir = dir.path().to_str().unwrap();
-        let _simulator = spawn(&["simulate", "-f", manifests_dir, "--listen", "127.0.0.1"], dir.path());
-        let http = free_port();
-        // Outside the manifests' directory, which the ingestor watches for changes.
-        let queue = tempfile::tempdir().unwrap();
-        let ingestor = spawn(
-            &[
-                "run",
-                "-f",
-                manifests_dir,
-                "--queue-dir",
-                queue.path().to_str().unwrap(),
-                "--http",
-                &format!("127.0.0.1:{http}"),
-            ],
-            dir.path(),
+    let nats = Nats::start_in(None, Path::new(&server), nats_config.as_deref());
+    let dir = tempfile::tempdir().unwrap();
+    let first_port = free_ports(devices);
+    manifests(dir.path(), devices, first_port, interval_ms, &nats.url());
+    let manifests_dir = dir.path().to_str().unwrap();
+    let _simulator = spawn(&["simulate", "-f", manifests_dir, "--listen", "127.0.0.1"], dir.path());
+    let http = free_port();
+    // Outside the manifests' directory, which the ingestor watches for changes.
+    let queue = tempfile::tempdir().unwrap();
+    let ingestor = spawn(
+        &[
+            "run",
+            "-f",
+            manifests_dir,
+            "--queue-dir",
+            queue.path().to_str().unwrap(),
+            "--http",
+            &format!("127.0.0.1:{http}"),
+        ],
+        dir.path(),
+    );
+    wait_for("every device to answer", Duration::from_secs(30), dir.path(), || {
+        status(http).is_some_and(|s| {
+            s["devices"]
+                .as_object()
+                .is_some_and(|d| d.len() == devices && d.values().all(|d| d["connected"] == true))
+        })
+    });
+    // Warm up: connections, the stream, the queue's first segments.
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = ingestor.0.id();
+    let stop_sampling = std::sync::Arc::new(tokio::sync::Notify::new());
+    let sampler = sample_latency(
+        nats.url(),
+        "*.*.bench.dev0".into(),
+        std::sync::Arc::clone(&stop_sampling),
+    );
+    let nats_pid = nats.pid().expect("nats-server runs");
+    let (cpu0, nats_cpu0, at0, start) = (
+        cpu_seconds(pid),
+        cpu_seconds(nats_pid),
+        Instant::now(),
+        status(http).expect("status"),
+    );
+    if let Some(perf) = arg("--perf") {
+        let recorded = Command::new("perf")
+            .args(["record", "-F", "1999", "-g", "-o", &format!("{perf}-{devices}"), "-p"])
+            .arg(pid.to_string())
+            .args(["--", "sleep", &seconds.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        assert!(
+            recorded.is_ok_and(|s| s.success()),
+            "perf record failed (Debian's linux-perf)"
         );
-        wait_for("every device to answer", Duration::from_secs(30), dir.path(), || {
-            status(http).is_some_and(|s| {
-                s["devices"]
-                    .as_object()
-                    .is_some_and(|d| d.len() == devices && d.values().all(|d| d["connected"] == true))
-            })
-        });
-        // Warm up: connections, the stream, the queue's first segments.
-        std::thread::sleep(Duration::from_secs(3));
-        let pid = ingestor.0.id();
-        let nats_pid = nats.pid().expect("nats-server runs");
-        let (cpu0, nats_cpu0, at0, start) = (
-            cpu_seconds(pid),
-            cpu_seconds(nats_pid),
-            Instant::now(),
-            status(http).expect("status"),
-        );
-        if let Some(perf) = arg("--perf") {
-            let recorded = Command::new("perf")
-                .args(["record", "-F", "1999", "-g", "-o", &format!("{perf}-{devices}"), "-p"])
-                .arg(pid.to_string())
-                .args(["--", "sleep", &seconds.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            assert!(
-                recorded.is_ok_and(|s| s.success()),
-                "perf record failed (Debian's linux-perf)"
-            );
-        } else {
-            std::thread::sleep(Duration::from_secs(seconds));
-        }
-        let (cpu1, nats_cpu1, elapsed, end) = (
-            cpu_seconds(pid),
-            cpu_seconds(nats_pid),
-            at0.elapsed().as_secs_f64(),
-            status(http).expect("status"),
-        );
-        let ((out0, skipped0), (out1, skipped1)) = (delivered(&start), delivered(&end));
-        let offered = (devices * TAGS) as f64 * 1000.0 / interval_ms as f64;
-        let rate = (out1 - out0) as f64 / elapsed;
-        let cpu = (cpu1 - cpu0) / elapsed * 100.0;
-        let nats_cpu = (nats_cpu1 - nats_cpu0) / elapsed * 100.0;
-        let retained = |s: &serde_json::Value| s["queue"]["retainedBytes"].as_u64().unwrap_or(0) as f64;
-        let retained_mib = (retained(&end) - retained(&start)) / elapsed * retention_secs() as f64 / f64::from(1 << 20);
-        drop(ingestor);
-        let (bare_rate, bare_cpu) = baseline(first_port, devices, interval_ms, seconds);
-        println!(
-            "| {devices} | {offered:.0} | {rate:.0} | {cpu:.1} | {:.1} | {} | {nats_cpu:.1} | {retained_mib:.1} | {bare_rate:.0} | {:.1} |",
-            cpu / (rate / 100_000.0),
-            skipped1 - skipped0,
-            bare_cpu / (bare_rate / 100_000.0)
-        );
+    } else {
+        std::thread::sleep(Duration::from_secs(seconds));
     }
+    let (cpu1, nats_cpu1, elapsed, end) = (
+        cpu_seconds(pid),
+        cpu_seconds(nats_pid),
+        at0.elapsed().as_secs_f64(),
+        status(http).expect("status"),
+    );
+    stop_sampling.notify_one();
+    let mut latencies = sampler.join().expect("the latency sampler");
+    let (p50, p99) = (quantile_ms(&mut latencies, 0.5), quantile_ms(&mut latencies, 0.99));
+    let tiers = |s: &serde_json::Value| {
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        (
+            n(&s["queue"]["recordsWritten"]),
+            n(&s["queue"]["recordsAckedFromMemory"]),
+        )
+    };
+    let ((written0, memory0), (written1, memory1)) = (tiers(&start), tiers(&end));
+    let ((out0, skipped0), (out1, skipped1)) = (delivered(&start), delivered(&end));
+    let offered = (devices * TAGS) as f64 * 1000.0 / interval_ms as f64;
+    let rate = (out1 - out0) as f64 / elapsed;
+    let cpu = (cpu1 - cpu0) / elapsed * 100.0;
+    let nats_cpu = (nats_cpu1 - nats_cpu0) / elapsed * 100.0;
+    let retained = |s: &serde_json::Value| s["queue"]["retainedBytes"].as_u64().unwrap_or(0) as f64;
+    let retained_mib = (retained(&end) - retained(&start)) / elapsed * retention_secs() as f64 / f64::from(1 << 20);
+    drop(ingestor);
+    let (bare_rate, bare_cpu) = baseline(first_port, devices, interval_ms, seconds);
+    let per_100k = cpu / (rate / 100_000.0);
+    let bare_per_100k = bare_cpu / (bare_rate / 100_000.0);
+    format!(
+        "| {devices} | {offered:.0} | {rate:.0} | {cpu:.1} | {per_100k:.1} | {bare_per_100k:.1} | {:.2} | {p50:.1} / {p99:.1} | {} / {} | {} | {nats_cpu:.1} | {retained_mib:.1} |",
+        per_100k / bare_per_100k,
+        written1 - written0,
+        memory1 - memory0,
+        skipped1 - skipped0,
+    )
 }

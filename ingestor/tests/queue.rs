@@ -73,10 +73,10 @@ async fn records_come_back_in_order_and_sequences_never_restart() {
 }
 
 #[tokio::test]
-async fn appends_within_a_flush_interval_share_one_commit() {
+async fn appends_within_a_flush_interval_share_one_group_write() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = QueueConfig::new(dir.path().join("q"));
-    config.flush_interval = Duration::from_millis(50);
+    config.flush_interval = Duration::from_millis(200);
     let queue = Queue::open(config).unwrap().queue;
     let appends = (0..100).map(|n| {
         let queue = queue.clone();
@@ -89,10 +89,14 @@ async fn appends_within_a_flush_interval_share_one_commit() {
     let mut all = stored_values(&stored);
     all.sort_unstable();
     assert_eq!(all, (0..100).collect::<Vec<_>>());
+    let stats = queue.stats();
+    // Nothing acknowledged them: every record went to disk, in one or two groups (the
+    // second for what came after the first's half interval).
+    assert_eq!(stats.records_written, stored.len() as u64);
     assert!(
-        stored.len() < 10,
-        "100 concurrent appends made {} records",
-        stored.len()
+        stats.groups_written <= 2,
+        "100 concurrent appends took {} group writes",
+        stats.groups_written
     );
 }
 
@@ -238,7 +242,7 @@ async fn acknowledged_records_are_retained_with_their_stream_sequences() {
         (stored[1].sequence, vec![100 + stored[1].sequence])
     );
     let again: Vec<Stored> = queue
-        .read_retained(stored[2].sequence, stored[2].sequence)
+        .read_retained(stored[2].sequence, stored[2].sequence, 10)
         .await
         .unwrap()
         .into_iter()
@@ -498,4 +502,141 @@ async fn close_shuts_the_queue_down_for_every_handle() {
     let reopened = Queue::open(config).unwrap().queue;
     assert_eq!(stored_values(&everything(&reopened).await), vec![1]);
     reopened.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn records_acknowledged_within_the_flush_interval_never_reach_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("q"));
+    config.flush_interval = Duration::from_secs(1);
+    config.acked_retention = Duration::ZERO;
+    let queue = Queue::open(config.clone()).unwrap().queue;
+    let appending = queue.clone();
+    let append = tokio::spawn(async move { appending.append((0..3).map(batch)).await });
+    // Published at once: readable from memory long before its flush interval ends.
+    let mut read = Vec::new();
+    while read.is_empty() {
+        read = queue.read(None, 10).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert!(!append.is_finished(), "an append returns only once its points are safe");
+    assert_eq!(stored_values(&read), vec![0, 1, 2]);
+    queue.ack(vec![acked(read.last().unwrap().sequence)]).await.unwrap();
+    tokio::time::timeout(Duration::from_millis(500), append)
+        .await
+        .expect("the acknowledgement answers the appender before any flush")
+        .unwrap()
+        .unwrap();
+    let stats = queue.stats();
+    assert_eq!((stats.records_written, stats.groups_written), (0, 0), "{stats:?}");
+    assert_eq!(stats.records_acked_from_memory, 1);
+    assert_eq!((stats.records, stats.points), (0, 0));
+    queue.close().await.unwrap();
+    let reopened = Queue::open(config).unwrap().queue;
+    assert!(everything(&reopened).await.is_empty());
+}
+
+#[tokio::test]
+async fn records_acknowledged_from_memory_are_retained_with_one_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QueueConfig::new(dir.path().join("q"));
+    config.flush_interval = Duration::from_millis(300);
+    let queue = Queue::open(config.clone()).unwrap().queue;
+    let appending = queue.clone();
+    let append = tokio::spawn(async move { appending.append(vec![batch(7)]).await });
+    let read = loop {
+        let read = queue.read(None, 10).await.unwrap();
+        if !read.is_empty() {
+            break read;
+        }
+        tokio::task::yield_now().await;
+    };
+    let sequence = read[0].sequence;
+    queue
+        .ack(vec![Acked {
+            sequence,
+            stream_sequences: vec![41],
+        }])
+        .await
+        .unwrap();
+    append.await.unwrap().unwrap();
+    // Retained at the next group write, within a flush interval of the ack.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while queue.stats().retained_records == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never retained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = queue.stats();
+    assert_eq!(
+        stats.records_written, 0,
+        "an acknowledged record is not written to `records`"
+    );
+    queue.close().await.unwrap();
+    let reopened = Queue::open(config).unwrap().queue;
+    assert!(everything(&reopened).await.is_empty());
+    let retained = reopened.read_retained(sequence, sequence, 10).await.unwrap();
+    assert_eq!(retained.len(), 1);
+    assert_eq!(retained[0].1.stream_sequences, vec![41]);
+    assert_eq!(stored_values(&[retained[0].0.clone()]), vec![7]);
+}
+
+/// In the child: append and print the sequences the publisher would send from memory,
+/// long before any flush, then wait to be killed.
+#[test]
+fn unflushed_child() {
+    let Ok(dir) = std::env::var("TAGSTREAM_QUEUE_UNFLUSHED_CHILD") else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut config = QueueConfig::new(dir);
+        config.flush_interval = Duration::from_secs(1);
+        let queue = Queue::open(config).unwrap().queue;
+        let appending = queue.clone();
+        tokio::spawn(async move { appending.append((0..5).map(batch)).await });
+        loop {
+            let read = queue.read(None, 10).await.unwrap();
+            if let Some(last) = read.last() {
+                println!("published through {}", last.sequence);
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        std::future::pending::<()>().await;
+    });
+}
+
+#[test]
+fn a_sequence_published_from_memory_is_never_reused_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "unflushed_child", "--nocapture", "--test-threads=1"])
+        .env("TAGSTREAM_QUEUE_UNFLUSHED_CHILD", &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let published = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            line.split_once("published through ")
+                .map(|(_, n)| n.parse::<u64>().unwrap())
+        })
+        .expect("the child publishes from memory");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let queue = Queue::open(QueueConfig::new(&path)).unwrap().queue;
+        assert!(everything(&queue).await.is_empty(), "killed before its flush");
+        queue.append(vec![batch(9)]).await.unwrap();
+        let stored = everything(&queue).await;
+        assert!(
+            stored[0].sequence > published,
+            "sequence {} was published before the kill and taken again by new points",
+            stored[0].sequence
+        );
+    });
 }

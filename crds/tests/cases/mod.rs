@@ -476,6 +476,12 @@ pub fn bad_manifests() -> Vec<Case> {
             "must be a quantity such as 2Gi",
         ),
         case(
+            "queue memory of 64Ki",
+            vec![edit(site(), &[("/spec/queue/memorySize", json!("64Ki"))])],
+            "spec.queue.memorySize",
+            "must be a quantity from 256Ki to 1Gi",
+        ),
+        case(
             "flush interval 2s",
             vec![edit(site(), &[("/spec/queue/flushInterval", json!("2s"))])],
             "spec.queue.flushInterval",

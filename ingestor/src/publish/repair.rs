@@ -85,7 +85,7 @@ impl Connection<'_> {
             stream_last_sequence,
             ..
         } = loss;
-        let records = last - from + 1;
+        let records = self.queue.retained_count(from, last).await?;
         // Sequences start at 0 with a queue: before record 0 there was nothing to lose.
         let maybe_older = from == first && first > 0;
         let message = format!(
@@ -175,13 +175,16 @@ impl Connection<'_> {
         last: u64,
         window: &mut AckWindow,
     ) -> Result<(), PublishError> {
-        let chunk = self.config.chunk_records.max(1) as u64;
+        let chunk = self.config.chunk_records.max(1);
         // Each record's stream sequences, with the parts being sent again still to fill in.
         let mut pending = std::collections::VecDeque::new();
         let mut start = loss.from;
-        while start <= last {
-            let end = (start + chunk - 1).min(last);
-            for (stored, ack) in self.queue.read_retained(start, end).await? {
+        loop {
+            let records = self.queue.read_retained(start, last, chunk).await?;
+            let Some(next) = records.last().map(|(s, _)| s.sequence + 1) else {
+                break;
+            };
+            for (stored, ack) in records {
                 let parts = stored.record.batches.len();
                 let resent: Vec<usize> = if stored.sequence == loss.from && !loss.from_parts.is_empty() {
                     loss.from_parts.clone()
@@ -207,7 +210,7 @@ impl Connection<'_> {
                     .await?;
                 self.reack(&mut pending, acked).await?;
             }
-            start = end + 1;
+            start = next;
         }
         let mut acked = Vec::new();
         window.settle(0, self.status, &mut acked).await?;

@@ -1,16 +1,23 @@
-//! The persistent queue between acquisition and publishing, on sled.
+//! The queue between acquisition and publishing: memory first, sled for what JetStream
+//! does not acknowledge within the flush interval.
 //!
 //! # Invariants
-//! - A point is reported persisted (`append` returns `Ok`) only after a sled flush that
-//!   covers it and an fsync of sled's file: a crash or a power cut afterwards loses
-//!   nothing that was reported. sled's own flush ends in `sync_file_range`, which neither
-//!   writes the file's size nor empties the disk's cache: a power cut lost what it had
-//!   covered (found with `tests/power_cut.rs`'s filesystem, which keeps only what was
-//!   fsynced).
+//! - A point is safe once JetStream acknowledged it **or** the queue flushed it to sled
+//!   (a sled flush that covers it and an fsync of sled's file), and `append` returns `Ok`
+//!   only then. A record is published from memory ([`memory`]) as soon as it is appended;
+//!   at each group commit the writer writes to sled only the records JetStream has not
+//!   acknowledged by then. A SIGKILL or a power cut loses at most what was appended
+//!   within about one flush interval and not acknowledged. sled's own flush ends in
+//!   `sync_file_range`, which neither writes the file's size nor empties the disk's
+//!   cache: a power cut lost what it had covered (found with `tests/power_cut.rs`'s
+//!   filesystem, which keeps only what was fsynced).
 //! - Records are keyed by a big-endian `u64` sequence that only grows within an epoch,
-//!   also across restarts and after the queue drained (`next_seq` is persisted beside the
-//!   records and recovered as the larger of it and the last key + 1), so a
-//!   `(epoch, sequence)` never names two different records.
+//!   also across restarts and after the queue drained, so a `(epoch, sequence)` never
+//!   names two different records. Sequences are handed out from a block reserved on disk
+//!   first (`next_seq` in `meta` holds the end of the block, fsynced before any sequence
+//!   of it is used; reopening starts after it): a record published from memory and lost
+//!   with the process never has its message id reused by new points, which JetStream
+//!   would drop as duplicates.
 //! - The epoch is random, created with the queue, and stored beside it. A new queue (new
 //!   volume, or a corrupt one moved aside) gets a new epoch, so its message ids never
 //!   collide with the old queue's in JetStream's duplicate window.
@@ -25,11 +32,14 @@
 //! tree `meta` (`epoch`, `next_seq`, both `u64` BE, and `format`).
 //!
 //! # Group commit and record size
-//! Appends go to one writer task. It gathers every append that arrives within
-//! `flush_interval` of the first, packs their batches into records of about
-//! [`QueueConfig::record_bytes`], writes them and flushes once. Records of a few KiB keep
-//! sled's memory flat (see `../shared/DESIGN.md`: tiny records cost ~25 B of RAM each,
-//! records of tens of KiB balloon RSS), and one flush per group amortises the fsync.
+//! An append packs its batches into records of up to about [`QueueConfig::record_bytes`]
+//! and puts them in memory. One writer task commits a flush interval after the oldest
+//! record in memory only: it writes the records of that age or at least half an interval
+//! old that are still unacknowledged, and the acknowledged ones `ackedRetention` keeps,
+//! then flushes once. Records of a few KiB keep sled's memory flat (see
+//! `../shared/DESIGN.md`: tiny records cost ~25 B of RAM each, records of tens of KiB
+//! balloon RSS); an appender waits until its points are safe, so while the broker is
+//! behind, appends gather a flush interval's points each as they did before.
 //!
 //! # Size limit
 //! sled does not return space to the filesystem after deletes but reuses it, and its
@@ -48,16 +58,15 @@
 //! fails. Appenders wait meanwhile (and through the bounded channels, the pollers);
 //! nothing they handed over is lost or reported persisted before it is.
 //!
-//! The publisher reads only records below `durable_next`, the sequence after the last
-//! flushed group, so it never sends a record a failed write or a crash could take back:
-//! a sequence sent to JetStream is never reused for other points.
+//! A group being written again after a failure keeps its records and sequences: they may
+//! have been published from memory already, and JetStream drops the repeat.
 //!
 //! # Corruption
 //! A database sled cannot open is moved aside to `<dir>.corrupt-<unix seconds>` and a
 //! fresh queue (new epoch) is started, reported in [`Opened::moved_aside`]. A record that
 //! does not decode is skipped and counted as lost; it never stops the queue.
 
-mod recent;
+mod memory;
 pub mod record;
 pub mod retained;
 mod summary;
@@ -68,13 +77,13 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
 use tagstream_crds::site::FullPolicy;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -101,6 +110,9 @@ pub struct QueueConfig {
     pub record_bytes: usize,
     /// How long an acknowledged record stays in `retained`; zero removes it at its ack.
     pub acked_retention: Duration,
+    /// Most bytes of records held in memory (encoded): the unacknowledged ones, and the
+    /// acknowledged ones waiting for `retained`.
+    pub memory_bytes: usize,
 }
 
 impl QueueConfig {
@@ -113,6 +125,7 @@ impl QueueConfig {
             cache_bytes: 32 << 20,
             record_bytes: 8 << 10,
             acked_retention: Duration::from_secs(150),
+            memory_bytes: 4 << 20,
         }
     }
 }
@@ -174,6 +187,15 @@ pub struct QueueStats {
     pub retained_bytes: u64,
     /// Acknowledged records given up before their retention ended, to make room.
     pub retained_evicted: u64,
+    /// Records held in memory (unacknowledged; some also in sled), and their bytes.
+    pub memory_records: u64,
+    pub memory_bytes: u64,
+    /// Records written to sled because JetStream had not acknowledged them in time.
+    pub records_written: u64,
+    /// Group writes (each one sled flush and fsync).
+    pub groups_written: u64,
+    /// Records JetStream acknowledged before any write.
+    pub records_acked_from_memory: u64,
 }
 
 /// A stored record and its sequence.
@@ -189,11 +211,6 @@ pub struct Opened {
     pub queue: Queue,
     /// Where a corrupt queue was moved, when it was.
     pub moved_aside: Option<PathBuf>,
-}
-
-struct Append {
-    batches: Vec<StoredBatch>,
-    done: oneshot::Sender<Result<(), String>>,
 }
 
 /// The open sled database and its trees; replaced when sled is reopened.
@@ -254,8 +271,13 @@ struct Shared {
     store: RwLock<Option<Arc<Store>>>,
     volume: Volume,
     epoch: u64,
-    /// The sequence after the last flushed record: the publisher reads below it only.
-    durable_next: AtomicU64,
+    /// The records not yet acknowledged, the sequences and the appenders' answers.
+    memory: Mutex<memory::Memory>,
+    /// Held while a group's records are inserted and while acknowledged records are
+    /// removed, so that a removal never comes before the insert it removes.
+    sled_records: Mutex<()>,
+    /// Held while a block of sequences is reserved on disk.
+    reserving: Mutex<()>,
     /// Set by any failed sled call: sled refuses writes from then on, and the writer
     /// reopens it.
     failed: AtomicBool,
@@ -266,16 +288,17 @@ struct Shared {
     /// count as dropped once a flush covers their removal (a reopened sled may bring them
     /// back otherwise).
     unflushed_drops: Mutex<Vec<(u64, u64)>>,
+    /// Figures of the records in sled (memory's are added by [`Queue::stats`]).
     stats: Mutex<QueueStats>,
-    /// The totals of every record appended so far: what the next record follows.
-    totals: Mutex<record::Totals>,
     /// Woken when the publisher frees room (for `pausePolling`).
     room: Notify,
-    /// Woken when records were written (for the publisher).
+    /// Woken when records were appended (for the publisher).
     appended: Notify,
-    /// The records flushed last, for a publisher that keeps up.
-    recent: Mutex<recent::Recent>,
-    /// Cancelled by `close`: the writer takes what was already handed to it, then ends.
+    /// Wakes the writer: records arrived in an empty memory, or memory is full.
+    commit_due: Notify,
+    /// Woken when memory has room again (for appenders).
+    memory_room: Notify,
+    /// Cancelled by `close`: the writer writes what memory holds, then ends.
     closing: CancellationToken,
     /// The writer task, awaited by `close`.
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -285,15 +308,6 @@ struct Shared {
 #[derive(Clone, Debug)]
 pub struct Queue {
     shared: Arc<Shared>,
-    appends: mpsc::Sender<Append>,
-}
-
-impl std::fmt::Debug for Append {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Append")
-            .field("batches", &self.batches.len())
-            .finish_non_exhaustive()
-    }
 }
 
 fn storage(path: &Path) -> impl Fn(sled::Error) -> QueueError + '_ {
@@ -328,6 +342,26 @@ impl Shared {
 
     fn stats(&self) -> std::sync::MutexGuard<'_, QueueStats> {
         self.stats.lock().expect("stats lock")
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, memory::Memory> {
+        self.memory.lock().expect("memory lock")
+    }
+
+    /// Reserves on disk every sequence below `through` (and a block more), unless it is
+    /// already (blocking: a sled write and a flush, once per [`SEQUENCE_BLOCK`] records).
+    fn reserve(&self, through: u64) -> Result<(), QueueError> {
+        let _one_at_a_time = self.reserving.lock().expect("reserving lock");
+        if through <= self.memory().reserved {
+            return Ok(());
+        }
+        let end = through + SEQUENCE_BLOCK;
+        let store = self.store()?;
+        let err = self.storage_error();
+        store.meta.insert("next_seq", &end.to_be_bytes()).map_err(&err)?;
+        store.flush().map_err(&err)?;
+        self.memory().reserved = end;
+        Ok(())
     }
 
     /// Measures what sled's files take and what the filesystem has free (blocking: a
@@ -401,28 +435,29 @@ impl Queue {
         volume.ensure_reserve();
         stats.volume_available_bytes = volume.space().map(|s| s.available);
         info!(queue = %config.dir.display(), epoch = format!("{epoch:016x}"), records = stats.records, points = stats.points, "queue opened");
-        let (appends, rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
             config,
             store: RwLock::new(Some(Arc::new(store))),
             volume,
             epoch,
-            durable_next: AtomicU64::new(next),
+            memory: Mutex::new(memory::Memory::new(next, totals)),
+            sled_records: Mutex::new(()),
+            reserving: Mutex::new(()),
             failed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             unflushed_drops: Mutex::new(Vec::new()),
             stats: Mutex::new(stats),
-            totals: Mutex::new(totals),
             room: Notify::new(),
             appended: Notify::new(),
-            recent: Mutex::default(),
+            commit_due: Notify::new(),
+            memory_room: Notify::new(),
             closing: CancellationToken::new(),
             writer: Mutex::new(None),
         });
-        let task = tokio::spawn(writer(Arc::clone(&shared), rx, next));
+        let task = tokio::spawn(writer(Arc::clone(&shared)));
         *shared.writer.lock().expect("writer lock") = Some(task);
         Ok(Opened {
-            queue: Self { shared, appends },
+            queue: Self { shared },
             moved_aside,
         })
     }
@@ -434,9 +469,29 @@ impl Queue {
 
     /// The queue's figures, from memory: the disk's (`disk_bytes`,
     /// `volume_available_bytes`) are as of the writer's last measure, at most
-    /// [`DISK_MEASURE_PERIOD`] old.
+    /// [`DISK_MEASURE_PERIOD`] old. Records, points and the oldest point count both tiers;
+    /// `payload_bytes` is sled's.
     pub fn stats(&self) -> QueueStats {
-        self.shared.stats().clone()
+        let (unwritten, unwritten_points, oldest, held, bytes, acked_from_memory) = {
+            let memory = self.shared.memory();
+            let (records, points) = memory.unwritten();
+            (
+                records,
+                points,
+                memory.oldest_unwritten_ns(),
+                memory.held() as u64,
+                memory.bytes() as u64,
+                memory.acked_unwritten,
+            )
+        };
+        let mut stats = self.shared.stats().clone();
+        stats.records += unwritten;
+        stats.points += unwritten_points;
+        stats.oldest_enqueued_ns = stats.oldest_enqueued_ns.or(oldest);
+        stats.memory_records = held;
+        stats.memory_bytes = bytes;
+        stats.records_acked_from_memory = acked_from_memory;
+        stats
     }
 
     /// [`Queue::stats`] with the disk's figures measured now (on the blocking pool).
@@ -448,7 +503,7 @@ impl Queue {
 
     /// Records not yet acknowledged.
     pub fn records(&self) -> u64 {
-        self.shared.stats().records
+        self.shared.stats().records + self.shared.memory().unwritten().0
     }
 
     /// Whether `pausePolling` is holding appends back.
@@ -456,48 +511,93 @@ impl Queue {
         self.shared.stats().paused
     }
 
-    /// Stores `batches`; returns once they are on disk.
+    /// Queues `batches`: the publisher may send them at once. Returns once they are safe:
+    /// acknowledged by JetStream, or flushed to sled.
     pub async fn append<B: Into<StoredBatch>>(&self, batches: impl IntoIterator<Item = B>) -> Result<(), QueueError> {
         let batches: Vec<StoredBatch> = batches.into_iter().map(Into::into).collect();
         if batches.is_empty() {
             return Ok(());
         }
+        let shared = &self.shared;
+        let limit = shared.config.memory_bytes;
+        // Memory full: the writer writes what is due and the publisher's acks free the
+        // rest; appenders wait meanwhile (and through the bounded channels, the pollers).
+        loop {
+            let room = shared.memory_room.notified();
+            let full = {
+                let mut memory = shared.memory();
+                memory.evict(limit);
+                memory.bytes() >= limit
+            };
+            if !full || shared.stopping.load(Ordering::Acquire) {
+                break;
+            }
+            shared.commit_due.notify_one();
+            let _ = tokio::time::timeout(Duration::from_millis(100), room).await;
+        }
+        let now = now_ns();
         let (done, wait) = oneshot::channel();
-        self.appends
-            .send(Append { batches, done })
-            .await
-            .map_err(|_| QueueError::Closed)?;
+        loop {
+            let needed = {
+                let mut memory = shared.memory();
+                if memory.closed {
+                    return Err(QueueError::Closed);
+                }
+                let (records, totals) = pack(&batches, shared.config.record_bytes, now, memory.totals);
+                let through = memory.next + records.len() as u64;
+                if through <= memory.reserved {
+                    let first_in_memory = memory.unwritten().0 == 0;
+                    memory.totals = totals;
+                    memory.push(records, done);
+                    memory.evict(limit);
+                    drop(memory);
+                    shared.appended.notify_waiters();
+                    if first_in_memory {
+                        shared.commit_due.notify_one();
+                    }
+                    break;
+                }
+                through
+            };
+            let reserving = Arc::clone(shared);
+            if let Err(e) = blocking(move || reserving.reserve(needed)).await {
+                if shared.stopping.load(Ordering::Acquire) || shared.closing.is_cancelled() {
+                    return Err(e);
+                }
+                warn!(error = %e, "cannot reserve queue sequences; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(QueueError::Storage {
-                path: self.shared.config.dir.clone(),
+                path: shared.config.dir.clone(),
                 source: sled::Error::Io(std::io::Error::other(message)),
             }),
             Err(_) => Err(QueueError::Closed),
         }
     }
 
-    /// Up to `max` flushed records with a sequence above `after` (from the head when
-    /// `None`), in order. Memory is bounded by `max`, whatever the backlog.
+    /// Up to `max` records with a sequence above `after` (from the first unacknowledged
+    /// one when `None`), in order: from memory when it holds them, else from sled, whose
+    /// records are all older than memory's. Memory is bounded by `max`, whatever the backlog.
     pub async fn read(&self, after: Option<u64>, max: usize) -> Result<Vec<Stored>, QueueError> {
-        let start = after.map_or(0, |s| s.saturating_add(1));
-        let durable = self.shared.durable_next.load(Ordering::Acquire);
-        if start >= durable {
-            return Ok(Vec::new());
-        }
-        if after.is_some()
-            && let Some(records) = self.shared.recent.lock().expect("recent lock").read(start, max)
-        {
-            return Ok(records);
-        }
+        let (start, sled_end) = {
+            let memory = self.shared.memory();
+            let start = after.or(memory.acked_through).map_or(0, |s| s.saturating_add(1));
+            if let Some(records) = memory.read(start, max) {
+                return Ok(records);
+            }
+            (start, memory.first_held())
+        };
         let shared = Arc::clone(&self.shared);
-        blocking(move || {
+        let from_sled = blocking(move || {
             let store = shared.store()?;
             let err = shared.storage_error();
             let mut out = Vec::with_capacity(max.min(1024));
             for entry in store
                 .records
-                .range(start.to_be_bytes()..durable.to_be_bytes())
+                .range(start.to_be_bytes()..sled_end.to_be_bytes())
                 .take(max)
             {
                 let (key, value) = entry.map_err(&err)?;
@@ -518,9 +618,14 @@ impl Queue {
                     }
                 }
             }
-            Ok(out)
+            Ok::<_, QueueError>(out)
         })
-        .await
+        .await?;
+        if !from_sled.is_empty() {
+            return Ok(from_sled);
+        }
+        // Acknowledged or evicted between the two looks: memory has what follows.
+        Ok(self.shared.memory().read(sled_end, max).unwrap_or_default())
     }
 
     /// Waits until records are appended, or `at_most` passes.
@@ -529,34 +634,49 @@ impl Queue {
     }
 
     /// Takes the publisher's acknowledged prefix: every record up to and including the
-    /// last of `acked` (in sequence order) leaves `records`. With a retention it moves to
-    /// `retained` with its parts' stream sequences, and retained records acknowledged
-    /// longer ago than the retention leave.
+    /// last of `acked` (in sequence order) leaves the queue. With a retention it goes to
+    /// `retained` with its parts' stream sequences (one never written waits in memory for
+    /// the next group write), and retained records acknowledged longer ago than the
+    /// retention leave.
     ///
-    /// On the blocking pool, once per chunk the publisher acknowledges. It ran on the
-    /// caller's thread while an ack only removed records (in-memory log entries), where a
-    /// round trip through the pool cost more than the removal; with a retention every
-    /// acknowledged record is written again, and sled's writes wait for its log buffers,
-    /// so on a slow disk the publisher's runtime thread would wait too.
+    /// Records acknowledged before any write leave memory only, on the caller's thread.
+    /// Records in sled leave on the blocking pool: with a retention every one is written
+    /// again, and sled's writes wait for its log buffers, so on a slow disk the
+    /// publisher's runtime thread would wait too.
     pub async fn ack(&self, acked: Vec<Acked>) -> Result<(), QueueError> {
         let Some(last) = acked.last().map(|a| a.sequence) else {
             return Ok(());
         };
-        let shared = Arc::clone(&self.shared);
-        blocking(move || ack_through(&shared, &acked, last)).await?;
-        self.shared.room.notify_waiters();
+        let shared = &self.shared;
+        let retain = !shared.config.acked_retention.is_zero() && !shared.stats().disk_full;
+        let claimed = shared.memory().ack(last, &acked, retain, now_ns());
+        shared.memory_room.notify_waiters();
+        if claimed || shared.stats().records > 0 {
+            let shared = Arc::clone(shared);
+            blocking(move || ack_through(&shared, &acked, last)).await?;
+            self.shared.room.notify_waiters();
+        }
         Ok(())
     }
 
-    /// The retained records from `from` through `through`, decoded, each with its ack,
-    /// in one pass (one that does not decode is logged and left out).
-    pub async fn read_retained(&self, from: u64, through: u64) -> Result<Vec<(Stored, RetainedAck)>, QueueError> {
+    /// Up to `max` retained records from `from` through `through`, decoded, each with its
+    /// ack, in one pass (one that does not decode is logged and left out).
+    pub async fn read_retained(
+        &self,
+        from: u64,
+        through: u64,
+        max: usize,
+    ) -> Result<Vec<(Stored, RetainedAck)>, QueueError> {
         let shared = Arc::clone(&self.shared);
         blocking(move || {
             let store = shared.store()?;
             let err = shared.storage_error();
             let mut out = Vec::new();
-            for entry in store.retained.range(from.to_be_bytes()..=through.to_be_bytes()) {
+            for entry in store
+                .retained
+                .range(from.to_be_bytes()..=through.to_be_bytes())
+                .take(max)
+            {
                 let (key, entry) = entry.map_err(&err)?;
                 let sequence = sequence_of(&key);
                 if let Some((ack, Ok(record))) =
@@ -571,6 +691,22 @@ impl Queue {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// How many records are retained from `from` through `through` (sequences skip after
+    /// a crash, so their difference does not tell).
+    pub async fn retained_count(&self, from: u64, through: u64) -> Result<u64, QueueError> {
+        let shared = Arc::clone(&self.shared);
+        blocking(move || {
+            let store = shared.store()?;
+            let mut count = 0;
+            for key in store.retained.range(from.to_be_bytes()..=through.to_be_bytes()).keys() {
+                key.map_err(shared.storage_error())?;
+                count += 1;
+            }
+            Ok(count)
         })
         .await
     }
@@ -633,15 +769,15 @@ impl Queue {
         self.shared.room.notify_waiters();
     }
 
-    /// Shuts the queue down: the writer writes what was already handed to it and ends
-    /// (appends through any handle fail with `Closed` from then on), and a last flush
-    /// covers the deletions of acknowledged records. When no other handle is left, the
-    /// database's file lock is released on return and the queue can be opened again.
-    /// It used to wait for every other handle to go, polling their count for up to a
-    /// second, and a handle kept elsewhere kept the writer running after the close.
+    /// Shuts the queue down: the writer writes what memory holds unacknowledged (past the
+    /// size limit if it must, as at [`Queue::stop_waiting`]) and ends (appends through any
+    /// handle fail with `Closed` from then on), and a last flush covers the deletions of
+    /// acknowledged records. When no other handle is left, the database's file lock is
+    /// released on return and the queue can be opened again.
     pub async fn close(self) -> Result<(), QueueError> {
-        let Self { shared, appends } = self;
-        drop(appends);
+        let Self { shared } = self;
+        shared.stopping.store(true, Ordering::Release);
+        shared.room.notify_waiters();
         shared.closing.cancel();
         let task = shared.writer.lock().expect("writer lock").take();
         if let Some(task) = task {
@@ -696,6 +832,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
+/// Sequences reserved on disk at a time: one sled write and fsync per this many records
+/// (under 20 minutes at 100k points/s in records of 100 points), and at most this many
+/// sequences skipped after a crash (of 2^64).
+const SEQUENCE_BLOCK: u64 = 1 << 20;
+
 /// How often the writer measures the disk's figures for [`Queue::stats`].
 pub const DISK_MEASURE_PERIOD: Duration = Duration::from_secs(1);
 
@@ -703,6 +844,7 @@ pub const DISK_MEASURE_PERIOD: Duration = Duration::from_secs(1);
 /// stream sequences `acked` lists) unless there is no retention (blocking).
 fn ack_through(shared: &Shared, acked: &[Acked], last: u64) -> Result<(), QueueError> {
     let store = shared.store()?;
+    let _after_inserts = shared.sled_records.lock().expect("sled records lock");
     let retention = shared.config.acked_retention;
     // Moving a record writes it again: on a short disk that space goes to new points
     // (found by tests/disk_full.rs, where the moves took what the acks had freed).
@@ -733,10 +875,16 @@ fn ack_through(shared: &Shared, acked: &[Acked], last: u64) -> Result<(), QueueE
                 Ok(())
             },
         )?;
-        let cutoff = now - i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
-        remove_retained(shared, &store, |ack| ack.acked_ns < cutoff)?;
+        expire_retained(shared, &store, now)?;
     }
     Ok(())
+}
+
+/// Removes the retained records acknowledged longer ago than the retention.
+fn expire_retained(shared: &Shared, store: &Store, now: i64) -> Result<(), QueueError> {
+    let retention = i64::try_from(shared.config.acked_retention.as_nanos()).unwrap_or(i64::MAX);
+    let cutoff = now.saturating_sub(retention);
+    remove_retained(shared, store, |ack| ack.acked_ns < cutoff).map(drop)
 }
 
 /// Removes head records while `take(sequence)` holds, each after `keep(sequence, value)`;
@@ -756,7 +904,9 @@ fn remove_head(
         if !take(sequence) {
             break;
         }
-        shared.recent.lock().expect("recent lock").remove_through(sequence);
+        if dropped {
+            shared.memory().dropped_through(sequence);
+        }
         keep(sequence, &value)?;
         if store.records.remove(&key).map_err(&err)?.is_none() {
             continue;
@@ -811,82 +961,118 @@ fn sync_new_files(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The writer task: gathers appends for one flush interval, writes them as records of
-/// about `record_bytes`, flushes once, then answers every appender. A group that cannot
-/// be written is kept and written again once sled is reopened; only shutdown gives up.
-async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Append>, mut next_seq: u64) {
-    let mut closed = false;
+/// The writer task: commits a flush interval after the oldest record written nowhere
+/// (see [`commit`]) and at once when memory is full; at close it writes every record
+/// memory holds unacknowledged, then answers whoever still waits.
+async fn writer(shared: Arc<Shared>) {
+    let interval = shared.config.flush_interval;
+    let half = i64::try_from(interval.as_nanos() / 2).unwrap_or(i64::MAX);
     let mut measure = tokio::time::interval(DISK_MEASURE_PERIOD);
     measure.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let first = tokio::select! {
+        let (due, full) = {
+            let memory = shared.memory();
+            let due = memory.oldest_unwritten_or_unretained_ns().map(|oldest| {
+                let wait = oldest.saturating_add(2 * half).saturating_sub(now_ns()).max(0);
+                tokio::time::Instant::now() + Duration::from_nanos(wait.unsigned_abs())
+            });
+            let full = memory.bytes() >= shared.config.memory_bytes && memory.claimable_bytes(i64::MAX) > 0;
+            (due, full)
+        };
+        tokio::select! {
             biased;
-            // What was sent before the close is still received, then `None`.
-            () = shared.closing.cancelled(), if !closed => {
-                rx.close();
-                closed = true;
-                continue;
-            }
+            () = shared.closing.cancelled() => break,
+            () = std::future::ready(()), if full => commit(&shared, i64::MAX).await,
             _ = measure.tick() => {
-                let shared = Arc::clone(&shared);
-                blocking(move || shared.measure_disk()).await;
-                continue;
-            }
-            append = rx.recv() => match append {
-                Some(append) => append,
-                None => break,
-            },
-        };
-        let deadline = tokio::time::Instant::now() + shared.config.flush_interval;
-        let mut group = vec![first];
-        while let Ok(Some(more)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            group.push(more);
-        }
-        let (batches, waiters): (Vec<Vec<StoredBatch>>, Vec<_>) =
-            group.into_iter().map(|a| (a.batches, a.done)).unzip();
-        let batches: Vec<StoredBatch> = batches.into_iter().flatten().collect();
-        let outcome = loop {
-            let failure = match write_with_room(&shared, &batches, next_seq, &mut rx).await {
-                Ok(next) => {
-                    next_seq = next;
-                    shared.stats().write_error = None;
-                    shared.appended.notify_waiters();
-                    break Ok(());
+                let measuring = Arc::clone(&shared);
+                blocking(move || measuring.measure_disk()).await;
+                // A read or an acknowledgement found sled failed while no group was due.
+                if shared.failed.load(Ordering::Acquire) {
+                    reopen_until_open(&shared, None).await;
                 }
-                Err(failure) => failure,
-            };
-            error!(error = %failure, "cannot write to the queue; reopening it and writing the same points again");
-            {
-                let mut stats = shared.stats();
-                stats.write_error = Some(failure.clone());
-                stats.write_failures += 1;
             }
-            if rx.is_closed() || shared.stopping.load(Ordering::Acquire) {
-                break Err(failure);
+            () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                commit(&shared, now_ns().saturating_sub(half)).await;
             }
-            reopen_until_open(&shared, next_seq, &rx).await;
-        };
-        if let Err(failure) = &outcome {
-            error!(error = %failure, "shutting down with a group the queue could not write; its points are lost");
-        }
-        for waiter in waiters {
-            let _ = waiter.send(outcome.clone());
+            () = shared.commit_due.notified() => {}
         }
     }
+    shared.memory().closed = true;
+    commit(&shared, i64::MAX).await;
+    // A clean stop gives back the sequences reserved and not used, so that the next start
+    // follows on without a gap (`close` flushes this).
+    let releasing = Arc::clone(&shared);
+    let released = blocking(move || {
+        let next = releasing.memory().next;
+        let store = releasing.store()?;
+        store
+            .meta
+            .insert("next_seq", &next.to_be_bytes())
+            .map_err(releasing.storage_error())
+    })
+    .await;
+    if let Err(e) = released {
+        warn!(error = %e, "cannot record where the queue's sequences stopped; the next start skips the rest of the block");
+    }
+    shared
+        .memory()
+        .fail_waiters("the queue closed before these points could be written");
 }
 
-/// Applies the full policy for `batches`, then writes them from `first_seq` on; returns
-/// the next sequence, or why the write failed.
+/// What one group write takes from memory.
+#[derive(Debug)]
+struct Claim {
+    records: Vec<Stored>,
+    retain: Vec<memory::Retain>,
+    /// Every sequence below it is in this claim, in an earlier group, or acknowledged.
+    through: u64,
+}
+
+/// A group commit: claims from memory the unacknowledged records enqueued at or before
+/// `cutoff_ns` and the acknowledged ones waiting for `retained`, applies the full policy,
+/// writes them and flushes once. A write that fails is made again from the same claim
+/// (less what JetStream acknowledged meanwhile) once sled is reopened; only shutdown
+/// gives up.
+async fn commit(shared: &Arc<Shared>, cutoff_ns: i64) {
+    let incoming = shared.memory().claimable_bytes(cutoff_ns);
+    if incoming == 0 {
+        return;
+    }
+    let mut claim = None;
+    loop {
+        let failure = match write_with_room(shared, cutoff_ns, incoming, &mut claim).await {
+            Ok(()) => {
+                shared.stats().write_error = None;
+                break;
+            }
+            Err(failure) => failure,
+        };
+        error!(error = %failure, "cannot write to the queue; reopening it and writing the same points again");
+        {
+            let mut stats = shared.stats();
+            stats.write_error = Some(failure.clone());
+            stats.write_failures += 1;
+        }
+        if shared.stopping.load(Ordering::Acquire) {
+            error!(error = %failure, "shutting down with a group the queue could not write; its points are lost unless JetStream has them");
+            shared.memory().fail_waiters(&failure);
+            break;
+        }
+        let from = claim.as_ref().and_then(|c| c.records.first()).map(|s| s.sequence);
+        reopen_until_open(shared, from).await;
+    }
+    shared.memory().evict(shared.config.memory_bytes);
+    shared.memory_room.notify_waiters();
+}
+
+/// Applies the full policy for `incoming` bytes, then writes the group; returns why the
+/// write failed. `claim` keeps what was claimed for a write made again.
 async fn write_with_room(
     shared: &Arc<Shared>,
-    batches: &[StoredBatch],
-    first_seq: u64,
-    rx: &mut mpsc::Receiver<Append>,
-) -> Result<u64, String> {
-    let now = now_ns();
-    let start = *shared.totals.lock().expect("totals lock");
-    let records = pack(batches, shared.config.record_bytes, now, start);
-    let incoming: u64 = records.iter().map(|(value, _)| value.len() as u64).sum();
+    cutoff_ns: i64,
+    incoming: u64,
+    claim: &mut Option<Claim>,
+) -> Result<(), String> {
     let failed = |shared: &Shared| {
         // A read, an acknowledgement or the full policy's drop found sled failed.
         shared.failed.load(Ordering::Acquire).then(|| {
@@ -899,83 +1085,138 @@ async fn write_with_room(
     };
     // The usual case in one trip to the blocking pool: the group fits and is written.
     let shared2 = Arc::clone(shared);
-    let records = match blocking(move || {
+    let mut held = claim.take();
+    let (held, written) = blocking(move || {
         if let Some(failure) = failed(&shared2) {
-            return Ok(Err(failure));
+            return (held, Some(Err(failure)));
         }
         if !fits(&shared2, incoming).0 {
-            return Err(records);
+            return (held, None);
         }
         shared2.volume.ensure_reserve();
-        Ok(write_group(&shared2, records, first_seq, now).map_err(|e| e.to_string()))
+        let written = write_group(&shared2, cutoff_ns, &mut held).map_err(|e| e.to_string());
+        (held, Some(written))
     })
-    .await
-    {
-        Ok(written) => return written,
-        Err(records) => records,
-    };
-    make_room(shared, incoming, rx).await;
+    .await;
+    *claim = held;
+    if let Some(written) = written {
+        return written;
+    }
+    make_room(shared, incoming).await;
     if let Some(failure) = failed(shared) {
         return Err(failure);
     }
     let shared2 = Arc::clone(shared);
-    blocking(move || write_group(&shared2, records, first_seq, now))
-        .await
-        .map_err(|e| e.to_string())
+    let mut held = claim.take();
+    let (held, written) = blocking(move || {
+        let written = write_group(&shared2, cutoff_ns, &mut held).map_err(|e| e.to_string());
+        (held, written)
+    })
+    .await;
+    *claim = held;
+    written
 }
 
-/// Batches as record values of about `record_bytes` each, each after the totals of the
-/// ones before it, and each value's record as reading it gives it back.
-fn pack(batches: &[StoredBatch], record_bytes: usize, now: i64, mut totals: record::Totals) -> Vec<(Vec<u8>, Record)> {
+/// Batches as records of about `record_bytes` each, each after the totals of the ones
+/// before it; returns them and the totals after the last.
+fn pack(
+    batches: &[StoredBatch],
+    record_bytes: usize,
+    now: i64,
+    mut totals: record::Totals,
+) -> (Vec<Record>, record::Totals) {
     let mut records = Vec::new();
     let mut start = 0;
     let mut bytes = 0;
     for (i, batch) in batches.iter().enumerate() {
         bytes += record::batch_size(batch);
         if bytes >= record_bytes || i + 1 == batches.len() {
-            let value = record::encode(&batches[start..=i], now, totals);
-            let points = record::header(&value).map_or(0, |(p, _)| p);
-            let record = Record {
-                points,
+            let part = &batches[start..=i];
+            let points: u64 = part.iter().map(|b| u64::from(b.points)).sum();
+            let value_bytes = record::encoded_len(part, totals) as u64;
+            records.push(Record {
+                points: u32::try_from(points).unwrap_or(u32::MAX),
                 enqueued_ns: now,
-                batches: batches[start..=i].to_vec(),
+                batches: part.to_vec(),
                 before: Some(totals),
-            };
-            totals = totals.then(u64::from(points), value.len() as u64);
-            records.push((value, record));
+            });
+            totals = totals.then(points, value_bytes);
             start = i + 1;
             bytes = 0;
         }
     }
-    records
+    (records, totals)
 }
 
-/// Writes record values from `first_seq` on, then the next sequence, flushes, and only
-/// then counts them and lets the publisher see them. Returns the next sequence.
-fn write_group(shared: &Shared, records: Vec<(Vec<u8>, Record)>, first_seq: u64, now: i64) -> Result<u64, QueueError> {
+/// Claims the group (unless `claim` holds one being written again), inserts its records
+/// and retained entries, flushes, and only then answers its appenders. Records are
+/// counted as they are inserted, before an acknowledgement can remove them.
+fn write_group(shared: &Shared, cutoff_ns: i64, claim: &mut Option<Claim>) -> Result<(), QueueError> {
     let err = shared.storage_error();
     let store = shared.store()?;
-    let mut next = first_seq;
-    for (value, _) in &records {
-        store
-            .records
-            .insert(next.to_be_bytes(), value.as_slice())
-            .map_err(&err)?;
-        next += 1;
+    let now = now_ns();
+    let group = {
+        let _before_removals = shared.sled_records.lock().expect("sled records lock");
+        // A group written again leaves out what JetStream acknowledged since its failure
+        // (its removal could not be made, and reopening removed the acknowledged records).
+        // A new claim keeps everything: an acknowledgement that comes now waits for this
+        // lock and then moves its records to `retained` with their stream sequences.
+        let again = claim.is_some();
+        let group = claim.get_or_insert_with(|| {
+            let mut memory = shared.memory();
+            let (records, retain) = memory.claim(cutoff_ns);
+            Claim {
+                records,
+                retain,
+                through: memory.unwritten,
+            }
+        });
+        if again && let Some(acked) = shared.memory().acked_through {
+            group.records.retain(|s| s.sequence > acked);
+        }
+        for stored in &group.records {
+            let value = memory::value(&stored.record);
+            store
+                .records
+                .insert(stored.sequence.to_be_bytes(), value.as_slice())
+                .map_err(&err)?;
+            count(
+                shared,
+                u64::from(stored.record.points),
+                value.len() as u64,
+                stored.record.enqueued_ns,
+            );
+        }
+        for retain in &group.retain {
+            let entry = retained::encode(
+                retain.acked_ns,
+                &retain.stream_sequences,
+                &memory::value(&retain.record),
+            );
+            let bytes = entry.len() as u64;
+            store
+                .retained
+                .insert(retain.sequence.to_be_bytes(), entry)
+                .map_err(&err)?;
+            let mut stats = shared.stats();
+            stats.retained_records += 1;
+            stats.retained_bytes += bytes;
+        }
+        group
+    };
+    if !group.retain.is_empty() {
+        expire_retained(shared, &store, now)?;
     }
-    store.meta.insert("next_seq", &next.to_be_bytes()).map_err(&err)?;
     store.flush().map_err(&err)?;
     shared.commit_drops();
-    let mut totals = shared.totals.lock().expect("totals lock");
-    let mut recent = shared.recent.lock().expect("recent lock");
-    for ((value, record), sequence) in records.into_iter().zip(first_seq..) {
-        let points = u64::from(record.points);
-        count(shared, points, value.len() as u64, now);
-        *totals = totals.then(points, value.len() as u64);
-        recent.push(Stored { sequence, record });
+    {
+        let mut stats = shared.stats();
+        stats.records_written += group.records.len() as u64;
+        stats.groups_written += 1;
     }
-    shared.durable_next.store(next, Ordering::Release);
-    Ok(next)
+    shared.memory().flushed_through(group.through);
+    *claim = None;
+    Ok(())
 }
 
 fn next_sequence(store: &Store) -> Result<u64, sled::Error> {
@@ -987,10 +1228,10 @@ fn next_sequence(store: &Store) -> Result<u64, sled::Error> {
 /// Reopens sled after a failed write, once a second until it opens or the queue shuts
 /// down. Records at or after `next_seq` were never flushed as a group nor seen by the
 /// publisher: whatever of them sled kept is removed, and the group is written again.
-async fn reopen_until_open(shared: &Arc<Shared>, next_seq: u64, rx: &mpsc::Receiver<Append>) {
+async fn reopen_until_open(shared: &Arc<Shared>, failed_group: Option<u64>) {
     loop {
         let shared2 = Arc::clone(shared);
-        match blocking(move || reopen(&shared2, next_seq)).await {
+        match blocking(move || reopen(&shared2, failed_group)).await {
             Ok(()) => {
                 info!(queue = %shared.config.dir.display(), "queue reopened after a failed write");
                 return;
@@ -1000,7 +1241,7 @@ async fn reopen_until_open(shared: &Arc<Shared>, next_seq: u64, rx: &mpsc::Recei
                 shared.stats().write_error = Some(e.to_string());
             }
         }
-        if rx.is_closed() {
+        if shared.stopping.load(Ordering::Acquire) {
             return;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1010,10 +1251,14 @@ async fn reopen_until_open(shared: &Arc<Shared>, next_seq: u64, rx: &mpsc::Recei
 /// How long reopening waits for readers to let go of the failed store.
 const STORE_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
-fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
+/// Reopens sled after a failure. The records of a group whose write failed (from
+/// `failed_group` on) are removed, to be written again whole; so are records JetStream
+/// acknowledged whose removal sled had not flushed (it recovers a prefix of its
+/// operations), which the publisher, starting after the acknowledged ones, would never
+/// remove.
+fn reopen(shared: &Shared, failed_group: Option<u64>) -> Result<(), QueueError> {
     let err = storage(&shared.config.dir);
     let old = shared.store.write().expect("store lock").take();
-    shared.recent.lock().expect("recent lock").clear();
     if let Some(old) = old {
         // Readers that cloned the store finish within their blocking call; sled's file
         // lock is released only when the last handle is gone.
@@ -1026,13 +1271,16 @@ fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
     }
     shared.volume.release_reserve();
     let store = Store::open(&shared.config).map_err(&err)?;
-    let unflushed: Vec<sled::IVec> = store
-        .records
-        .range(next_seq.to_be_bytes()..)
-        .keys()
+    let acked = shared.memory().acked_through;
+    let unflushed = failed_group.map(|from| store.records.range(from.to_be_bytes()..));
+    let acknowledged = acked.map(|through| store.records.range(..=through.to_be_bytes()));
+    let stale: Vec<sled::IVec> = unflushed
+        .into_iter()
+        .chain(acknowledged)
+        .flat_map(sled::Iter::keys)
         .collect::<Result<_, _>>()
         .map_err(&err)?;
-    for key in &unflushed {
+    for key in &stale {
         store.records.remove(key).map_err(&err)?;
     }
     store.flush().map_err(&err)?;
@@ -1046,7 +1294,7 @@ fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
         .filter(|(sequence, _)| head.is_none_or(|h| *sequence < h))
         .map(|(_, points)| points)
         .sum();
-    let (stats, totals) = summary::summarize(&store.records, &store.meta, &store.db).map_err(&err)?;
+    let (stats, _) = summary::summarize(&store.records, &store.meta, &store.db).map_err(&err)?;
     let (retained_records, retained_bytes) = retained::summarize(&store.retained).map_err(&err)?;
     {
         let mut current = shared.stats();
@@ -1056,12 +1304,13 @@ fn reopen(shared: &Shared, next_seq: u64) -> Result<(), QueueError> {
             write_error: current.write_error.take(),
             write_failures: current.write_failures,
             retained_evicted: current.retained_evicted,
+            records_written: current.records_written,
+            groups_written: current.groups_written,
             retained_records,
             retained_bytes,
             ..stats
         };
     }
-    *shared.totals.lock().expect("totals lock") = totals;
     *shared.store.write().expect("store lock") = Some(Arc::new(store));
     shared.failed.store(false, Ordering::Release);
     Ok(())
@@ -1123,7 +1372,7 @@ fn fits(shared: &Shared, incoming: u64) -> (bool, u64) {
 }
 
 /// Applies the full policy before `incoming` payload bytes are written.
-async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<Append>) {
+async fn make_room(shared: &Arc<Shared>, incoming: u64) {
     // Whether `incoming` fits, once retained records gave way if they must.
     let fits_after_eviction = async |shared: &Arc<Shared>| {
         let check = |shared: &Arc<Shared>| {
@@ -1170,7 +1419,7 @@ async fn make_room(shared: &Arc<Shared>, incoming: u64, rx: &mut mpsc::Receiver<
             while !fits_after_eviction(shared).await.0 {
                 // Appends wait in the channel meanwhile; when it fills, pollers wait too.
                 let room = shared.room.notified();
-                if rx.is_closed() || shared.failed.load(Ordering::Acquire) || shared.stopping.load(Ordering::Acquire) {
+                if shared.failed.load(Ordering::Acquire) || shared.stopping.load(Ordering::Acquire) {
                     break;
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(200), room).await;

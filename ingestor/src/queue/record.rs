@@ -239,15 +239,9 @@ impl From<PointBatch> for StoredBatch {
 /// are written where they are (as `QueueRecord` fields 1, 2 and 3), not moved into a
 /// message: a write that fails is made again from the same batches.
 pub fn encode(batches: &[StoredBatch], enqueued_ns: i64, before: Totals) -> Vec<u8> {
-    use prost::encoding::{bytes, encoded_len_varint, key_len, uint64};
+    use prost::encoding::{bytes, uint64};
     let points: u64 = batches.iter().map(|b| u64::from(b.points)).sum();
-    let body_len = batches
-        .iter()
-        .map(|b| key_len(BATCHES) + encoded_len_varint(b.encoded.len() as u64) + b.encoded.len())
-        .sum::<usize>()
-        + uint64::encoded_len(POINTS_BEFORE, &before.points)
-        + uint64::encoded_len(BYTES_BEFORE, &before.bytes);
-    let mut value = Vec::with_capacity(HEADER + body_len);
+    let mut value = Vec::with_capacity(encoded_len(batches, before));
     value.extend_from_slice(&u32::try_from(points).unwrap_or(u32::MAX).to_be_bytes());
     value.extend_from_slice(&enqueued_ns.to_be_bytes());
     for batch in batches {
@@ -256,6 +250,18 @@ pub fn encode(batches: &[StoredBatch], enqueued_ns: i64, before: Totals) -> Vec<
     uint64::encode(POINTS_BEFORE, &before.points, &mut value);
     uint64::encode(BYTES_BEFORE, &before.bytes, &mut value);
     value
+}
+
+/// The length of the value [`encode`] makes, without making it.
+pub fn encoded_len(batches: &[StoredBatch], before: Totals) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len, uint64};
+    HEADER
+        + batches
+            .iter()
+            .map(|b| key_len(BATCHES) + encoded_len_varint(b.encoded.len() as u64) + b.encoded.len())
+            .sum::<usize>()
+        + uint64::encoded_len(POINTS_BEFORE, &before.points)
+        + uint64::encoded_len(BYTES_BEFORE, &before.bytes)
 }
 
 /// Why a stored value is not a record.

@@ -161,6 +161,9 @@ fn queue_config(site: &SiteConfig, dir: &PathBuf) -> QueueConfig {
     config.policy = site.spec.queue.full_policy;
     config.flush_interval = site.spec.queue.flush_interval.get();
     config.acked_retention = site.spec.queue.acked_retention.get();
+    config.memory_bytes = quantity_bytes(&site.spec.queue.memory_size.0)
+        .and_then(|b| usize::try_from(b).ok())
+        .unwrap_or(config.memory_bytes);
     config
 }
 

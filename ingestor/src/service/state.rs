@@ -151,6 +151,11 @@ impl SiteState {
                 retained_records: q.retained_records,
                 retained_bytes: q.retained_bytes,
                 retained_evicted: q.retained_evicted,
+                memory_records: q.memory_records,
+                memory_bytes: q.memory_bytes,
+                records_written: q.records_written,
+                groups_written: q.groups_written,
+                records_acked_from_memory: q.records_acked_from_memory,
             },
             publisher: self.publisher.lock().expect("publisher lock").clone(),
             points_polled: self.points_polled.load(Ordering::Relaxed),
@@ -265,6 +270,21 @@ impl Collector for Metrics {
                 one(status.queue.retained_evicted),
             ),
             (
+                "tagstream_queue_records_written",
+                "Queue records written to disk because JetStream had not acknowledged them within the flush interval",
+                one(status.queue.records_written),
+            ),
+            (
+                "tagstream_queue_group_writes",
+                "Group writes to disk, each one flush and fsync",
+                one(status.queue.groups_written),
+            ),
+            (
+                "tagstream_queue_records_acked_from_memory",
+                "Queue records JetStream acknowledged before any disk write",
+                one(status.queue.records_acked_from_memory),
+            ),
+            (
                 "tagstream_broker_lost_records",
                 "Records JetStream acknowledged and then no longer held (a broker's power cut), published again",
                 one(status.publisher.broker_lost_records),
@@ -316,6 +336,11 @@ impl Collector for Metrics {
                 "tagstream_queue_disk_bytes",
                 "Bytes the queue uses on disk",
                 one(status.queue.disk_bytes as f64),
+            ),
+            (
+                "tagstream_queue_memory_bytes",
+                "Bytes of records the queue holds in memory (queue.memorySize bounds them)",
+                one(status.queue.memory_bytes as f64),
             ),
             (
                 "tagstream_queue_retained_bytes",

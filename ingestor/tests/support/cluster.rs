@@ -5,7 +5,7 @@
 use std::{
     fmt::Write as _,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -13,6 +13,7 @@ use std::{
 use super::nats::free_port;
 
 struct Node {
+    binary: PathBuf,
     name: String,
     port: u16,
     monitor: u16,
@@ -27,7 +28,8 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    pub fn start() -> Self {
+    /// Three nodes of the nats-server at `binary`.
+    pub fn start(binary: &Path) -> Self {
         let store = tempfile::tempdir().unwrap();
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let nodes = (0..3)
@@ -47,6 +49,7 @@ impl NatsCluster {
                 let config = store.path().join(format!("{name}.conf"));
                 std::fs::write(&config, text).unwrap();
                 Node {
+                    binary: binary.to_path_buf(),
                     name,
                     port,
                     monitor,
@@ -66,7 +69,7 @@ impl NatsCluster {
     pub fn restart(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         node.child = Some(
-            Command::new("nats-server")
+            Command::new(&node.binary)
                 .arg("-c")
                 .arg(&node.config)
                 .stdout(Stdio::null())

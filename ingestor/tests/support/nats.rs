@@ -34,6 +34,14 @@ pub fn current_server() -> Option<PathBuf> {
     std::env::var_os("TAGSTREAM_NATS_SERVER_CURRENT").map(PathBuf::from)
 }
 
+/// The servers the publisher, cluster and crash tests run against: Debian's, and the
+/// current release when scripts/test.sh named it.
+pub fn servers() -> Vec<PathBuf> {
+    let mut servers = vec![PathBuf::from(DEBIAN_SERVER)];
+    servers.extend(current_server());
+    servers
+}
+
 impl Nats {
     pub fn start() -> Self {
         Self::start_with(None)
