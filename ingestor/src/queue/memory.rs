@@ -1,8 +1,8 @@
 //! The memory tier: every record appended and not yet acknowledged, in sequence order.
 //!
 //! A record is published from here as soon as it is appended. It is written to sled only
-//! when JetStream has not acknowledged it within the flush interval (the writer claims
-//! it, see `super::writer`), and an acknowledgement that comes first takes it out of
+//! when JetStream has not acknowledged it within the flush interval (the queue's writer
+//! task claims it for a group write), and an acknowledgement that comes first takes it out of
 //! memory without any disk write: a point is safe once JetStream acked it *or* sled
 //! flushed it, and it need not be in both.
 //!

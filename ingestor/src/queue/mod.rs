@@ -121,7 +121,7 @@ impl QueueConfig {
             dir: dir.into(),
             max_bytes: 1 << 30,
             policy: FullPolicy::DropOldest,
-            flush_interval: Duration::from_millis(5),
+            flush_interval: Duration::from_millis(20),
             cache_bytes: 32 << 20,
             record_bytes: 8 << 10,
             acked_retention: Duration::from_secs(150),
