@@ -508,7 +508,8 @@ async fn close_shuts_the_queue_down_for_every_handle() {
 async fn records_acknowledged_within_the_flush_interval_never_reach_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = QueueConfig::new(dir.path().join("q"));
-    config.flush_interval = Duration::from_secs(1);
+    // Long enough that no group commit can come before the ack, however slow the machine.
+    config.flush_interval = Duration::from_secs(30);
     config.acked_retention = Duration::ZERO;
     let queue = Queue::open(config.clone()).unwrap().queue;
     let appending = queue.clone();
@@ -590,7 +591,8 @@ fn unflushed_child() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut config = QueueConfig::new(dir);
-        config.flush_interval = Duration::from_secs(1);
+        // Long enough that the kill always comes before the first group commit.
+        config.flush_interval = Duration::from_secs(30);
         let queue = Queue::open(config).unwrap().queue;
         let appending = queue.clone();
         tokio::spawn(async move { appending.append((0..5).map(batch)).await });
