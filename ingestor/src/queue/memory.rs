@@ -113,8 +113,8 @@ impl Memory {
     }
 
     /// Adds records after the last one (their sequences must be reserved); `answer` is
-    /// told once the last of them is safe. Returns the sequence of the last.
-    pub fn push(&mut self, records: Vec<Record>, answer: Answer) -> u64 {
+    /// told once the last of them is safe.
+    pub fn push(&mut self, records: Vec<Record>, answer: Answer) {
         for record in records {
             self.bytes += size(&record);
             self.unwritten_points += u64::from(record.points);
@@ -124,9 +124,7 @@ impl Memory {
             });
             self.next += 1;
         }
-        let last = self.next - 1;
-        self.waiters.push_back((last, answer));
-        last
+        self.waiters.push_back((self.next - 1, answer));
     }
 
     /// Up to `max` records from `start` on, when memory holds `start`; `None` when it
@@ -153,10 +151,7 @@ impl Memory {
     /// acknowledged and waiting for `retained`. A group write is due a flush interval after it.
     pub fn oldest_unwritten_or_unretained_ns(&self) -> Option<i64> {
         let retain = self.to_retain.first().map(|r| r.acked_ns);
-        match (self.oldest_unwritten_ns(), retain) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.oldest_unwritten_ns(), retain].into_iter().flatten().min()
     }
 
     /// Takes JetStream's acknowledgement of every record through `last` (`acked` lists
@@ -237,21 +232,20 @@ impl Memory {
 
     /// Records the full policy dropped from sled's head, through `sequence`.
     pub fn dropped_through(&mut self, sequence: u64) {
-        while let Some(front) = self.held.front()
-            && front.sequence <= sequence
-            && front.sequence < self.flushed
-        {
-            let bytes = size(&front.record);
-            self.held.pop_front();
-            self.bytes -= bytes;
-        }
+        self.forget_flushed_while(|_, front| front.sequence <= sequence);
     }
 
     /// Gives up flushed records (sled has them) from the oldest until under `limit`.
     pub fn evict(&mut self, limit: usize) {
-        while self.bytes >= limit
-            && let Some(front) = self.held.front()
+        self.forget_flushed_while(|memory, _| memory.bytes >= limit);
+    }
+
+    /// Forgets flushed records from the oldest while `keep_going` holds for the tier and
+    /// its oldest record; never one a group write may still need.
+    fn forget_flushed_while(&mut self, keep_going: impl Fn(&Self, &Stored) -> bool) {
+        while let Some(front) = self.held.front()
             && front.sequence < self.flushed
+            && keep_going(self, front)
         {
             let bytes = size(&front.record);
             self.held.pop_front();
