@@ -23,6 +23,10 @@ pub struct DeviceHealth {
     /// when they were due: the device, or its bus, answers slower than `pollInterval`.
     #[serde(default)]
     pub poll_cycles_skipped: u64,
+    /// Requests sent again because no answer came within the device's timeout: replies
+    /// lost on the line, which the device's `retries` kept from failing a poll.
+    #[serde(default)]
+    pub requests_retried: u64,
 }
 
 impl DeviceHealth {

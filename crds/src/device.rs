@@ -59,6 +59,15 @@ pub struct DeviceSpec {
     #[x_kube(validation = Rule::new("duration(self) >= duration('10ms')").message("must be at least 10ms"))]
     pub timeout: Duration,
 
+    /// How many times a request that got no answer within `timeout` is sent again before
+    /// the poll counts as failed (its tags go Bad and the device backs off): one lost reply
+    /// on an RS-485 line or a cellular link is not an outage. Only a device that answered
+    /// its last poll is retried; one already failing is probed once per backoff, so a dead
+    /// unit behind a gateway costs its neighbours one timeout per probe.
+    #[serde(default = "default_retries")]
+    #[schemars(range(max = 10))]
+    pub retries: u8,
+
     /// Default byte and word order of multi-register values; a tag may override it.
     #[serde(default)]
     pub byte_order: ByteOrder,
@@ -88,6 +97,10 @@ const fn default_unit_id() -> u8 {
 
 const fn default_poll_interval() -> Duration {
     Duration::from_secs(1)
+}
+
+const fn default_retries() -> u8 {
+    1
 }
 
 const fn default_timeout() -> Duration {

@@ -14,6 +14,7 @@ mod duration;
 pub mod formula;
 pub mod manifest;
 pub mod site;
+pub mod site_files;
 
 pub use condition::{Conditions, types as condition_types};
 pub use device::{Device, DeviceSpec, DeviceStatus};

@@ -378,6 +378,11 @@ pub struct SiteStatus {
     /// Valid formulas deployed to the site's ingestor.
     #[serde(default)]
     pub formulas: u32,
+    /// Bytes of the deployed configuration (its ConfigMap's data), against the 1048576
+    /// Kubernetes allows: a site over it is not deployed, and says so in a
+    /// `ReconcileFailed` event.
+    #[serde(default)]
+    pub config_bytes: u64,
     /// The ingestor's queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueStatus>,

@@ -59,6 +59,7 @@ fn rendered_ingestor() -> IngestorRun {
         image_pull_secrets: Vec::new(),
     };
     let pod = render(site, &devices, &formulas, &settings)
+        .expect("the example plant fits its ConfigMap")
         .stateful_set
         .spec
         .unwrap()

@@ -70,7 +70,7 @@ async fn points_per_second(tags: usize, per_tag: bool, window: Duration) -> (f64
     let (mut points, mut cycles) = (0usize, 0usize);
     let start = Instant::now();
     while start.elapsed() < window {
-        points += poller::poll_reads(&mut context, spec, &layouts, &mut reads, 0, false)
+        points += poller::poll_reads(&mut context, spec, &layouts, &mut reads, 0, false, 0)
             .await
             .expect("poll")
             .len();

@@ -2,7 +2,11 @@
 
 use std::{fmt::Write as _, path::PathBuf};
 
-use tagstream_crds::manifest::load_report;
+use tagstream_crds::{
+    Site,
+    manifest::load_report,
+    site_files::{CONFIG_MAP_LIMIT, data_bytes, site_files},
+};
 
 use tagstream_core::config::{self, SiteConfig};
 
@@ -66,5 +70,42 @@ fn describe_site(site: &SiteConfig, text: &mut String) -> usize {
     for (name, issue) in calc.issues() {
         let _ = writeln!(text, "  error: formula {}/{name}: {issue}", site.namespace);
     }
-    calc.issues().len()
+    calc.issues().len() + describe_size(site, calc.issues(), text)
+}
+
+/// The size of the ConfigMaps the operator would render for `site`, against Kubernetes'
+/// limit; 1 error when they cannot be laid out under it.
+fn describe_size(
+    site: &SiteConfig,
+    issues: &std::collections::BTreeMap<String, tagstream_core::calc::FormulaError>,
+    text: &mut String,
+) -> usize {
+    let mut object = Site::new(&site.name, site.spec.clone());
+    object.metadata.namespace = Some(site.namespace.clone());
+    let devices: Vec<_> = site.devices.iter().collect();
+    let formulas: Vec<_> = site
+        .formulas
+        .iter()
+        .filter(|f| !issues.contains_key(f.metadata.name.as_deref().unwrap_or_default()))
+        .collect();
+    match site_files(&object, &devices, &formulas) {
+        Ok(files) => {
+            let sizes: Vec<String> = files
+                .iter()
+                .map(|f| format!("{:.0}%", data_bytes(f) as f64 * 100.0 / CONFIG_MAP_LIMIT as f64))
+                .collect();
+            let _ = writeln!(
+                text,
+                "  rendered configuration: {} bytes in {} ConfigMap(s), each of Kubernetes' {CONFIG_MAP_LIMIT} used {}",
+                files.iter().map(data_bytes).sum::<usize>(),
+                files.len(),
+                sizes.join(", ")
+            );
+            0
+        }
+        Err(too_large) => {
+            let _ = writeln!(text, "  error: {too_large}");
+            1
+        }
+    }
 }

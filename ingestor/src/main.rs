@@ -92,10 +92,33 @@ enum Command {
         /// Never answer this unit id (a dead device behind a gateway).
         #[arg(long)]
         silent_unit: Vec<u8>,
+        /// Answer this unit id this much later, as `2=300ms` (replies after the timeout).
+        #[arg(long, value_parser = parse_slow_unit)]
+        slow_unit: Vec<(u8, Duration)>,
+        /// Leave every Nth request to this unit id unanswered, as `3=10` (a lossy line).
+        #[arg(long, value_parser = parse_lossy_unit)]
+        lossy_unit: Vec<(u8, u64)>,
         /// Close every connection this long after it opened (e.g. 30s).
         #[arg(long, value_parser = tagstream_core::config::parse_duration)]
         drop_after: Option<Duration>,
     },
+}
+
+fn parse_slow_unit(text: &str) -> Result<(u8, Duration), String> {
+    let (unit, delay) = text.split_once('=').ok_or("expected <unit>=<duration>, e.g. 2=300ms")?;
+    Ok((
+        unit.parse().map_err(|e| format!("unit {unit:?}: {e}"))?,
+        tagstream_core::config::parse_duration(delay)?,
+    ))
+}
+
+fn parse_lossy_unit(text: &str) -> Result<(u8, u64), String> {
+    let (unit, every) = text.split_once('=').ok_or("expected <unit>=<n>, e.g. 3=10")?;
+    let every: u64 = every.parse().map_err(|e| format!("every {every:?}: {e}"))?;
+    if every == 0 {
+        return Err("every 0th request cannot be lost: give 1 or more".into());
+    }
+    Ok((unit.parse().map_err(|e| format!("unit {unit:?}: {e}"))?, every))
 }
 
 fn parse_address(text: &str) -> Result<(RegisterKind, u16), String> {
@@ -197,6 +220,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             latency,
             exception_at,
             silent_unit,
+            slow_unit,
+            lossy_unit,
             drop_after,
         } => {
             let options = SimulateOptions {
@@ -206,6 +231,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     latency,
                     exception_at: exception_at.into_iter().collect(),
                     silent_units: silent_unit.into_iter().collect(),
+                    slow_units: slow_unit.into_iter().collect(),
+                    lossy_units: lossy_unit.into_iter().collect(),
                     drop_after,
                 },
             };

@@ -58,7 +58,7 @@ pub async fn read_device(device: &Device) -> anyhow::Result<Vec<TagReading>> {
     let mut readings = Vec::new();
     for mut group in plan::plan(spec) {
         let at = tagstream_core::point::now_ns();
-        readings.extend(poller::poll_reads(context, spec, &layouts, &mut group.reads, at, true).await?);
+        readings.extend(poller::poll_reads(context, spec, &layouts, &mut group.reads, at, true, spec.retries).await?);
     }
     readings.sort_by_key(|r| r.tag);
     Ok(readings)

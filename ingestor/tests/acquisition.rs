@@ -141,7 +141,7 @@ async fn a_refused_coalesced_read_is_split_and_the_good_tags_keep_flowing() {
     let holding_reads = |reads: &[Read]| reads.iter().filter(|r| r.kind == RegisterKind::Holding).count();
     let before = holding_reads(&reads);
 
-    let readings = poller::poll_reads(&mut context, spec, &layouts, &mut reads, 0, true)
+    let readings = poller::poll_reads(&mut context, spec, &layouts, &mut reads, 0, true, 0)
         .await
         .unwrap();
     let by_name = |name: &str| {
@@ -193,47 +193,234 @@ async fn collect(rx: &mut mpsc::Receiver<PolledBatch>, window: Duration) -> Vec<
     batches
 }
 
-#[tokio::test]
-async fn a_dead_unit_behind_a_gateway_does_not_slow_its_neighbours() {
-    let shutdown = CancellationToken::new();
-    let units: Vec<Device> = [("left", 1), ("dead", 2), ("right", 3)]
+/// The line a simulated gateway's units share.
+#[derive(Clone, Copy, Debug)]
+enum Line {
+    /// Modbus TCP to a gateway: one connection for every unit.
+    Tcp,
+    /// Modbus RTU on a serial line (a pty pair from socat).
+    Pty,
+}
+
+/// What polling a simulated gateway's units for a while gave.
+struct GatewayRun {
+    batches: Vec<PolledBatch>,
+    health: poller::HealthMap,
+    /// Connections the gateway accepted (TCP only: a serial line has none).
+    connections: u64,
+    window: Duration,
+}
+
+impl GatewayRun {
+    fn of(&self, name: &str) -> Vec<&PolledBatch> {
+        self.batches.iter().filter(|b| b.device.name == name).collect()
+    }
+
+    /// Polls of `name` as a share of its interval's cycles over the window.
+    fn rate(&self, name: &str) -> f64 {
+        self.of(name).len() as f64 / (self.window.as_millis() / 100) as f64
+    }
+
+    fn bad_points(&self, name: &str) -> usize {
+        self.of(name)
+            .iter()
+            .flat_map(|b| &b.points)
+            .filter(|(_, s)| s.quality.level == QualityLevel::Bad)
+            .count()
+    }
+
+    fn health(&self, name: &str) -> tagstream_core::report::DeviceHealth {
+        self.health[name].lock().unwrap().clone()
+    }
+}
+
+/// Polls `units` (name, unit id) with `retries` each, polled every 100 ms with a 100 ms
+/// timeout, behind one simulated gateway with `faults`, for `window`.
+async fn poll_gateway(line: Line, units: &[(&str, u8)], retries: u8, faults: Faults, window: Duration) -> GatewayRun {
+    // The gateway outlives the pollers: a poll cut short by its stop is no failure.
+    let (shutdown, gateway_stop) = (CancellationToken::new(), CancellationToken::new());
+    let pty = matches!(line, Line::Pty).then(PtyPair::new);
+    let devices: Vec<Device> = units
         .iter()
-        .map(|(name, unit)| device(&GATEWAY.replace("NAME", name).replace("UNIT", &unit.to_string())))
+        .map(|(name, unit)| {
+            let mut yaml = GATEWAY
+                .replace("NAME", name)
+                .replace("UNIT", &unit.to_string())
+                .replace("timeout: 100ms", &format!("timeout: 100ms\n  retries: {retries}"));
+            if let Some(pty) = &pty {
+                yaml = yaml.replace(
+                    "tcp: {host: 127.0.0.1, port: 1}",
+                    &format!("rtu: {{path: {}, baudRate: 115200}}", pty.b),
+                );
+            }
+            device(&yaml)
+        })
         .collect();
-    let faults = Faults {
-        silent_units: [2].into(),
-        ..Faults::default()
+    let refs: Vec<&Device> = devices.iter().collect();
+    let endpoint = SimulatedEndpoint::new(&refs, faults);
+    let devices = match &pty {
+        None => {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            tokio::spawn(simulate::serve_tcp(
+                listener,
+                Arc::clone(&endpoint),
+                Framing::Tcp,
+                gateway_stop.clone(),
+            ));
+            devices.iter().map(|d| with_port(d, port)).collect()
+        }
+        Some(pty) => {
+            let (path, endpoint, shutdown) = (pty.a.clone(), Arc::clone(&endpoint), gateway_stop.clone());
+            tokio::spawn(async move { simulate::serve_rtu(&path, 115_200, endpoint, shutdown).await });
+            devices
+        }
     };
-    let port = simulator(&units, faults, Framing::Tcp, &shutdown).await;
-    let devices: Vec<Device> = units.iter().map(|d| with_port(d, port)).collect();
     let (tx, mut rx) = mpsc::channel(1024);
     let (tasks, health) = poller::spawn(&devices, &tx, &shutdown);
-    assert_eq!(tasks.len(), 1, "one endpoint, one connection owner");
-
-    let window = Duration::from_secs(3);
+    assert_eq!(tasks.len(), 1, "one line, one owner");
     let batches = collect(&mut rx, window).await;
     shutdown.cancel();
-    let count = |name: &str| batches.iter().filter(|b| b.device.name == name).count();
-    let expected = (window.as_millis() / 100) as usize;
-    for name in ["left", "right"] {
-        assert!(
-            count(name) * 10 >= expected * 7,
-            "{name} polled {} times in 3s, expected about {expected}",
-            count(name)
-        );
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the endpoint task stops")
+            .unwrap();
     }
-    // The dead unit produced one Bad point when it went down, then backed off.
-    let dead: Vec<&PolledBatch> = batches.iter().filter(|b| b.device.name == "dead").collect();
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].points[0].1.quality.level, QualityLevel::Bad);
-    let dead_health = health["dead"].lock().unwrap().clone();
-    assert!(!dead_health.connected);
-    assert!(dead_health.consecutive_failures >= 2, "{dead_health:?}");
+    gateway_stop.cancel();
+    GatewayRun {
+        batches,
+        health,
+        connections: endpoint.connections(),
+        window,
+    }
+}
+
+#[tokio::test]
+async fn a_dead_unit_behind_a_gateway_does_not_slow_its_neighbours() {
+    for line in [Line::Tcp, Line::Pty] {
+        let faults = Faults {
+            silent_units: [2].into(),
+            ..Faults::default()
+        };
+        let units = [("left", 1), ("dead", 2), ("right", 3)];
+        let run = poll_gateway(line, &units, 1, faults, Duration::from_secs(3)).await;
+        for name in ["left", "right"] {
+            eprintln!(
+                "{line:?}: {name} polled at {:.0}% of its cycles beside a dead unit",
+                run.rate(name) * 100.0
+            );
+            assert!(
+                run.rate(name) >= 0.7,
+                "{line:?}: {name} polled at {:.2}",
+                run.rate(name)
+            );
+            assert_eq!(run.bad_points(name), 0, "{line:?}: {name}");
+        }
+        // The dead unit produced one Bad point when it went down, then backed off.
+        let dead = run.of("dead");
+        assert_eq!(dead.len(), 1, "{line:?}");
+        assert_eq!(dead[0].points[0].1.quality.level, QualityLevel::Bad, "{line:?}");
+        let dead_health = run.health("dead");
+        assert!(!dead_health.connected, "{line:?}");
+        assert!(dead_health.consecutive_failures >= 2, "{line:?}: {dead_health:?}");
+        assert!(
+            dead_health.failed_polls < 10,
+            "{line:?}: backoff keeps retries rare: {dead_health:?}"
+        );
+        assert!(run.health("left").connected, "{line:?}");
+        if let Line::Tcp = line {
+            assert_eq!(run.connections, 1, "the neighbours answer: the connection stays open");
+        }
+    }
+}
+
+/// One reply in ten lost on the line: with a retry the unit never goes Bad and its
+/// neighbour keeps its rate; without one, each loss is a failed poll.
+#[tokio::test]
+async fn a_lost_reply_is_retried_not_an_outage() {
+    for line in [Line::Tcp, Line::Pty] {
+        for retries in [0, 1] {
+            let faults = Faults {
+                lossy_units: [(1, 10)].into(),
+                ..Faults::default()
+            };
+            let units = [("lossy", 1), ("neighbour", 2)];
+            let run = poll_gateway(line, &units, retries, faults, Duration::from_secs(3)).await;
+            let (lossy, neighbour) = (run.health("lossy"), run.health("neighbour"));
+            eprintln!(
+                "{line:?}, retries {retries}: lossy unit polled at {:.0}% ({} Bad points, {} requests retried), neighbour at {:.0}%",
+                run.rate("lossy") * 100.0,
+                run.bad_points("lossy"),
+                lossy.requests_retried,
+                run.rate("neighbour") * 100.0
+            );
+            if retries == 0 {
+                assert!(run.bad_points("lossy") >= 1, "{line:?}: {lossy:?}");
+                assert!(lossy.failed_polls >= 1, "{line:?}: {lossy:?}");
+            } else {
+                assert_eq!(run.bad_points("lossy"), 0, "{line:?}: {lossy:?}");
+                assert_eq!(lossy.failed_polls, 0, "{line:?}: {lossy:?}");
+                assert!(lossy.requests_retried >= 2, "{line:?}: {lossy:?}");
+            }
+            assert_eq!(run.bad_points("neighbour"), 0, "{line:?}: {neighbour:?}");
+            assert!(run.rate("neighbour") >= 0.75, "{line:?}: {neighbour:?}");
+            if let Line::Tcp = line {
+                assert_eq!(run.connections, 1, "a lost reply leaves the connection open");
+            }
+        }
+    }
+}
+
+/// A unit answering after its timeout: its late answer is dropped (Modbus TCP: by its
+/// transaction id) or drained (RTU), never taken for the neighbour's.
+#[tokio::test]
+async fn a_late_reply_is_not_taken_for_a_neighbours() {
+    for line in [Line::Tcp, Line::Pty] {
+        let faults = Faults {
+            slow_units: [(1, Duration::from_millis(120))].into(),
+            ..Faults::default()
+        };
+        let units = [("late", 1), ("neighbour", 2)];
+        let run = poll_gateway(line, &units, 1, faults, Duration::from_secs(3)).await;
+        let neighbour = run.health("neighbour");
+        eprintln!(
+            "{line:?}: neighbour of a late unit polled at {:.0}%",
+            run.rate("neighbour") * 100.0
+        );
+        assert!(run.health("late").failed_polls >= 1, "{line:?}");
+        assert_eq!(neighbour.failed_polls, 0, "{line:?}: {neighbour:?}");
+        assert!(run.rate("neighbour") >= 0.7, "{line:?}: {neighbour:?}");
+        let values: Vec<_> = run
+            .of("neighbour")
+            .iter()
+            .map(|b| b.points[0].1.value.clone())
+            .collect();
+        assert!(
+            values.iter().all(|v| *v == Some(PointValue::UInt(2))),
+            "{line:?}: the neighbour read its own register only: {values:?}"
+        );
+        if let Line::Tcp = line {
+            assert_eq!(run.connections, 1, "a late reply leaves the connection open");
+        }
+    }
+}
+
+/// Nothing answers on the connection any more (a gateway that restarted behind a
+/// half-open connection): after a second unanswered poll it is opened again.
+#[tokio::test]
+async fn a_connection_where_nothing_answers_is_reopened() {
+    let faults = Faults {
+        silent_units: [1].into(),
+        ..Faults::default()
+    };
+    let run = poll_gateway(Line::Tcp, &[("gone", 1)], 1, faults, Duration::from_secs(3)).await;
     assert!(
-        dead_health.failed_polls < 10,
-        "backoff keeps retries rare: {dead_health:?}"
+        run.connections >= 2,
+        "{} connections, {:?}",
+        run.connections,
+        run.health("gone")
     );
-    assert!(health["left"].lock().unwrap().connected);
 }
 
 /// A device answering slower than its poll interval: the cycles it overruns are skipped
@@ -437,8 +624,12 @@ async fn misbehaving_devices_are_errors_not_crashes() {
             .unwrap_err();
         assert!(error.to_string().contains(expected), "{how:?}: {error}");
         assert!(!error.to_string().contains("os error"), "{how:?}: {error}");
-        let exception = matches!(how, Misbehaviour::Exception(_));
-        assert_eq!(error.breaks_connection(), !exception, "{how:?}: {error}");
+        // An exception or a timeout leaves the connection to the unit's neighbours.
+        let keeps = matches!(
+            how,
+            Misbehaviour::Exception(_) | Misbehaviour::Silence | Misbehaviour::Slow
+        );
+        assert_eq!(error.breaks_connection(), !keeps, "{how:?}: {error}");
     }
 }
 
@@ -490,7 +681,7 @@ async fn a_busy_device_is_asked_again_when_the_manifest_allows_it() {
             .await
             .unwrap();
         let mut reads = plan::plan(&spec).remove(0).reads;
-        let readings = poller::poll_reads(&mut context, &spec, &poller::layouts(&spec), &mut reads, 0, true)
+        let readings = poller::poll_reads(&mut context, &spec, &poller::layouts(&spec), &mut reads, 0, true, 0)
             .await
             .unwrap();
         assert_eq!(
@@ -625,7 +816,7 @@ async fn a_pymodbus_server_reads_as_its_tables_say() {
             .await
             .unwrap();
         let mut reads: Vec<Read> = plan::plan(&spec).into_iter().flat_map(|g| g.reads).collect();
-        let readings = poller::poll_reads(&mut context, &spec, &poller::layouts(&spec), &mut reads, 0, true)
+        let readings = poller::poll_reads(&mut context, &spec, &poller::layouts(&spec), &mut reads, 0, true, 0)
             .await
             .unwrap();
         let value = |name: &str| {

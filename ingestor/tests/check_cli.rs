@@ -23,6 +23,12 @@ fn the_example_plant_checks_clean_and_shows_the_chain_in_order() {
     };
     assert!(position("boiler-delta-t") < position("boiler-heat-output"));
     assert!(position("boiler-heat-output") < position("boiler-efficiency"));
+    // What the operator would render, against Kubernetes' limit per ConfigMap.
+    assert!(text.contains("rendered configuration: "), "{text}");
+    assert!(
+        text.contains(" bytes in 1 ConfigMap(s), each of Kubernetes' 1048576 used "),
+        "{text}"
+    );
     assert!(text.ends_with("OK\n"), "{text}");
 }
 

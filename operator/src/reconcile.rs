@@ -9,19 +9,19 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams},
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 use tagstream_core::calc::FormulaError;
-use tagstream_crds::{Formula, Site, condition_types::VALID};
+use tagstream_crds::{Formula, Site, condition_types::VALID, site_files::TooLarge};
 
 use crate::{
     apply::{Outcome, apply_if_changed, apply_or_recreate},
     context::Context,
     metrics::WriteLabels,
-    render::render,
+    render::{config_map_name, render},
     status::{FieldManager, device_deployed, formula_deployed, site_deployed, turns_false},
 };
 
@@ -44,6 +44,10 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Applying would fail with the API server's "Too long" and leave the ingestor on its
+    /// last configuration anyway: nothing is applied, and the reason names the site.
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
     #[error("cannot write the status of {kind} {namespace}/{name}: {source}")]
     Status {
         kind: String,
@@ -105,30 +109,36 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
     let name = site.name_any();
     let namespace = site.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let (devices, formulas) = ctx.members(site);
-    let rendered = render(site, &devices, &formulas, &ctx.settings);
+    let rendered = render(site, &devices, &formulas, &ctx.settings)?;
 
     let mut written = Vec::new();
     let client = &ctx.client;
-    let applied = [
-        apply(
-            ctx,
-            &Api::<ConfigMap>::namespaced(client.clone(), &namespace),
-            rendered.config_map,
-        )
-        .await?,
-        Box::pin(apply(
-            ctx,
-            &Api::<StatefulSet>::namespaced(client.clone(), &namespace),
-            rendered.stateful_set,
-        ))
-        .await?,
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
+    let shards = rendered.config_maps.len();
+    let mut applied = Vec::new();
+    for config_map in rendered.config_maps {
+        applied.push(apply(ctx, &config_maps, config_map).await?);
+    }
+    let stateful_set = Box::pin(apply(
+        ctx,
+        &Api::<StatefulSet>::namespaced(client.clone(), &namespace),
+        rendered.stateful_set,
+    ))
+    .await?;
+    if stateful_set.1 == Outcome::Written {
+        // The pods mount the ConfigMaps just applied: those of a site that needed more
+        // before are no longer read.
+        delete_config_maps_from(&config_maps, &name, shards).await?;
+    }
+    applied.push(stateful_set);
+    applied.push(
         apply(
             ctx,
             &Api::<Service>::namespaced(client.clone(), &namespace),
             rendered.service,
         )
         .await?,
-    ];
+    );
     let mut terminating = None;
     for (kind, outcome) in applied {
         match outcome {
@@ -184,7 +194,12 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let valid_formulas = formulas.len() - rendered.formula_issues.len();
-    if let Some(deployed) = site_deployed(site, devices.len() as u32, valid_formulas as u32) {
+    if let Some(deployed) = site_deployed(
+        site,
+        devices.len() as u32,
+        valid_formulas as u32,
+        rendered.config_bytes as u64,
+    ) {
         write_status(ctx, site, FieldManager::Reconcile, &deployed).await?;
     }
     // A held-back report is due when the apply window closes, and a terminating object
@@ -193,6 +208,26 @@ async fn reconcile_site(site: &Site, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(
         soonest.into_iter().flatten().fold(RESYNC, Duration::min),
     ))
+}
+
+/// Deletes the site's ConfigMaps from the `first`th on, until one is not there.
+async fn delete_config_maps_from(api: &Api<ConfigMap>, site: &str, first: usize) -> Result<(), Error> {
+    for index in first.. {
+        let name = config_map_name(site, index);
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(site, config_map = name, "deleted a ConfigMap the site no longer needs"),
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+            Err(source) => {
+                return Err(Error::Apply {
+                    kind: "ConfigMap".into(),
+                    namespace: api.namespace().unwrap_or_default().to_owned(),
+                    name,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How soon a reconcile that found a rendered object terminating looks again (its

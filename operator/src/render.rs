@@ -4,7 +4,10 @@
 //!
 //! Per Site `<name>` (all in the Site's namespace, owned by the Site):
 //! - ConfigMap `tagstream-<name>`: the Site, Device and Formula documents the ingestor reads
-//!   (`site.yaml`, `devices.yaml`, `formulas.yaml`), the same manifests users apply. Invalid
+//!   (`site.yaml`, `devices.yaml`, `formulas.yaml`), the same manifests users apply; a site
+//!   whose Devices do not fit Kubernetes' 1 MiB per ConfigMap continues in
+//!   `tagstream-<name>-devices-<n>` (`devices-<n>.yaml`), all mounted in one directory
+//!   (`tagstream_crds::site_files`). Invalid
 //!   formulas are left out and reported, so one bad formula never stops a site. The
 //!   ingestor reloads the mounted files itself: no pod restart, no config hash in the pod
 //!   template.
@@ -20,10 +23,11 @@ use k8s_openapi::{
     api::{
         apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec},
         core::v1::{
-            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-            LocalObjectReference, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
-            PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort,
-            ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+            Capabilities, ConfigMap, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort,
+            HTTPGetAction, LocalObjectReference, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
+            PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretVolumeSource,
+            SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+            VolumeResourceRequirements,
         },
     },
     apimachinery::pkg::{
@@ -32,9 +36,11 @@ use k8s_openapi::{
     },
 };
 use kube::Resource;
-use serde_json::Value;
 use tagstream_core::{calc::FormulaError, config::SiteConfig};
-use tagstream_crds::{Device, Formula, Site};
+use tagstream_crds::{
+    Device, Formula, Site,
+    site_files::{TooLarge, data_bytes, site_files},
+};
 
 /// Port of the ingestor's `/metrics`, `/healthz`, `/readyz` and `/status`.
 pub const HTTP_PORT: u16 = 9464;
@@ -56,18 +62,30 @@ pub struct Settings {
 /// Everything one site needs.
 #[derive(Clone, Debug)]
 pub struct Rendered {
-    pub config_map: ConfigMap,
+    /// The site's configuration: one ConfigMap, or more when its Devices need them (each
+    /// under Kubernetes' 1 MiB), the first holding the Site and the Formulas.
+    pub config_maps: Vec<ConfigMap>,
     pub stateful_set: StatefulSet,
     pub service: Service,
     /// Formulas left out of the ConfigMap, and why (for their status).
     pub formula_issues: BTreeMap<String, FormulaError>,
     /// For each valid formula, the formulas it reads, in evaluation order.
     pub dependency_order: BTreeMap<String, Vec<String>>,
+    /// The bytes of the ConfigMaps' data.
+    pub config_bytes: usize,
 }
 
 /// The name of a site's objects.
 pub fn object_name(site: &str) -> String {
     format!("tagstream-{site}")
+}
+
+/// The name of the `index`th ConfigMap of a site: the first is named as its other objects.
+pub fn config_map_name(site: &str, index: usize) -> String {
+    match index {
+        0 => object_name(site),
+        _ => format!("tagstream-{site}-devices-{index}"),
+    }
 }
 
 fn labels(site: &str) -> BTreeMap<String, String> {
@@ -88,26 +106,6 @@ fn selector(site: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The document a user would apply: apiVersion, kind, name, namespace and spec only.
-fn document<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> Value {
-    let value = serde_json::to_value(object).expect("an API object serialises");
-    let meta = object.meta();
-    serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "metadata": {"name": meta.name, "namespace": meta.namespace},
-        "spec": value["spec"],
-    })
-}
-
-fn documents(values: &[Value]) -> String {
-    values
-        .iter()
-        .map(|v| serde_yaml::to_string(v).expect("JSON values serialise to YAML"))
-        .collect::<Vec<_>>()
-        .join("---\n")
-}
-
 fn sorted<K: Resource>(objects: &[impl Borrow<K>]) -> Vec<&K> {
     let mut sorted: Vec<&K> = objects.iter().map(Borrow::borrow).collect();
     sorted.sort_by(|a, b| a.meta().name.cmp(&b.meta().name));
@@ -115,13 +113,14 @@ fn sorted<K: Resource>(objects: &[impl Borrow<K>]) -> Vec<&K> {
 }
 
 /// Renders a site from the Devices and Formulas that name it (owned or shared, e.g. as
-/// the watch stores hold them).
+/// the watch stores hold them); `Err` when its configuration cannot be laid out in
+/// ConfigMaps Kubernetes accepts.
 pub fn render(
     site: &Site,
     devices: &[impl Borrow<Device>],
     formulas: &[impl Borrow<Formula>],
     settings: &Settings,
-) -> Rendered {
+) -> Result<Rendered, TooLarge> {
     let name = site.meta().name.clone().unwrap_or_default();
     let namespace = site.meta().namespace.clone();
     let devices = sorted(devices);
@@ -139,11 +138,12 @@ pub fn render(
     .calc();
     let formula_issues = calc.issues().clone();
     let dependency_order = calc.dependency_order();
-    let valid: Vec<Value> = formulas
+    let valid: Vec<&Formula> = formulas
         .iter()
         .filter(|f| !formula_issues.contains_key(f.meta().name.as_deref().unwrap_or_default()))
-        .map(|f| document(*f))
+        .copied()
         .collect();
+    let files = site_files(site, &devices, &valid)?;
 
     let owner = site.controller_owner_ref(&()).map(|o| vec![o]);
     let meta = |name: &str| ObjectMeta {
@@ -154,21 +154,22 @@ pub fn render(
         ..ObjectMeta::default()
     };
 
-    let config_map = ConfigMap {
-        metadata: meta(&name),
-        data: Some(BTreeMap::from([
-            ("site.yaml".to_owned(), documents(&[document(site)])),
-            (
-                "devices.yaml".to_owned(),
-                documents(&devices.iter().map(|d| document(*d)).collect::<Vec<_>>()),
-            ),
-            ("formulas.yaml".to_owned(), documents(&valid)),
-        ])),
-        ..ConfigMap::default()
-    };
-    Rendered {
-        config_map,
-        stateful_set: stateful_set(site, &name, meta(&name), settings),
+    let config_bytes = files.iter().map(data_bytes).sum();
+    let config_maps: Vec<ConfigMap> = files
+        .into_iter()
+        .enumerate()
+        .map(|(index, data)| ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(config_map_name(&name, index)),
+                ..meta(&name)
+            },
+            data: Some(data),
+            ..ConfigMap::default()
+        })
+        .collect();
+    Ok(Rendered {
+        stateful_set: stateful_set(site, &name, meta(&name), config_maps.len(), settings),
+        config_maps,
         service: Service {
             metadata: meta(&name),
             spec: Some(ServiceSpec {
@@ -185,7 +186,8 @@ pub fn render(
         },
         formula_issues,
         dependency_order,
-    }
+        config_bytes,
+    })
 }
 
 fn probe(path: &str, period: i32) -> Probe {
@@ -276,16 +278,43 @@ fn ingestor_container(site: &Site, mounts: Vec<VolumeMount>, settings: &Settings
     }
 }
 
-fn stateful_set(site: &Site, name: &str, metadata: ObjectMeta, settings: &Settings) -> StatefulSet {
-    let spec = &site.spec;
-    let mut volumes = vec![Volume {
+/// The directory of the site's configuration: its ConfigMap, or all of them projected
+/// into one directory (one atomic update of the files when several change together). A
+/// change in their number changes the pod template, so the ingestor restarts on it.
+fn config_volume(site: &str, config_maps: usize) -> Volume {
+    if config_maps <= 1 {
+        return Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: object_name(site),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        };
+    }
+    Volume {
         name: "config".into(),
-        config_map: Some(ConfigMapVolumeSource {
-            name: object_name(name),
-            ..ConfigMapVolumeSource::default()
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(
+                (0..config_maps)
+                    .map(|index| VolumeProjection {
+                        config_map: Some(ConfigMapProjection {
+                            name: config_map_name(site, index),
+                            ..ConfigMapProjection::default()
+                        }),
+                        ..VolumeProjection::default()
+                    })
+                    .collect(),
+            ),
+            ..ProjectedVolumeSource::default()
         }),
         ..Volume::default()
-    }];
+    }
+}
+
+fn stateful_set(site: &Site, name: &str, metadata: ObjectMeta, config_maps: usize, settings: &Settings) -> StatefulSet {
+    let spec = &site.spec;
+    let mut volumes = vec![config_volume(name, config_maps)];
     let mut mounts = vec![mount("config", CONFIG_DIR, true), mount("queue", QUEUE_DIR, false)];
     if let Some(credentials) = &spec.broker.credentials {
         volumes.push(secret_volume("credentials", &credentials.secret_name));

@@ -189,18 +189,21 @@ pub struct SiteDeployed {
     pub observed_generation: Option<i64>,
     pub devices: u32,
     pub formulas: u32,
+    pub config_bytes: u64,
 }
 
 /// What the reconcile deployed for a Site, or `None` when stored.
-pub fn site_deployed(site: &Site, devices: u32, formulas: u32) -> Option<SiteDeployed> {
+pub fn site_deployed(site: &Site, devices: u32, formulas: u32, config_bytes: u64) -> Option<SiteDeployed> {
     let current = site.status.clone().unwrap_or_default();
     let stored = current.observed_generation == site.metadata.generation
         && current.devices == devices
-        && current.formulas == formulas;
+        && current.formulas == formulas
+        && current.config_bytes == config_bytes;
     (!stored).then_some(SiteDeployed {
         observed_generation: site.metadata.generation,
         devices,
         formulas,
+        config_bytes,
     })
 }
 
@@ -565,6 +568,7 @@ mod tests {
             observed_generation: Some(1),
             devices: 1,
             formulas: 1,
+            config_bytes: 1,
         };
         let formula_reported = FormulaReported {
             last_value: "1".into(),

@@ -40,7 +40,7 @@ use kube::{
         watcher,
     },
 };
-use plant::{fleet, operator_settings, plant, settings};
+use plant::{fleet, large_site, operator_settings, plant, settings};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tagstream_crds::{
@@ -488,6 +488,89 @@ async fn a_new_storage_size_recreates_the_stateful_set_without_a_failed_reconcil
         kept.is_some_and(|c| c.metadata.deletion_timestamp.is_none()),
         "the queue's claim was deleted"
     );
+}
+
+/// A site over Kubernetes' 1 MiB per ConfigMap is rendered into several, all mounted in
+/// the pod's one configuration directory; when it shrinks back, the ConfigMaps it no
+/// longer needs are deleted and the pod mounts the one left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_over_one_config_map_is_split_and_shrinks_back() {
+    let Some(cluster) = Cluster::connect().await else {
+        return;
+    };
+    let _turn = cluster.exclusive().await;
+    let namespace = cluster.namespace("large-site").await;
+    let (site, devices, _) = large_site(200);
+    cluster.create_all(&namespace, &[site]).await;
+    cluster.create_all(&namespace, &devices).await;
+    let operator = Operator::start(&cluster, Duration::ZERO);
+    let config_maps: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), &namespace);
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(cluster.client.clone(), &namespace);
+    let mounted = |set: &StatefulSet| -> Vec<String> {
+        let volumes = set
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref()?.volumes.clone());
+        let config = volumes.unwrap_or_default().into_iter().find(|v| v.name == "config");
+        match config {
+            Some(v) if v.projected.is_some() => v
+                .projected
+                .and_then(|p| p.sources)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|s| Some(s.config_map?.name))
+                .collect(),
+            Some(v) => v.config_map.map(|c| c.name).into_iter().collect(),
+            None => Vec::new(),
+        }
+    };
+    let names = || async {
+        let mut names: Vec<String> = config_maps
+            .list(&ListParams::default().labels("app.kubernetes.io/instance=plant-a"))
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(ResourceExt::name_any)
+            .collect();
+        names.sort();
+        names
+    };
+    let split = wait_for("every device rendered", Duration::from_secs(120), || async {
+        let set = stateful_sets.get_opt("tagstream-plant-a").await.unwrap()?;
+        let site = live::<Site>(&cluster, &namespace, "plant-a").await;
+        (site["status"]["devices"] == json!(200)).then(|| mounted(&set))
+    })
+    .await;
+    assert!(split.len() >= 3, "{split:?}");
+    let mut listed = names().await;
+    let mut expected = split.clone();
+    expected.sort();
+    listed.sort();
+    assert_eq!(listed, expected, "one ConfigMap per mounted source");
+    let site = live::<Site>(&cluster, &namespace, "plant-a").await;
+    assert!(site["status"]["configBytes"].as_u64().unwrap() > 2 << 20, "{site}");
+
+    // Down to 5 devices: one ConfigMap again.
+    let device_api: Api<Device> = Api::namespaced(cluster.client.clone(), &namespace);
+    for device in &devices[5..] {
+        device_api
+            .delete(&device.name_any(), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    wait_for(
+        "the site to shrink to one ConfigMap",
+        Duration::from_secs(120),
+        || async {
+            let set = stateful_sets.get_opt("tagstream-plant-a").await.unwrap()?;
+            (mounted(&set) == ["tagstream-plant-a"] && names().await == ["tagstream-plant-a"]).then_some(())
+        },
+    )
+    .await;
+    let errors = operator.metrics.reconcile_errors.get();
+    operator.stop().await;
+    assert_eq!(errors, 0);
 }
 
 /// A Device naming a Site nobody applied gets one made from the defaults once the apply

@@ -7,26 +7,31 @@ use std::path::Path;
 #[allow(dead_code, reason = "shared by the test binaries, each using part of it")]
 mod plant;
 
-use plant::{plant, settings};
+use plant::{large_site, plant, settings};
 use tagstream_crds::{
     manifest::load_report,
     site::{BrokerCredentials, BrokerTls, CredentialsKind},
+    site_files::{CONFIG_MAP_LIMIT, data_bytes},
 };
-use tagstream_operator::render::{Rendered, render};
+use tagstream_operator::render::{Rendered, config_map_name, render};
 
 fn yaml(rendered: &Rendered) -> String {
-    [
-        serde_yaml::to_string(&rendered.config_map).unwrap(),
-        serde_yaml::to_string(&rendered.stateful_set).unwrap(),
-        serde_yaml::to_string(&rendered.service).unwrap(),
-    ]
-    .join("---\n")
+    rendered
+        .config_maps
+        .iter()
+        .map(|c| serde_yaml::to_string(c).unwrap())
+        .chain([
+            serde_yaml::to_string(&rendered.stateful_set).unwrap(),
+            serde_yaml::to_string(&rendered.service).unwrap(),
+        ])
+        .collect::<Vec<_>>()
+        .join("---\n")
 }
 
 #[test]
 fn the_example_plant_renders_as_the_golden_file() {
     let (site, devices, formulas) = plant();
-    let text = yaml(&render(&site, &devices, &formulas, &settings()));
+    let text = yaml(&render(&site, &devices, &formulas, &settings()).unwrap());
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/plant-a.yaml");
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&golden, &text).unwrap();
@@ -39,15 +44,15 @@ fn the_example_plant_renders_as_the_golden_file() {
     // The same inputs in another order render the same objects: no write when nothing changed.
     let mut reversed = devices.clone();
     reversed.reverse();
-    assert_eq!(yaml(&render(&site, &reversed, &formulas, &settings())), text);
+    assert_eq!(yaml(&render(&site, &reversed, &formulas, &settings()).unwrap()), text);
 }
 
 #[test]
 fn the_ingestor_loads_what_the_config_map_holds() {
     let (site, devices, formulas) = plant();
-    let rendered = render(&site, &devices, &formulas, &settings());
+    let rendered = render(&site, &devices, &formulas, &settings()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    for (file, text) in rendered.config_map.data.as_ref().unwrap() {
+    for (file, text) in rendered.config_maps[0].data.as_ref().unwrap() {
         std::fs::write(dir.path().join(file), text).unwrap();
     }
     let report = load_report(&[dir.path().to_path_buf()]).unwrap();
@@ -73,7 +78,7 @@ fn the_ingestor_loads_what_the_config_map_holds() {
 #[test]
 fn the_ingestor_pod_is_locked_down_and_keeps_its_queue() {
     let (site, devices, formulas) = plant();
-    let rendered = render(&site, &devices, &formulas, &settings());
+    let rendered = render(&site, &devices, &formulas, &settings()).unwrap();
     let set = rendered.stateful_set.spec.unwrap();
     assert_eq!(set.replicas, Some(1));
     let retention = set.persistent_volume_claim_retention_policy.unwrap();
@@ -109,7 +114,7 @@ fn the_ingestor_pod_is_locked_down_and_keeps_its_queue() {
         security.capabilities.as_ref().unwrap().drop.as_deref(),
         Some(&["ALL".to_owned()][..])
     );
-    let owner = &rendered.config_map.metadata.owner_references.unwrap()[0];
+    let owner = &rendered.config_maps[0].metadata.owner_references.clone().unwrap()[0];
     assert_eq!(
         (owner.kind.as_str(), owner.name.as_str(), owner.controller),
         ("Site", "plant-a", Some(true))
@@ -122,6 +127,7 @@ fn the_ingestor_pod_pulls_with_the_operators_image_pull_secrets() {
     let mut settings = settings();
     let pod = |settings: &tagstream_operator::render::Settings| {
         render(&site, &devices, &formulas, settings)
+            .unwrap()
             .stateful_set
             .spec
             .unwrap()
@@ -148,6 +154,7 @@ fn broker_secrets_are_mounted_read_only_when_the_site_names_them() {
         client_certificate: true,
     });
     let pod = render(&site, &devices, &formulas, &settings())
+        .unwrap()
         .stateful_set
         .spec
         .unwrap()
@@ -184,9 +191,64 @@ fn an_invalid_formula_is_left_out_and_reported_while_the_rest_deploy() {
     broken.metadata.name = Some("broken".into());
     broken.spec.expression = "t_out -".into();
     formulas.push(broken);
-    let rendered = render(&site, &devices, &formulas, &settings());
+    let rendered = render(&site, &devices, &formulas, &settings()).unwrap();
     assert!(rendered.formula_issues["broken"].to_string().contains("operand"));
-    let deployed = &rendered.config_map.data.unwrap()["formulas.yaml"];
+    let deployed = &rendered.config_maps[0].data.as_ref().unwrap()["formulas.yaml"];
     assert!(!deployed.contains("name: broken"));
     assert_eq!(deployed.matches("kind: Formula").count(), 5);
+}
+
+#[test]
+fn a_site_over_one_config_map_is_split_and_the_ingestor_reads_it_whole() {
+    let (site, devices, formulas) = large_site(200);
+    let rendered = render(&site, &devices, &formulas, &settings()).unwrap();
+    let count = rendered.config_maps.len();
+    assert!(count >= 3, "20,000 tags take 2 MB and more: {count} ConfigMaps");
+    let dir = tempfile::tempdir().unwrap();
+    let mut names = Vec::new();
+    for config_map in &rendered.config_maps {
+        let data = config_map.data.as_ref().unwrap();
+        assert!(data_bytes(data) <= CONFIG_MAP_LIMIT);
+        names.push(config_map.metadata.name.clone().unwrap());
+        for (file, text) in data {
+            assert!(!dir.path().join(file).exists(), "{file} is in one ConfigMap only");
+            std::fs::write(dir.path().join(file), text).unwrap();
+        }
+    }
+    let expected: Vec<String> = (0..count).map(|n| config_map_name("plant-a", n)).collect();
+    assert_eq!(names, expected);
+    assert_eq!(names[1], "tagstream-plant-a-devices-1");
+    let report = load_report(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(report.errors().count(), 0);
+    assert_eq!(report.devices.len(), 200);
+    assert_eq!(report.sites.len(), 1);
+
+    // The pod mounts all of them in one directory.
+    let pod = rendered.stateful_set.spec.unwrap().template.spec.unwrap();
+    let config = pod.volumes.unwrap().into_iter().find(|v| v.name == "config").unwrap();
+    let sources: Vec<String> = config
+        .projected
+        .unwrap()
+        .sources
+        .unwrap()
+        .into_iter()
+        .map(|s| s.config_map.unwrap().name)
+        .collect();
+    assert_eq!(sources, names);
+}
+
+#[test]
+fn a_site_that_cannot_be_laid_out_is_refused_with_its_name() {
+    let (site, devices, mut formulas) = plant();
+    // Formulas stay in the first ConfigMap: 1 MiB of them cannot be split.
+    let formula = formulas[0].clone();
+    formulas.extend((0..8000).map(|n| {
+        let mut copy = formula.clone();
+        copy.metadata.name = Some(format!("copy-{n:05}-of-a-formula-with-a-long-descriptive-name"));
+        copy
+    }));
+    let error = render(&site, &devices, &formulas, &settings()).unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("site plant/plant-a"), "{message}");
+    assert!(message.contains("1048576 bytes (1 MiB)"), "{message}");
 }

@@ -6,20 +6,12 @@
 //! connection usable, a transport error does not).
 
 use std::{
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    task::{self, Poll},
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use tagstream_crds::device::{Connection, ConnectionKind, Parity, RegisterKind, TcpEndpoint};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 use tokio_modbus::{
     ExceptionCode, Request, Response, Slave,
     client::{Client as _, Context, rtu, tcp},
@@ -27,7 +19,10 @@ use tokio_modbus::{
 };
 use tokio_serial::SerialPortBuilderExt as _;
 
-use super::plan::Read;
+use super::{
+    plan::Read,
+    transport::{Framing, Shared, Transport},
+};
 
 /// The data of a read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,24 +49,35 @@ pub enum RequestError {
 }
 
 impl RequestError {
-    /// Whether the connection must be dropped: after a timeout a late answer could be
-    /// taken for the next request's, and after garbage the framing cannot be trusted.
+    /// Whether the connection must be dropped: after garbage the framing cannot be
+    /// trusted, and a transport error leaves nothing to keep. A timeout leaves it open
+    /// (the transport drops or drains the late answer, see `transport`), unless the link
+    /// has gone silent ([`Link::usable`]).
     pub fn breaks_connection(&self) -> bool {
-        !matches!(self, Self::Exception(_))
+        !matches!(self, Self::Exception(_) | Self::Timeout(_))
     }
 }
 
 /// An open connection to a device.
 pub struct Link {
     context: Context,
-    /// Set when the device closed the connection (a read returned end of stream).
-    closed: Arc<AtomicBool>,
+    framing: Framing,
+    shared: Arc<Shared>,
+    /// Requests in a row that got no answer within their timeout.
+    unanswered: u32,
+    /// Requests sent again after a timeout, not yet taken by [`Link::take_retried`].
+    retried: u64,
+    /// Nothing answers on this connection any more: it is reopened before the next request.
+    silent: bool,
 }
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Link")
-            .field("closed", &self.closed)
+            .field("framing", &self.framing)
+            .field("shared", &self.shared)
+            .field("unanswered", &self.unanswered)
+            .field("silent", &self.silent)
             .finish_non_exhaustive()
     }
 }
@@ -80,6 +86,33 @@ impl Link {
     /// Addresses the next requests to `unit` (several units share a gateway's link).
     pub fn set_unit(&mut self, unit: u8) {
         self.context.set_slave(Slave(unit));
+    }
+
+    /// Whether the connection can take the next request: the device has not closed it and
+    /// it has not gone silent.
+    pub fn usable(&self) -> bool {
+        !self.silent && !self.shared.closed.load(Ordering::Relaxed)
+    }
+
+    /// Requests in a row that got no answer within their timeout.
+    pub fn unanswered(&self) -> u32 {
+        self.unanswered
+    }
+
+    /// Notes that nothing answers on this connection any more (a half-open TCP
+    /// connection to a gateway that restarted, a cable pulled): it is reopened.
+    pub fn mark_silent(&mut self) {
+        self.silent = true;
+    }
+
+    /// Notes a request sent again after a timeout.
+    pub fn note_retry(&mut self) {
+        self.retried += 1;
+    }
+
+    /// The requests sent again after a timeout since the last call.
+    pub fn take_retried(&mut self) -> u64 {
+        std::mem::take(&mut self.retried)
     }
 
     /// Closes the connection, bounded by one second.
@@ -91,11 +124,12 @@ impl Link {
 /// Opens a connection to `connection`, addressed to `unit`.
 pub async fn connect(connection: &Connection, unit: u8, timeout: Duration) -> Result<Link, RequestError> {
     let slave = Slave(unit);
-    let closed = Arc::new(AtomicBool::new(false));
-    let watched = |stream: TcpStream| Watched {
-        inner: stream,
-        closed: Arc::clone(&closed),
+    let shared = Arc::new(Shared::default());
+    let framing = match connection.kind() {
+        Some(ConnectionKind::Tcp(_)) => Framing::Mbap,
+        _ => Framing::Rtu,
     };
+    let watched = |stream| Transport::new(stream, framing, Arc::clone(&shared));
     let context = match connection.kind() {
         Some(ConnectionKind::Tcp(endpoint)) => tcp::attach_slave(watched(open_tcp(endpoint, timeout).await?), slave),
         Some(ConnectionKind::RtuOverTcp(endpoint)) => {
@@ -123,51 +157,18 @@ pub async fn connect(connection: &Connection, unit: u8, timeout: Duration) -> Re
                 .stop_bits(stop_bits)
                 .open_native_async()
                 .map_err(|e| RequestError::Connect(format!("{}: {e}", port.path)))?;
-            rtu::attach_slave(stream, slave)
+            rtu::attach_slave(Transport::new(stream, framing, Arc::clone(&shared)), slave)
         }
         None => return Err(RequestError::Connect("no connection kind set".into())),
     };
-    Ok(Link { context, closed })
-}
-
-/// A TCP stream that notes when the device closes it. tokio-modbus 0.17.0 reports that
-/// as `io::Error::last_os_error()`, whatever errno the thread last left ("Success (os
-/// error 0)", "Operation now in progress (os error 115)"), which says nothing; this is
-/// how the ingestor tells what happened (slowtec/tokio-modbus#360 fixes it upstream, not
-/// in a release yet).
-#[derive(Debug)]
-struct Watched {
-    inner: TcpStream,
-    closed: Arc<AtomicBool>,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut task::Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() == before && buf.remaining() > 0 {
-            self.closed.store(true, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut task::Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    Ok(Link {
+        context,
+        framing,
+        shared,
+        unanswered: 0,
+        retried: 0,
+        silent: false,
+    })
 }
 
 async fn open_tcp(endpoint: &TcpEndpoint, timeout: Duration) -> Result<TcpStream, RequestError> {
@@ -183,17 +184,27 @@ async fn open_tcp(endpoint: &TcpEndpoint, timeout: Duration) -> Result<TcpStream
 }
 
 /// Sends one request, bounded by `timeout`, and tells the device's exception apart from
-/// a transport or protocol failure.
+/// a transport or protocol failure. After a timeout on an RTU line, the line is given one
+/// more `timeout` to go quiet and is drained before the next request: a late answer is
+/// not taken for the next request's.
 pub async fn call(link: &mut Link, request: Request<'_>, timeout: Duration) -> Result<Response, RequestError> {
-    match tokio::time::timeout(timeout, link.context.call(request)).await {
-        Err(_) => Err(RequestError::Timeout(timeout)),
-        Ok(Err(tokio_modbus::Error::Transport(_))) if link.closed.load(Ordering::Relaxed) => {
+    let Ok(answer) = tokio::time::timeout(timeout, link.context.call(request)).await else {
+        link.unanswered += 1;
+        if link.framing == Framing::Rtu {
+            tokio::time::sleep(timeout).await;
+            link.shared.drain_before_write.store(true, Ordering::Relaxed);
+        }
+        return Err(RequestError::Timeout(timeout));
+    };
+    link.unanswered = 0;
+    match answer {
+        Err(tokio_modbus::Error::Transport(_)) if link.shared.closed.load(Ordering::Relaxed) => {
             Err(RequestError::Transport("the device closed the connection".into()))
         }
-        Ok(Err(tokio_modbus::Error::Transport(e))) => Err(RequestError::Transport(e.to_string())),
-        Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(RequestError::Garbage(e.to_string())),
-        Ok(Ok(Err(exception))) => Err(RequestError::Exception(exception)),
-        Ok(Ok(Ok(response))) => Ok(response),
+        Err(tokio_modbus::Error::Transport(e)) => Err(RequestError::Transport(e.to_string())),
+        Err(tokio_modbus::Error::Protocol(e)) => Err(RequestError::Garbage(e.to_string())),
+        Ok(Err(exception)) => Err(RequestError::Exception(exception)),
+        Ok(Ok(response)) => Ok(response),
     }
 }
 

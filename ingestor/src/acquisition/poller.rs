@@ -102,8 +102,9 @@ fn reading(layouts: &[Layout], slot: &TagSlot, data: &Data, at: i64, keep_raw: b
 /// Reads `reads` in order on an open connection addressed to the device. A coalesced read
 /// the device refuses with an exception is split, in place, so later polls keep the good
 /// tags flowing; a refused single range makes its tags Bad. A transport failure ends the
-/// poll with `Err`. Each reading keeps a copy of its raw data when `keep_raw` (for `read`;
-/// polling publishes samples only, and the copy was one allocation per point).
+/// poll with `Err`. A read that times out is sent again up to `retries` times. Each reading
+/// keeps a copy of its raw data when `keep_raw` (for `read`; polling publishes samples
+/// only, and the copy was one allocation per point).
 pub async fn poll_reads(
     context: &mut Link,
     device: &DeviceSpec,
@@ -111,6 +112,7 @@ pub async fn poll_reads(
     reads: &mut Vec<Read>,
     at: i64,
     keep_raw: bool,
+    retries: u8,
 ) -> Result<Vec<TagReading>, RequestError> {
     let mut readings = Vec::new();
     let mut index = 0;
@@ -120,7 +122,7 @@ pub async fn poll_reads(
         {
             tokio::time::sleep(pause.get()).await;
         }
-        match execute_with_busy_retries(context, &reads[index], device).await {
+        match execute_with_retries(context, &reads[index], device, retries).await {
             Ok(data) => {
                 readings.extend(
                     reads[index]
@@ -150,13 +152,35 @@ pub async fn poll_reads(
     Ok(readings)
 }
 
-async fn execute_with_busy_retries(context: &mut Link, read: &Read, device: &DeviceSpec) -> Result<Data, RequestError> {
-    let mut retries = device.quirks.busy_retries;
+/// One read, asked again after a busy exception (the `busyRetries` quirk) and after a
+/// timeout (`retries`). A timeout that ends the retries on a link where the request before
+/// it went unanswered too marks the link silent: nothing answers there any more (a
+/// half-open connection, a gateway gone), and it is reopened. One that follows an answer
+/// leaves the connection to the unit's neighbours.
+async fn execute_with_retries(
+    context: &mut Link,
+    read: &Read,
+    device: &DeviceSpec,
+    retries: u8,
+) -> Result<Data, RequestError> {
+    let mut busy_retries = device.quirks.busy_retries;
+    let mut timeout_retries = retries;
+    let answered_before = context.unanswered() == 0;
     loop {
         match connection::execute(context, read, device.timeout.get()).await {
-            Err(RequestError::Exception(ExceptionCode::ServerDeviceBusy)) if retries > 0 => {
-                retries -= 1;
+            Err(RequestError::Exception(ExceptionCode::ServerDeviceBusy)) if busy_retries > 0 => {
+                busy_retries -= 1;
                 tokio::time::sleep(device.timeout.get() / 4).await;
+            }
+            Err(RequestError::Timeout(_)) if timeout_retries > 0 => {
+                timeout_retries -= 1;
+                context.note_retry();
+            }
+            Err(error @ RequestError::Timeout(_)) => {
+                if !answered_before {
+                    context.mark_silent();
+                }
+                return Err(error);
             }
             other => return other,
         }
@@ -295,7 +319,7 @@ pub async fn run_endpoint(
         let batch = match result {
             Ok(points) => points,
             Err(error) => {
-                if error.breaks_connection() {
+                if error.breaks_connection() || context.as_ref().is_some_and(|link| !link.usable()) {
                     context = None;
                 }
                 let first_failure = device.failures == 0;
@@ -340,8 +364,12 @@ pub async fn run_endpoint(
     }
 }
 
-/// The endpoint's connection, opened when needed, addressed to the device.
+/// The endpoint's connection, opened when needed (or reopened when it is no longer
+/// usable), addressed to the device.
 pub async fn connected<'a>(context: &'a mut Option<Link>, spec: &DeviceSpec) -> Result<&'a mut Link, RequestError> {
+    if let Some(old) = context.take_if(|link| !link.usable()) {
+        old.disconnect().await;
+    }
     if context.is_none() {
         let fresh = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get()).await?;
         if let Some(pause) = spec.quirks.connect_delay {
@@ -400,7 +428,23 @@ async fn poll_group(
     let spec = &device.device.spec;
     let ctx = connected(context, spec).await?;
     let at = now_ns();
-    let readings = poll_reads(ctx, spec, &device.layouts, &mut device.groups[group].0.reads, at, false).await?;
+    // A failing device is probed once per backoff; retries are for one that answers.
+    let retries = if device.failures == 0 { spec.retries } else { 0 };
+    let polled = poll_reads(
+        ctx,
+        spec,
+        &device.layouts,
+        &mut device.groups[group].0.reads,
+        at,
+        false,
+        retries,
+    )
+    .await;
+    let sent_again = ctx.take_retried();
+    if sent_again > 0 {
+        device.health.lock().expect("health lock").requests_retried += sent_again;
+    }
+    let readings = polled?;
     if device.failures > 0 {
         info!(device = %device.device.name, failures = device.failures, "device answers again");
     }

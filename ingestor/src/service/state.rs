@@ -221,6 +221,11 @@ impl Collector for Metrics {
                 per_device(&|d| d.poll_cycles_skipped),
             ),
             (
+                "tagstream_requests_retried",
+                "Requests sent again after no answer came within the device's timeout",
+                per_device(&|d| d.requests_retried),
+            ),
+            (
                 "tagstream_points_polled",
                 "Points read from devices and queued",
                 one(status.points_polled),

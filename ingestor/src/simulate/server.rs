@@ -43,6 +43,11 @@ pub struct Faults {
     pub exception_at: BTreeSet<(RegisterKind, u16)>,
     /// Unit ids that never answer, like a dead device behind a gateway.
     pub silent_units: BTreeSet<u8>,
+    /// Unit ids that answer this much later than the others (after `latency`): a slow
+    /// unit whose replies come after the poller's timeout.
+    pub slow_units: BTreeMap<u8, Duration>,
+    /// Unit ids that leave every Nth request unanswered: a lossy line.
+    pub lossy_units: BTreeMap<u8, u64>,
     /// Close every connection this long after it was opened.
     pub drop_after: Option<Duration>,
 }
@@ -85,6 +90,8 @@ pub struct SimulatedEndpoint {
     connections: AtomicU64,
     /// Write requests taken so far.
     writes: AtomicU64,
+    /// Requests to each lossy unit so far.
+    lossy_counts: BTreeMap<u8, AtomicU64>,
 }
 
 impl SimulatedEndpoint {
@@ -123,6 +130,11 @@ impl SimulatedEndpoint {
             .collect();
         Arc::new(Self {
             devices,
+            lossy_counts: faults
+                .lossy_units
+                .keys()
+                .map(|unit| (*unit, AtomicU64::new(0)))
+                .collect(),
             faults,
             started: Instant::now(),
             connections: AtomicU64::new(0),
@@ -141,7 +153,7 @@ impl SimulatedEndpoint {
     }
 
     fn answer(&self, unit: u8, request: &Request<'_>) -> Result<Option<Response>, ExceptionCode> {
-        if self.faults.silent_units.contains(&unit) {
+        if self.faults.silent_units.contains(&unit) || self.loses(unit) {
             return Ok(None);
         }
         let Some(device) = self.devices.get(&unit) else {
@@ -212,6 +224,14 @@ impl SimulatedEndpoint {
 }
 
 impl SimulatedEndpoint {
+    /// The `lossy_units` fault: whether this request to `unit` goes unanswered.
+    fn loses(&self, unit: u8) -> bool {
+        match (self.faults.lossy_units.get(&unit), self.lossy_counts.get(&unit)) {
+            (Some(every), Some(count)) => (count.fetch_add(1, Ordering::Relaxed) + 1) % (*every).max(1) == 0,
+            _ => false,
+        }
+    }
+
     /// The `exception_at` fault: refuses a request covering one of its addresses.
     fn refuse_faulty(&self, kind: RegisterKind, start: u16, count: u16) -> Result<(), ExceptionCode> {
         let span = u32::from(start)..u32::from(start) + u32::from(count);
@@ -239,7 +259,8 @@ impl Service for SimulatorService {
 
     fn call(&self, request: Self::Request) -> Self::Future {
         let answer = self.0.answer(request.slave, &request.request);
-        let latency = self.0.faults.latency;
+        let faults = &self.0.faults;
+        let latency = faults.latency + faults.slow_units.get(&request.slave).copied().unwrap_or_default();
         Box::pin(async move {
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;

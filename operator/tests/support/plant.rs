@@ -33,6 +33,29 @@ pub fn plant() -> (Site, Vec<Device>, Vec<Formula>) {
     (site, devices, formulas)
 }
 
+/// The example plant with `copies` of its boiler in place of its devices, 100 tags each
+/// (200 copies: 20,000 tags, over one ConfigMap's 1 MiB).
+pub fn large_site(copies: usize) -> (Site, Vec<Device>, Vec<Formula>) {
+    let (site, devices, formulas) = plant();
+    let boiler = &devices[0];
+    let template = boiler.spec.tags[0].clone();
+    let copies = (0..copies)
+        .map(|n| {
+            let mut device = boiler.clone();
+            device.metadata.name = Some(format!("boiler-{n:03}"));
+            device.spec.tags = (0..100u16)
+                .map(|t| tagstream_crds::device::Tag {
+                    name: format!("zone{:02}_temperature_{t:03}", t % 12),
+                    address: t * 2,
+                    ..template.clone()
+                })
+                .collect();
+            device
+        })
+        .collect();
+    (site, copies, formulas)
+}
+
 /// The whole operator's settings for a test: ingestors asked every `status_period` (they
 /// never answer: no node runs them), and `apply_window`.
 pub fn operator_settings(
