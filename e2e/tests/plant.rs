@@ -281,8 +281,10 @@ async fn write_setpoint(nats_url: &str, namespace: &str, diag: &Diagnostics) {
     let write = NatsWrite {
         url: nats_url.to_owned(),
         subject: format!("tagstream-write.{namespace}.{SITE}.boiler.setpoint"),
-        value: tagstream_core::point::PointValue::Double(72.5),
-        expected: None,
+        asked: tagstream_ingestor::write_cmd::Asked::Tag {
+            value: tagstream_core::point::PointValue::Double(72.5),
+            expected: None,
+        },
         request_id: format!("e2e-{namespace}"),
         requested_by: "tagstream-e2e".to_owned(),
         credentials_file: None,

@@ -23,14 +23,15 @@ use tagstream_crds::{
 };
 use tagstream_ingestor::{
     acquisition::{
-        connection, poller,
-        write::{self, Outcome, WriteReport},
+        connection,
+        poller::{self, NamedWrite},
+        write::{self, Outcome, TagWrite, WriteReport},
     },
     publish::PublisherConfig,
     queue::{Queue, QueueConfig},
     service::{self, RunOptions, state::SiteState},
     simulate::{self, Faults, Framing, SimulatedEndpoint},
-    write_cmd::{self, NatsWrite},
+    write_cmd::{self, Asked, NatsWrite},
     writes::{Route, WriteRoutes, WriteService},
 };
 use tagstream_proto::v1::{PointBatch, SourceKind, WriteOutcome, WriteReply};
@@ -251,6 +252,108 @@ async fn a_device_that_refuses_a_write_is_reported_with_its_exception() {
     shutdown.cancel();
 }
 
+/// Writes `tags` (name, value, expected) of `device` together, as a recipe, on a
+/// connection of its own.
+async fn write_recipe(device: &Device, tags: &[(&str, PointValue, Option<PointValue>)]) -> WriteReport {
+    let spec = &device.spec;
+    let writes: Vec<TagWrite> = tags
+        .iter()
+        .map(|(name, value, expected)| TagWrite {
+            index: spec.tags.iter().position(|t| t.name == *name).unwrap(),
+            value: value.clone(),
+            expected: expected.clone(),
+        })
+        .collect();
+    let mut link = connection::connect(&spec.connection, spec.unit_id, spec.timeout.get())
+        .await
+        .unwrap();
+    let report = write::write_tags(&mut link, spec, &poller::layouts(spec), &writes)
+        .await
+        .unwrap();
+    link.disconnect().await;
+    report
+}
+
+/// A recipe is checked whole before anything is written (bounds, then every expected
+/// value), goes out as one request per run of contiguous registers or coils, and reads
+/// every tag back.
+#[tokio::test]
+async fn a_recipe_is_checked_whole_then_written_in_as_few_requests_as_its_addresses_allow() {
+    let shutdown = CancellationToken::new();
+    let yaml = WRITABLE.replace("ORDER", "CDAB");
+    let template = device(&yaml.replace("PORT", "1"));
+    let (port, endpoint) = simulator(&[&template], Faults::default(), &shutdown).await;
+    let panel = device(&yaml.replace("PORT", &port.to_string()));
+    let contiguous = [
+        ("setpoint", PointValue::Double(42.5), None),
+        ("count", PointValue::UInt(7), None),
+        ("offset", PointValue::Int(-70_000), None),
+        ("total", PointValue::Double(1234.56), None),
+    ];
+    let report = write_recipe(&panel, &contiguous).await;
+    assert_eq!(report.outcome, Outcome::Written, "{report:?}");
+    assert_eq!(endpoint.writes(), 1, "registers 0 to 5 in one write multiple registers");
+    let read_back: Vec<_> = report
+        .tags
+        .iter()
+        .map(|t| (t.tag.as_str(), t.read_back.clone()))
+        .collect();
+    let asked: Vec<_> = contiguous.iter().map(|(n, v, _)| (*n, Some(v.clone()))).collect();
+    assert_eq!(read_back, asked);
+    assert_eq!(report.tags[0].previous, Some(PointValue::Double(0.0)));
+
+    // Anything refused refuses the whole recipe, before a byte is sent.
+    let out_of_range = write_recipe(
+        &panel,
+        &[
+            ("setpoint", PointValue::Double(10.0), None),
+            ("count", PointValue::Int(-1), None),
+        ],
+    )
+    .await;
+    assert_eq!(out_of_range.outcome, Outcome::OutOfRange, "{out_of_range:?}");
+    assert!(
+        out_of_range.detail.starts_with("tag count: ") && out_of_range.detail.ends_with("nothing was written"),
+        "{}",
+        out_of_range.detail
+    );
+    let stale = write_recipe(
+        &panel,
+        &[
+            ("setpoint", PointValue::Double(10.0), Some(PointValue::Double(42.5))),
+            ("count", PointValue::UInt(8), Some(PointValue::UInt(6))),
+        ],
+    )
+    .await;
+    assert_eq!(stale.outcome, Outcome::ExpectedMismatch, "{stale:?}");
+    assert!(
+        stale.detail.contains("tag count: the tag reads 7, not the expected 6"),
+        "{}",
+        stale.detail
+    );
+    assert_eq!(endpoint.writes(), 1, "a refused recipe reached the device");
+    assert_eq!(read_tag(&panel, "setpoint").await, Some(PointValue::Double(42.5)));
+
+    // Two bits of one register are one read-modify-write; a coil and a float elsewhere
+    // are a request each.
+    let spread = write_recipe(
+        &panel,
+        &[
+            ("pump_on", PointValue::Bool(true), None),
+            ("valve_open", PointValue::Bool(true), None),
+            ("reset", PointValue::Bool(true), None),
+            ("ratio", PointValue::Double(0.5), None),
+        ],
+    )
+    .await;
+    assert_eq!(spread.outcome, Outcome::Written, "{spread:?}");
+    assert_eq!(endpoint.writes(), 4, "register 24, coil 3, registers 14-15");
+    for tag in ["pump_on", "valve_open", "reset"] {
+        assert_eq!(read_tag(&panel, tag).await, Some(PointValue::Bool(true)), "{tag}");
+    }
+    shutdown.cancel();
+}
+
 /// A one-tag device on the pymodbus server, holding table from address 0.
 fn pymodbus_device(port: u16, tag: &str, quirk: &str) -> Device {
     device(&format!(
@@ -382,6 +485,44 @@ async fn a_pymodbus_server_takes_every_type_and_order() {
         Outcome::Refused(ExceptionCode::IllegalDataAddress),
         "{report:?}"
     );
+    // A recipe of an int16, the float32 after it and a coil, under each write quirk.
+    for quirk in ["", "writeSingle: true", "writeMultiple: true"] {
+        let tags = "{name: a, register: holding, address: 6, type: int16, writable: true}\n    - {name: b, register: holding, address: 7, type: float32, writable: true}\n    - {name: c, register: coil, address: 4, type: bool, writable: true}";
+        let target = pymodbus_device(port, tags, quirk);
+        let asked = [
+            ("a", PointValue::Int(-5), None),
+            ("b", PointValue::Double(0.25), None),
+            ("c", PointValue::Bool(true), None),
+        ];
+        let report = write_recipe(&target, &asked).await;
+        assert_eq!(report.outcome, Outcome::Written, "{quirk}: {report:?}");
+        for (name, value, _) in &asked {
+            assert_eq!(read_tag(&target, name).await.as_ref(), Some(value), "{quirk} {name}");
+        }
+    }
+}
+
+/// Has the endpoint task behind `writes` write `tags` of device `panel` together.
+async fn perform(writes: &mpsc::Sender<poller::WriteJob>, tags: &[(&str, PointValue)]) -> WriteReport {
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let job = poller::WriteJob {
+        device: "panel".into(),
+        tags: tags
+            .iter()
+            .map(|(name, value)| NamedWrite {
+                tag: (*name).into(),
+                value: value.clone(),
+                expected: None,
+            })
+            .collect(),
+        deadline: Instant::now() + Duration::from_secs(5),
+        reply,
+    };
+    writes.send(job).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), outcome)
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 /// Writes sent to the endpoint task of a serial bus polled every 10 ms: each goes out
@@ -427,29 +568,28 @@ async fn writes_racing_polls_on_one_serial_bus_never_collide() {
     let started_writing = Instant::now();
     let mut slowest = Duration::ZERO;
     for round in 0..40u32 {
-        for (name, value) in [
-            ("setpoint", PointValue::Double(f64::from(round) / 2.0)),
-            ("pump_on", PointValue::Bool(round % 2 == 0)),
-            ("energy", PointValue::Double(f64::from(round) * 1.25)),
+        // Three single writes and a recipe of two contiguous tags (one request).
+        let recipe = vec![
+            ("count", PointValue::UInt(u64::from(round))),
+            ("offset", PointValue::Int(-i64::from(round))),
+        ];
+        for tags in [
+            vec![("setpoint", PointValue::Double(f64::from(round) / 2.0))],
+            vec![("pump_on", PointValue::Bool(round % 2 == 0))],
+            vec![("energy", PointValue::Double(f64::from(round) * 1.25))],
+            recipe,
         ] {
-            let (reply, outcome) = tokio::sync::oneshot::channel();
             let asked = Instant::now();
-            let job = poller::WriteJob {
-                device: "panel".into(),
-                tag: name.into(),
-                value: value.clone(),
-                expected: None,
-                deadline: Instant::now() + Duration::from_secs(5),
-                reply,
-            };
-            started.writes.send(job).await.unwrap();
-            let report = tokio::time::timeout(Duration::from_secs(10), outcome)
-                .await
-                .unwrap()
-                .unwrap();
+            let report = perform(&started.writes, &tags).await;
             slowest = slowest.max(asked.elapsed());
-            assert_eq!(report.outcome, Outcome::Written, "round {round} {name}: {report:?}");
-            assert_eq!(report.read_back, Some(value), "round {round} {name}");
+            assert_eq!(report.outcome, Outcome::Written, "round {round} {tags:?}: {report:?}");
+            if let [(_, value)] = tags.as_slice() {
+                assert_eq!(report.read_back.as_ref(), Some(value), "round {round} {tags:?}");
+            } else {
+                let read_back: Vec<_> = report.tags.iter().map(|t| t.read_back.clone()).collect();
+                let asked: Vec<_> = tags.iter().map(|(_, v)| Some(v.clone())).collect();
+                assert_eq!(read_back, asked, "round {round}");
+            }
             written += 1;
         }
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..15))).await;
@@ -472,8 +612,12 @@ async fn writes_racing_polls_on_one_serial_bus_never_collide() {
         "serial bus: {written} writes in {:.0?} (slowest {slowest:.1?}) beside {} polls every 10 ms, {} cycles skipped",
         writing, health.polls, health.poll_cycles_skipped
     );
-    assert_eq!(written, 120);
-    assert_eq!(endpoint.writes(), 120);
+    assert_eq!(written, 160);
+    assert_eq!(
+        endpoint.writes(),
+        160,
+        "a recipe of contiguous registers is one request"
+    );
     assert!(health.polls > 20, "only {} polls beside the writes", health.polls);
     assert_eq!(health.failed_polls, 0, "a poll failed: {:?}", health.last_error);
     assert!(bad.is_empty(), "bad points while writing: {bad:?}");
@@ -505,6 +649,7 @@ spec:
   tags:
     - {{name: setpoint, register: holding, address: 0, type: int16, scale: 0.1, unit: degC, writable: true, min: 40, max: 90, simulation: {{waveform: constant, min: 70, max: 70}}}}
     - {{name: temperature, register: holding, address: 1, type: int16, simulation: {{waveform: constant, min: 65, max: 65}}}}
+    - {{name: limit, register: holding, address: 2, type: int16, writable: true, min: 0, max: 100, simulation: {{waveform: constant, min: 50, max: 50}}}}
 "
         ),
     )
@@ -515,8 +660,7 @@ fn request(url: &str, subject: &str, id: &str, value: PointValue) -> NatsWrite {
     NatsWrite {
         url: url.to_owned(),
         subject: subject.to_owned(),
-        value,
-        expected: None,
+        asked: Asked::Tag { value, expected: None },
         request_id: id.to_owned(),
         requested_by: "operator-7".to_owned(),
         credentials_file: None,
@@ -557,11 +701,36 @@ fn assert_audited(stored: &[(String, String, PointBatch)], first: &WriteReply) {
         .filter(|(_, _, b)| b.source_kind == i32::from(SourceKind::Write))
         .collect();
     // Every attempt on the site's device once; the repeated r-1 is not a second attempt.
-    assert_eq!(audits.len(), 7, "{audits:#?}");
+    assert_eq!(audits.len(), 9, "{audits:#?}");
     for (subject, _, batch) in &audits {
         assert_eq!(subject, "tagstream.default.works.boiler.write");
-        assert_eq!(batch.points.len(), 1);
+        let audit = batch.write.as_ref().unwrap();
+        // A point per tag written: the recipe's two, none for a value sent to the
+        // device's subject (it names no tag).
+        let tags = match audit.request_id.as_str() {
+            "recipe-1" => 2,
+            "r-5" => 0,
+            _ => 1,
+        };
+        assert_eq!(batch.points.len(), tags, "{audit:?}");
     }
+    let recipe = audits
+        .iter()
+        .find_map(|(_, _, b)| b.write.as_ref().filter(|w| w.request_id == "recipe-1"))
+        .unwrap();
+    let asked: Vec<&str> = recipe.requested_tags.iter().map(|t| t.tag.as_str()).collect();
+    let replied: Vec<&str> = recipe
+        .reply
+        .as_ref()
+        .unwrap()
+        .tags
+        .iter()
+        .map(|t| t.tag.as_str())
+        .collect();
+    assert_eq!(
+        (recipe.tag.as_str(), asked, replied),
+        ("", vec!["setpoint", "limit"], vec!["setpoint", "limit"])
+    );
     let ids: Vec<&str> = audits
         .iter()
         .map(|(_, _, b)| b.write.as_ref().unwrap().request_id.as_str())
@@ -606,7 +775,9 @@ fn assert_audited(stored: &[(String, String, PointBatch)], first: &WriteReply) {
         .collect();
     let mut changes: Vec<f64> = setpoints.clone();
     changes.dedup();
-    assert_eq!(changes, [70.0, 72.5, 55.0], "polled setpoints: {:?}", setpoints.len());
+    // 55 may be overwritten by the recipe within one poll interval (20 ms) and never seen.
+    changes.retain(|v| (*v - 55.0).abs() > 1e-9);
+    assert_eq!(changes, [70.0, 72.5, 60.0], "polled setpoints: {:?}", setpoints.len());
     let kinds: BTreeSet<i32> = stored.iter().map(|(_, _, b)| b.source_kind).collect();
     assert_eq!(kinds.len(), 2);
 }
@@ -629,13 +800,14 @@ async fn assert_refusals(url: &str) {
             WriteOutcome::NotWritable,
         ),
         ("", subject, PointValue::Double(50.0), WriteOutcome::Invalid),
-        // Answered, not audited: no device of the site is named.
+        // A value on the device's subject, where a recipe's tags go: refused and audited.
         (
             "r-5",
             "tagstream-write.default.works.boiler",
             PointValue::Int(1),
             WriteOutcome::Invalid,
         ),
+        // Answered, not audited: no device of the site is named.
         (
             "r-6",
             "tagstream-write.default.works.nosuch.t",
@@ -685,6 +857,23 @@ async fn stop_ingestor(shutdown: &CancellationToken, service: tokio::task::JoinH
         .unwrap();
 }
 
+/// `tagstream-ingestor write ARGS`, as a person would type it: what it printed, once it
+/// succeeded.
+fn write_command(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_tagstream-ingestor"))
+        .arg("write")
+        .args(args)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert!(
+        output.status.success(),
+        "{printed} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    printed
+}
+
 /// The reply to the first request: the write service subscribes right after the ingestor
 /// starts, so the first request may find nobody yet.
 async fn first_reply(write: &NatsWrite) -> WriteReply {
@@ -730,37 +919,41 @@ async fn writes_through_a_running_ingestor_are_performed_once_and_audited() {
     assert_eq!(reused.outcome, i32::from(WriteOutcome::Invalid), "{reused:?}");
     assert_refusals(&url).await;
     // The write command, as a person would type it.
-    let cli = Command::new(env!("CARGO_BIN_EXE_tagstream-ingestor"))
-        .args([
-            "write",
-            "--nats-url",
-            &url,
-            "--subject",
-            subject,
-            "--requested-by",
-            "cli",
-            "55",
-        ])
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&cli.stdout);
-    assert!(
-        cli.status.success(),
-        "{printed} {}",
-        String::from_utf8_lossy(&cli.stderr)
+    let printed = write_command(&["--nats-url", &url, "--subject", subject, "--requested-by", "cli", "55"]);
+    assert_eq!(printed, "written; was 72.5; reads back 55");
+    // A recipe on the device's subject: both tags in one request, one audit.
+    let printed = write_command(&[
+        "--nats-url",
+        &url,
+        "--subject",
+        "tagstream-write.default.works.boiler",
+        "--request-id",
+        "recipe-1",
+        "--tag",
+        "setpoint",
+        "60",
+        "--tag",
+        "limit",
+        "80",
+        "--expect",
+        "limit",
+        "50",
+    ]);
+    assert_eq!(
+        printed,
+        "written\n  setpoint; was 55; reads back 60\n  limit; was 50; reads back 80"
     );
-    assert_eq!(printed.trim(), "written; was 72.5; reads back 55");
 
     // The polls see the written value.
     let deadline = Instant::now() + Duration::from_secs(10);
     let written = status(address).await["writes"].clone();
     assert_eq!(
         written,
-        serde_json::json!({"written": 2, "invalid": 2, "out_of_range": 1, "not_writable": 2}),
+        serde_json::json!({"written": 3, "invalid": 3, "out_of_range": 1, "not_writable": 2}),
     );
     let metrics = http_get(address, "/metrics").await.unwrap();
     assert!(
-        metrics.contains("tagstream_writes_total{outcome=\"written\"} 2"),
+        metrics.contains("tagstream_writes_total{outcome=\"written\"} 3"),
         "{metrics}"
     );
 

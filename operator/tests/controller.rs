@@ -39,6 +39,9 @@ const GROUP: &str = "/apis/tagstream.io/v1alpha1/namespaces/plant";
 const CONFIG_MAP: &str = "/api/v1/namespaces/plant/configmaps/tagstream-plant-a";
 const STATEFUL_SET: &str = "/apis/apps/v1/namespaces/plant/statefulsets/tagstream-plant-a";
 const SERVICE: &str = "/api/v1/namespaces/plant/services/tagstream-plant-a";
+/// The ConfigMap a site that outgrows one would continue in: a written StatefulSet is
+/// followed by its deletion (a 404 here), in case the site needed more before.
+const SECOND_CONFIG_MAP: &str = "/api/v1/namespaces/plant/configmaps/tagstream-plant-a-devices-1";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/plant/events";
 
 /// The operator's view of a fake cluster: the API server and the stores its watches fill.
@@ -160,6 +163,7 @@ async fn the_first_reconcile_applies_the_site_and_records_what_it_deployed() {
         format!("PATCH {CONFIG_MAP}"),
         format!("GET {STATEFUL_SET}"),
         format!("PATCH {STATEFUL_SET}"),
+        format!("DELETE {SECOND_CONFIG_MAP}"),
         format!("GET {SERVICE}"),
         format!("PATCH {SERVICE}"),
         format!("POST {EVENTS}"),
@@ -188,7 +192,7 @@ async fn the_first_reconcile_applies_the_site_and_records_what_it_deployed() {
     assert_eq!(query, ["fieldManager=tagstream-operator", "force=true"]);
     assert!(apply.body["metadata"]["annotations"]["tagstream.io/rendered-hash"].is_string());
     assert_eq!(apply.body["metadata"]["ownerReferences"][0]["kind"], "Site");
-    assert_eq!(requests[6].body["reason"], "Applied");
+    assert_eq!(requests[7].body["reason"], "Applied");
 
     let efficiency = world
         .server
@@ -1026,7 +1030,7 @@ async fn a_new_storage_size_recreates_the_stateful_set_keeping_pod_and_claim() {
             format!("DELETE {STATEFUL_SET}"),
             format!("GET {STATEFUL_SET}"),
             format!("PATCH {STATEFUL_SET}"),
-            format!("GET {SERVICE}"),
+            format!("DELETE {SECOND_CONFIG_MAP}"),
         ]
     );
     assert_eq!(requests[4].body["propagationPolicy"], "Orphan");

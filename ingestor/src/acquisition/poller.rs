@@ -27,7 +27,7 @@ use super::{
     decode::{self, Layout},
     filter::Filter,
     plan::{self, PollGroup, Read, TagSlot},
-    write::{self, Outcome, WriteReport},
+    write::{self, Outcome, TagWrite, WriteReport},
 };
 use tagstream_core::point::{PointValue, Sample, now_ns};
 
@@ -35,14 +35,21 @@ use tagstream_core::point::{PointValue, Sample, now_ns};
 #[derive(Debug)]
 pub struct WriteJob {
     pub device: String,
+    /// The tags to write together: one for a tag's write, several for a recipe.
+    pub tags: Vec<NamedWrite>,
+    /// Not started after this: the requester has given up waiting by then.
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<WriteReport>,
+}
+
+/// One tag of a write job.
+#[derive(Clone, Debug)]
+pub struct NamedWrite {
     pub tag: String,
     /// In engineering units.
     pub value: PointValue,
     /// Write only if the tag reads this now.
     pub expected: Option<PointValue>,
-    /// Not started after this: the requester has given up waiting by then.
-    pub deadline: Instant,
-    pub reply: oneshot::Sender<WriteReport>,
 }
 
 /// Write jobs an endpoint task holds before new ones are refused as busy.
@@ -391,16 +398,25 @@ async fn serve_write(context: &mut Option<Link>, devices: &[DevicePoller], job: 
         )
     } else if let Some(device) = devices.iter().find(|d| d.device.name == job.device) {
         let spec = &device.device.spec;
-        match spec.tags.iter().position(|t| t.name == job.tag) {
-            None => WriteReport::not_done(
-                Outcome::NotWritable,
-                format!("device {} has no tag {}", job.device, job.tag),
-            ),
-            Some(index) => {
+        let resolved: Result<Vec<TagWrite>, String> = job
+            .tags
+            .iter()
+            .map(|named| {
+                let index = spec.tags.iter().position(|t| t.name == named.tag);
+                index
+                    .map(|index| TagWrite {
+                        index,
+                        value: named.value.clone(),
+                        expected: named.expected.clone(),
+                    })
+                    .ok_or_else(|| format!("device {} has no tag {}", job.device, named.tag))
+            })
+            .collect();
+        match resolved {
+            Err(missing) => WriteReport::not_done(Outcome::NotWritable, missing),
+            Ok(writes) => {
                 let written = match connected(context, spec).await {
-                    Ok(link) => {
-                        write::write_tag(link, spec, &device.layouts, index, &job.value, job.expected.as_ref()).await
-                    }
+                    Ok(link) => write::write_tags(link, spec, &device.layouts, &writes).await,
                     Err(error) => Err(error),
                 };
                 // A device shared with another master gets its connection back after a write
@@ -414,7 +430,8 @@ async fn serve_write(context: &mut Option<Link>, devices: &[DevicePoller], job: 
     } else {
         WriteReport::not_done(Outcome::NotWritable, format!("no device {}", job.device))
     };
-    info!(device = %job.device, tag = %job.tag, value = %job.value, outcome = %report.outcome, detail = %report.detail, "write");
+    let tags: Vec<String> = job.tags.iter().map(|t| format!("{}={}", t.tag, t.value)).collect();
+    info!(device = %job.device, tags = %tags.join(" "), outcome = %report.outcome, detail = %report.detail, "write");
     let _ = job.reply.send(report);
 }
 

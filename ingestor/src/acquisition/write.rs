@@ -82,6 +82,17 @@ pub struct WriteReport {
     pub previous: Option<PointValue>,
     /// The tag's value read back after the write.
     pub read_back: Option<PointValue>,
+    /// A recipe's tags, each with its value before and after (empty for one tag's write,
+    /// whose values are `previous` and `read_back`).
+    pub tags: Vec<TagResult>,
+}
+
+/// One tag of a recipe, as written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TagResult {
+    pub tag: String,
+    pub previous: Option<PointValue>,
+    pub read_back: Option<PointValue>,
 }
 
 impl WriteReport {
@@ -92,6 +103,7 @@ impl WriteReport {
             detail: detail.into(),
             previous: None,
             read_back: None,
+            tags: Vec::new(),
         }
     }
 
@@ -110,6 +122,7 @@ impl WriteReport {
             detail,
             previous,
             read_back: None,
+            tags: Vec::new(),
         }
     }
 }
@@ -259,33 +272,91 @@ fn value_of(data: &Data, layout: &Layout) -> Option<PointValue> {
     }
 }
 
-/// The requests that store `raw` at the tag, given what it held before (for a bit).
-fn requests(spec: &DeviceSpec, start: u16, raw: &Raw, before: Option<&Data>, bit: u8) -> Vec<Request<'static>> {
-    let quirks = &spec.quirks;
-    let registers = |words: Vec<u16>| -> Vec<Request<'static>> {
-        match words.as_slice() {
-            [word] if !quirks.write_multiple => vec![Request::WriteSingleRegister(start, *word)],
-            _ if quirks.write_single => words
-                .iter()
-                .zip(start..)
-                .map(|(word, address)| Request::WriteSingleRegister(address, *word))
-                .collect(),
-            _ => vec![Request::WriteMultipleRegisters(start, Cow::Owned(words))],
+/// What a write stores, by table and protocol address: each register's word and each
+/// coil's state. A bit of a register is set in the word the register held before (and any
+/// other bit of the same write).
+#[derive(Debug, Default)]
+struct Stores {
+    registers: std::collections::BTreeMap<u16, u16>,
+    coils: std::collections::BTreeMap<u16, bool>,
+}
+
+impl Stores {
+    /// Adds tag `tag` (`raw` at `start`, which held `before`); `Err` names the register or
+    /// coil another tag of the same write stores too.
+    fn add(&mut self, start: u16, raw: &Raw, before: Option<&Data>, bit: u8) -> Result<(), u16> {
+        match raw {
+            Raw::Coil(on) => {
+                if self.coils.insert(start, *on).is_some() {
+                    return Err(start);
+                }
+            }
+            Raw::Bit(set) => {
+                let held = match before {
+                    Some(Data::Registers(words)) => words.first().copied().unwrap_or(0),
+                    _ => 0,
+                };
+                let current = self.registers.entry(start).or_insert(held);
+                let mask = 1u16.checked_shl(u32::from(bit)).unwrap_or(0);
+                *current = if *set { *current | mask } else { *current & !mask };
+            }
+            Raw::Registers(words) => {
+                for (address, word) in (start..).zip(words) {
+                    if self.registers.insert(address, *word).is_some() {
+                        return Err(address);
+                    }
+                }
+            }
         }
-    };
-    match raw {
-        Raw::Coil(on) if quirks.write_multiple => vec![Request::WriteMultipleCoils(start, Cow::Owned(vec![*on]))],
-        Raw::Coil(on) => vec![Request::WriteSingleCoil(start, *on)],
-        Raw::Bit(set) => {
-            let current = match before {
-                Some(Data::Registers(words)) => words.first().copied().unwrap_or(0),
-                _ => 0,
-            };
-            let mask = 1u16.checked_shl(u32::from(bit)).unwrap_or(0);
-            registers(vec![if *set { current | mask } else { current & !mask }])
-        }
-        Raw::Registers(words) => registers(words.clone()),
+        Ok(())
     }
+
+    /// The requests that store everything: contiguous registers in one write multiple
+    /// registers (16), contiguous coils in one write multiple coils (15), as the device's
+    /// quirks allow.
+    fn requests(&self, spec: &DeviceSpec) -> Vec<Request<'static>> {
+        let quirks = &spec.quirks;
+        let mut requests = Vec::new();
+        for (start, words) in runs(&self.registers, MAX_REGISTERS_PER_WRITE) {
+            match words.as_slice() {
+                [word] if !quirks.write_multiple => requests.push(Request::WriteSingleRegister(start, *word)),
+                _ if quirks.write_single => requests.extend(
+                    words
+                        .iter()
+                        .zip(start..)
+                        .map(|(word, address)| Request::WriteSingleRegister(address, *word)),
+                ),
+                _ => requests.push(Request::WriteMultipleRegisters(start, Cow::Owned(words))),
+            }
+        }
+        for (start, states) in runs(&self.coils, MAX_COILS_PER_WRITE) {
+            match states.as_slice() {
+                [on] if !quirks.write_multiple => requests.push(Request::WriteSingleCoil(start, *on)),
+                _ => requests.push(Request::WriteMultipleCoils(start, Cow::Owned(states))),
+            }
+        }
+        requests
+    }
+}
+
+/// The protocol's most registers and coils in one write (function codes 16 and 15).
+const MAX_REGISTERS_PER_WRITE: usize = 123;
+const MAX_COILS_PER_WRITE: usize = 1968;
+
+/// Runs of consecutive addresses, each at most `longest` long.
+fn runs<T: Copy>(values: &std::collections::BTreeMap<u16, T>, longest: usize) -> Vec<(u16, Vec<T>)> {
+    let mut runs: Vec<(u16, Vec<T>)> = Vec::new();
+    for (address, value) in values {
+        match runs.last_mut() {
+            Some((start, run))
+                if run.len() < longest && u32::from(*start) + run.len() as u32 == u32::from(*address) =>
+            {
+                run.push(*value);
+            }
+            _ => runs.push((*address, vec![*value])),
+        }
+    }
+    runs
 }
 
 /// Whether the device's answer acknowledges `request`.
@@ -313,9 +384,26 @@ fn holds(read: &Data, raw: &Raw, bit: u8) -> bool {
     }
 }
 
+/// One tag of a write: its index in the device's tags, the value (engineering units) and
+/// the value it must read now for the write to happen (compare and set).
+#[derive(Clone, Debug)]
+pub struct TagWrite {
+    pub index: usize,
+    pub value: PointValue,
+    pub expected: Option<PointValue>,
+}
+
+/// A tag of a write, checked and laid out, with what it read before.
+struct Prepared<'a> {
+    write: &'a TagWrite,
+    raw: Raw,
+    read: Read,
+    before: Option<Data>,
+    previous: Option<PointValue>,
+}
+
 /// Writes `value` (engineering units) to tag `index` of the device on `link`, which is
-/// addressed to the device. `Err` is a transport failure, timeout or garbage: the caller
-/// decides about the connection; a device's exception is an `Ok` report.
+/// addressed to the device: [`write_tags`] with one tag.
 pub async fn write_tag(
     link: &mut Link,
     spec: &DeviceSpec,
@@ -324,75 +412,227 @@ pub async fn write_tag(
     value: &PointValue,
     expected: Option<&PointValue>,
 ) -> Result<WriteReport, RequestError> {
-    let (tag, layout) = (&spec.tags[index], &layouts[index]);
-    if !tag.writable {
-        return Ok(WriteReport::not_done(
-            Outcome::NotWritable,
-            format!("tag {} is not writable (spec.tags[{index}].writable)", tag.name),
-        ));
-    }
-    let raw = match prepare(tag, layout, value) {
-        Ok(raw) => raw,
+    let write = TagWrite {
+        index,
+        value: value.clone(),
+        expected: expected.cloned(),
+    };
+    write_tags(link, spec, layouts, std::slice::from_ref(&write)).await
+}
+
+/// Writes several tags of the device on `link` (addressed to it) together, as a recipe:
+/// every value is checked against its tag and every `expected` compared before anything is
+/// written; then contiguous registers (and coils) go in one request each, all in this one
+/// turn of the bus; then every tag is read back. A device that refuses one request of
+/// several keeps the earlier ones: the report says which request it was. `Err` is a
+/// transport failure, timeout or garbage: the caller decides about the connection; a
+/// device's exception is an `Ok` report.
+pub async fn write_tags(
+    link: &mut Link,
+    spec: &DeviceSpec,
+    layouts: &[Layout],
+    writes: &[TagWrite],
+) -> Result<WriteReport, RequestError> {
+    let job = Job {
+        spec,
+        layouts,
+        recipe: writes.len() > 1,
+    };
+    let prepared = match job.prepare_all(writes) {
+        Ok(prepared) => prepared,
         Err(refusal) => return Ok(refusal),
     };
-    let timeout = spec.timeout.get();
-    let read = Read::of_tag(spec, index);
-    let before = match connection::execute(link, &read, timeout).await {
-        Ok(data) => Some(data),
-        // A write-only register may refuse reads; only a bit and a compare-and-set need one.
-        Err(RequestError::Exception(code)) if expected.is_none() && !matches!(raw, Raw::Bit(_)) => {
-            tracing::debug!(tag = %tag.name, exception = %code, "the tag cannot be read before its write");
-            None
-        }
-        Err(error @ RequestError::Exception(_)) => {
-            let mut report = WriteReport::failed(&error, None);
-            report.detail = format!("reading the current value: {}", report.detail);
-            return Ok(report);
-        }
-        Err(error) => return Err(error),
+    let tags = match job.read_before(link, prepared).await? {
+        Ok(tags) => tags,
+        Err(refusal) => return Ok(refusal),
     };
-    let previous = before.as_ref().and_then(|data| value_of(data, layout));
-    if let Some(expected) = expected
-        && !previous.as_ref().is_some_and(|p| same_value(p, expected))
-    {
-        let reads = previous
-            .as_ref()
-            .map_or_else(|| "nothing".to_owned(), ToString::to_string);
-        return Ok(WriteReport {
-            outcome: Outcome::ExpectedMismatch,
-            detail: format!("the tag reads {reads}, not the expected {expected}"),
-            previous,
-            read_back: None,
-        });
-    }
-    for request in requests(spec, read.start, &raw, before.as_ref(), layout.bit) {
-        match connection::call(link, request.clone(), timeout).await {
-            Ok(response) if acknowledges(&request, &response) => {}
-            Ok(response) => {
-                return Err(RequestError::Garbage(format!(
-                    "{response:?} does not acknowledge {request:?}"
-                )));
-            }
-            Err(error @ RequestError::Exception(_)) => return Ok(WriteReport::failed(&error, previous)),
-            Err(error) => return Err(error),
+    let mut stores = Stores::default();
+    for tag in &tags {
+        let bit = layouts[tag.write.index].bit;
+        if let Err(address) = stores.add(tag.read.start, &tag.raw, tag.before.as_ref(), bit) {
+            let detail = format!("protocol address {address} is also written by another tag of this write");
+            return Ok(WriteReport::not_done(Outcome::Invalid, job.named(tag.write, detail)));
         }
     }
-    let after = connection::execute(link, &read, timeout).await?;
-    let read_back = value_of(&after, layout);
-    let detail = if holds(&after, &raw, layout.bit) {
+    let requests = stores.requests(spec);
+    if let Some((sent, error)) = job.send(link, &requests).await? {
+        let previous = tags.first().and_then(|t| t.previous.clone()).filter(|_| !job.recipe);
+        let mut report = WriteReport::failed(&error, previous);
+        if job.recipe {
+            report.detail = format!(
+                "{}: request {} of {} refused, the {sent} before it were written",
+                report.detail,
+                sent + 1,
+                requests.len()
+            );
+            report.tags = results(&tags, spec, Vec::new());
+        }
+        return Ok(report);
+    }
+    let (mut read_backs, differ) = job.read_back(link, &tags).await?;
+    let detail = if differ.is_empty() {
         String::new()
     } else {
-        let shown = read_back
-            .as_ref()
-            .map_or_else(|| "nothing".to_owned(), ToString::to_string);
-        format!("the device took the write but reads back {shown}")
+        format!("the device took the write but {}", differ.join(", "))
     };
-    Ok(WriteReport {
-        outcome: Outcome::Written,
-        detail,
-        previous,
-        read_back,
-    })
+    let mut report = WriteReport::not_done(Outcome::Written, detail);
+    if job.recipe {
+        report.tags = results(&tags, spec, read_backs);
+    } else {
+        report.previous.clone_from(&tags[0].previous);
+        report.read_back = read_backs.pop().flatten();
+    }
+    Ok(report)
+}
+
+/// One write of one tag or several, on one device.
+struct Job<'a> {
+    spec: &'a DeviceSpec,
+    layouts: &'a [Layout],
+    /// Several tags: refusals name theirs.
+    recipe: bool,
+}
+
+impl Job<'_> {
+    /// `detail` of a refusal, naming the tag in a recipe.
+    fn named(&self, write: &TagWrite, detail: String) -> String {
+        if self.recipe {
+            format!(
+                "tag {}: {detail}; nothing was written",
+                self.spec.tags[write.index].name
+            )
+        } else {
+            detail
+        }
+    }
+
+    /// Checks every tag and value and lays each out as the device stores it.
+    fn prepare_all<'w>(&self, writes: &'w [TagWrite]) -> Result<Vec<(&'w TagWrite, Raw)>, WriteReport> {
+        writes
+            .iter()
+            .map(|write| {
+                let (tag, layout) = (&self.spec.tags[write.index], &self.layouts[write.index]);
+                if !tag.writable {
+                    let detail = format!("tag {} is not writable (spec.tags[{}].writable)", tag.name, write.index);
+                    return Err(WriteReport::not_done(Outcome::NotWritable, self.named(write, detail)));
+                }
+                prepare(tag, layout, &write.value)
+                    .map(|raw| (write, raw))
+                    .map_err(|refusal| WriteReport::not_done(refusal.outcome, self.named(write, refusal.detail)))
+            })
+            .collect()
+    }
+
+    /// Reads every tag before the write and compares the expected values; the inner `Err`
+    /// is a refusal.
+    async fn read_before<'w>(
+        &self,
+        link: &mut Link,
+        prepared: Vec<(&'w TagWrite, Raw)>,
+    ) -> Result<Result<Vec<Prepared<'w>>, WriteReport>, RequestError> {
+        let timeout = self.spec.timeout.get();
+        let mut tags = Vec::with_capacity(prepared.len());
+        for (write, raw) in prepared {
+            let read = Read::of_tag(self.spec, write.index);
+            let before = match connection::execute(link, &read, timeout).await {
+                Ok(data) => Some(data),
+                // A write-only register may refuse reads; only a bit and a compare-and-set need one.
+                Err(RequestError::Exception(code)) if write.expected.is_none() && !matches!(raw, Raw::Bit(_)) => {
+                    tracing::debug!(tag = %self.spec.tags[write.index].name, exception = %code, "the tag cannot be read before its write");
+                    None
+                }
+                Err(error @ RequestError::Exception(_)) => {
+                    let mut report = WriteReport::failed(&error, None);
+                    report.detail = self.named(write, format!("reading the current value: {}", report.detail));
+                    return Ok(Err(report));
+                }
+                Err(error) => return Err(error),
+            };
+            let previous = before
+                .as_ref()
+                .and_then(|data| value_of(data, &self.layouts[write.index]));
+            if let Some(expected) = &write.expected
+                && !previous.as_ref().is_some_and(|p| same_value(p, expected))
+            {
+                let reads = previous
+                    .as_ref()
+                    .map_or_else(|| "nothing".to_owned(), ToString::to_string);
+                let detail = format!("the tag reads {reads}, not the expected {expected}");
+                let mut report = WriteReport::not_done(Outcome::ExpectedMismatch, self.named(write, detail));
+                report.previous = previous.filter(|_| !self.recipe);
+                return Ok(Err(report));
+            }
+            tags.push(Prepared {
+                write,
+                raw,
+                read,
+                before,
+                previous,
+            });
+        }
+        Ok(Ok(tags))
+    }
+
+    /// Sends `requests` in order; `Some` is the one the device refused (the earlier ones
+    /// were taken) and its exception.
+    async fn send(
+        &self,
+        link: &mut Link,
+        requests: &[Request<'static>],
+    ) -> Result<Option<(usize, RequestError)>, RequestError> {
+        for (sent, request) in requests.iter().enumerate() {
+            match connection::call(link, request.clone(), self.spec.timeout.get()).await {
+                Ok(response) if acknowledges(request, &response) => {}
+                Ok(response) => {
+                    return Err(RequestError::Garbage(format!(
+                        "{response:?} does not acknowledge {request:?}"
+                    )));
+                }
+                Err(error @ RequestError::Exception(_)) => return Ok(Some((sent, error))),
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads every tag back: its value, and what reads back other than written.
+    async fn read_back(
+        &self,
+        link: &mut Link,
+        tags: &[Prepared<'_>],
+    ) -> Result<(Vec<Option<PointValue>>, Vec<String>), RequestError> {
+        let mut read_backs = Vec::with_capacity(tags.len());
+        let mut differ = Vec::new();
+        for tag in tags {
+            let layout = &self.layouts[tag.write.index];
+            let after = connection::execute(link, &tag.read, self.spec.timeout.get()).await?;
+            let read_back = value_of(&after, layout);
+            if !holds(&after, &tag.raw, layout.bit) {
+                let shown = read_back
+                    .as_ref()
+                    .map_or_else(|| "nothing".to_owned(), ToString::to_string);
+                differ.push(if self.recipe {
+                    format!("tag {} reads back {shown}", self.spec.tags[tag.write.index].name)
+                } else {
+                    format!("reads back {shown}")
+                });
+            }
+            read_backs.push(read_back);
+        }
+        Ok((read_backs, differ))
+    }
+}
+
+/// A recipe's tags with their values before and, where read, after.
+fn results(tags: &[Prepared<'_>], spec: &DeviceSpec, read_backs: Vec<Option<PointValue>>) -> Vec<TagResult> {
+    let mut read_backs = read_backs.into_iter();
+    tags.iter()
+        .map(|tag| TagResult {
+            tag: spec.tags[tag.write.index].name.clone(),
+            previous: tag.previous.clone(),
+            read_back: read_backs.next().flatten(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -468,6 +708,55 @@ mod tests {
             outcome(text, &PointValue::String("ABCDE".into())).unwrap_err().0,
             Outcome::OutOfRange
         );
+    }
+
+    /// The requests of a one-tag write.
+    fn requests(spec: &DeviceSpec, start: u16, raw: &Raw, before: Option<&Data>, bit: u8) -> Vec<Request<'static>> {
+        let mut stores = Stores::default();
+        stores.add(start, raw, before, bit).unwrap();
+        stores.requests(spec)
+    }
+
+    #[test]
+    fn a_recipe_joins_contiguous_registers_and_coils_and_the_bits_of_a_register() {
+        let spec: DeviceSpec = serde_yaml::from_str(
+            "site: s\nconnection: {tcp: {host: h}}\ntags:\n  - {name: t, register: coil, address: 0, type: bool}\n",
+        )
+        .unwrap();
+        let mut stores = Stores::default();
+        stores.add(0, &Raw::Registers(vec![1]), None, 0).unwrap();
+        stores.add(1, &Raw::Registers(vec![2, 3]), None, 0).unwrap();
+        stores.add(10, &Raw::Registers(vec![4]), None, 0).unwrap();
+        let before = Data::Registers(vec![0b1]);
+        stores.add(20, &Raw::Bit(true), Some(&before), 3).unwrap();
+        stores.add(20, &Raw::Bit(false), Some(&before), 0).unwrap();
+        stores.add(5, &Raw::Coil(true), None, 0).unwrap();
+        stores.add(6, &Raw::Coil(false), None, 0).unwrap();
+        assert_eq!(
+            stores.requests(&spec),
+            [
+                Request::WriteMultipleRegisters(0, Cow::Owned(vec![1, 2, 3])),
+                Request::WriteSingleRegister(10, 4),
+                Request::WriteSingleRegister(20, 0b1000),
+                Request::WriteMultipleCoils(5, Cow::Owned(vec![true, false])),
+            ]
+        );
+        assert_eq!(
+            stores.add(2, &Raw::Registers(vec![9]), None, 0),
+            Err(2),
+            "written twice"
+        );
+        assert_eq!(stores.add(6, &Raw::Coil(true), None, 0), Err(6), "written twice");
+    }
+
+    #[test]
+    fn a_long_run_is_split_at_the_protocols_limit() {
+        let values: std::collections::BTreeMap<u16, u16> = (0..250).map(|a| (a, a)).collect();
+        let lengths: Vec<(u16, usize)> = runs(&values, MAX_REGISTERS_PER_WRITE)
+            .iter()
+            .map(|(start, run)| (*start, run.len()))
+            .collect();
+        assert_eq!(lengths, [(0, 123), (123, 123), (246, 4)]);
     }
 
     #[test]

@@ -20,7 +20,6 @@ use async_nats::{Client, Message, Subject};
 use bytes::Bytes;
 use futures_util::{StreamExt as _, stream::FuturesUnordered};
 use prost::Message as _;
-use tagstream_core::point::PointValue;
 use tagstream_crds::{DeviceSpec, site::Writes};
 use tagstream_proto::v1::WriteRequest;
 use tokio::sync::{mpsc, oneshot};
@@ -33,7 +32,7 @@ use self::{
 };
 use crate::{
     acquisition::{
-        poller::WriteJob,
+        poller::{NamedWrite, WriteJob},
         write::{Outcome, WriteReport},
     },
     publish::{self, PublisherConfig},
@@ -152,12 +151,14 @@ impl WriteService {
                 .unwrap_or_default();
             publish_reply(client, &reply_to, wire::reply(&id, &report).encode_to_vec().into())
         };
+        // <device>.<tag> for one tag, <device> alone for a recipe.
         let Some((device, tag)) = message
             .subject
             .strip_prefix(&self.subject_base())
-            .and_then(|rest| rest.split_once('.'))
+            .filter(|rest| !rest.is_empty())
+            .map(|rest| rest.split_once('.').unwrap_or((rest, "")))
         else {
-            let expected = format!("{}<device>.<tag>", self.subject_base());
+            let expected = format!("{}<device>.<tag> (or <device> for a recipe)", self.subject_base());
             let report = WriteReport::not_done(Outcome::Invalid, format!("the subject is not {expected}"));
             return unattributed(report).await;
         };
@@ -172,12 +173,13 @@ impl WriteService {
         let attempt = |request: WriteRequest| Attempt {
             device: device.to_owned(),
             tag: tag.to_owned(),
-            unit: route
+            units: route
                 .spec
                 .tags
                 .iter()
-                .find(|t| t.name == tag)
-                .and_then(|t| t.unit.clone()),
+                .filter(|t| t.name == tag || request.tags.iter().any(|w| w.tag == t.name))
+                .filter_map(|t| Some((t.name.clone(), t.unit.clone()?)))
+                .collect(),
             request,
         };
         let request = match WriteRequest::decode(message.payload.clone()) {
@@ -188,8 +190,8 @@ impl WriteService {
                 return self.finish(client, &attempt, &report, Target::One(reply_to)).await;
             }
         };
-        let value = match usable(&request) {
-            Ok(value) => value,
+        let writes = match usable(tag, &request) {
+            Ok(writes) => writes,
             Err(why) => {
                 let report = WriteReport::not_done(Outcome::Invalid, why);
                 return self
@@ -212,20 +214,17 @@ impl WriteService {
                     .await;
             }
         }
-        let expected = request.expected.as_ref().and_then(wire::from_wire);
-        self.dispatch(client, &route, attempt(request), value, expected, requests, running)
+        self.dispatch(client, &route, attempt(request), writes, requests, running)
             .await;
     }
 
     /// Hands a new request to its device's endpoint task, or answers why it cannot.
-    #[allow(clippy::too_many_arguments, reason = "one request's parts and the service's state")]
     async fn dispatch(
         &self,
         client: &Client,
         route: &Route,
         attempt: Attempt,
-        value: PointValue,
-        expected: Option<PointValue>,
+        writes: Vec<NamedWrite>,
         requests: &mut Requests,
         running: &mut Running,
     ) {
@@ -240,9 +239,7 @@ impl WriteService {
         let (reply, outcome) = oneshot::channel();
         let job = WriteJob {
             device: attempt.device.clone(),
-            tag: attempt.tag.clone(),
-            value,
-            expected,
+            tags: writes,
             deadline: Instant::now() + DEADLINE,
             reply,
         };
@@ -301,16 +298,39 @@ impl WriteService {
     }
 }
 
-/// The value of a request that can be used, or why not.
-fn usable(request: &WriteRequest) -> Result<PointValue, &'static str> {
+/// The writes a request asks of `tag` (empty on a recipe's subject), or why it cannot be
+/// used.
+fn usable(tag: &str, request: &WriteRequest) -> Result<Vec<NamedWrite>, String> {
     if request.request_id.is_empty() {
-        return Err("request_id is required: it makes a repeated request safe");
+        return Err("request_id is required: it makes a repeated request safe".into());
     }
-    request
-        .value
-        .as_ref()
-        .and_then(wire::from_wire)
-        .ok_or("no value to write")
+    let value = |value: Option<&tagstream_proto::v1::Value>| value.and_then(wire::from_wire);
+    if !tag.is_empty() {
+        if !request.tags.is_empty() {
+            return Err("a recipe (tags) goes to the device's subject, without a tag".into());
+        }
+        let value = value(request.value.as_ref()).ok_or("no value to write")?;
+        return Ok(vec![NamedWrite {
+            tag: tag.to_owned(),
+            value,
+            expected: request.expected.as_ref().and_then(wire::from_wire),
+        }]);
+    }
+    if request.tags.is_empty() || request.value.is_some() || request.expected.is_some() {
+        return Err("on a device's subject the request is a recipe: its tags, and no value or expected".into());
+    }
+    let mut writes: Vec<NamedWrite> = Vec::with_capacity(request.tags.len());
+    for asked in &request.tags {
+        if writes.iter().any(|w| w.tag == asked.tag) {
+            return Err(format!("tag {} is in the recipe twice", asked.tag));
+        }
+        writes.push(NamedWrite {
+            tag: asked.tag.clone(),
+            value: value(asked.value.as_ref()).ok_or_else(|| format!("no value for tag {}", asked.tag))?,
+            expected: asked.expected.as_ref().and_then(wire::from_wire),
+        });
+    }
+    Ok(writes)
 }
 
 /// What a request asks, whoever asks it: the same id must always ask the same.

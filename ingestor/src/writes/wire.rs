@@ -1,10 +1,12 @@
 //! Write requests, replies and audits in the wire format (`proto/tagstream/v1/write.proto`).
 
+use std::collections::HashMap;
+
 use tagstream_core::point::{PointValue, Sample, now_ns};
 use tagstream_proto::v1::{self as proto, PointBatch, SourceKind, WriteAudit, WriteOutcome, WriteReply, value::Kind};
 
 use crate::{
-    acquisition::write::{Outcome, WriteReport},
+    acquisition::write::{Outcome, TagResult, WriteReport},
     service::pipeline::wire_point,
 };
 
@@ -54,6 +56,15 @@ pub fn reply(request_id: &str, report: &WriteReport) -> WriteReply {
             Outcome::Refused(code) => u32::from(u8::from(code)),
             _ => 0,
         },
+        tags: report
+            .tags
+            .iter()
+            .map(|t| proto::TagResult {
+                tag: t.tag.clone(),
+                previous: t.previous.as_ref().map(to_wire),
+                read_back: t.read_back.as_ref().map(to_wire),
+            })
+            .collect(),
     }
 }
 
@@ -76,40 +87,69 @@ pub fn report(reply: &WriteReply) -> WriteReport {
         detail: reply.detail.clone(),
         previous: reply.previous.as_ref().and_then(from_wire),
         read_back: reply.read_back.as_ref().and_then(from_wire),
+        tags: reply
+            .tags
+            .iter()
+            .map(|t| TagResult {
+                tag: t.tag.clone(),
+                previous: t.previous.as_ref().and_then(from_wire),
+                read_back: t.read_back.as_ref().and_then(from_wire),
+            })
+            .collect(),
     }
 }
 
-/// Who asked what of which tag.
+/// Who asked what of which tag (or tags, for a recipe).
 #[derive(Clone, Debug)]
 pub struct Attempt {
     pub device: String,
+    /// The tag of a one-tag write; empty for a recipe (its tags are in `request.tags`).
     pub tag: String,
-    pub unit: Option<String>,
+    /// Each tag's unit, by tag name, for the audit's points.
+    pub units: HashMap<String, String>,
     pub request: proto::WriteRequest,
 }
 
-/// The audit of one attempt: a batch of the device with one point, the tag as read back
-/// (Good) or the outcome as a Bad point's reason, and the whole exchange.
+/// The audit of one attempt: a batch of the device with a point per tag written (as read
+/// back, Good; or Bad with the outcome as its reason) and the whole exchange.
 pub fn audit(attempt: &Attempt, reply: WriteReply) -> PointBatch {
     let at = now_ns();
-    let read_back = reply.read_back.as_ref().and_then(from_wire);
-    let sample = match read_back {
-        Some(value) if reply.outcome == i32::from(WriteOutcome::Written) => Sample::good(value, at),
-        _ => {
-            let name = WriteOutcome::try_from(reply.outcome).map_or("unknown", |o| o.as_str_name());
-            Sample::bad(format!("{name}: {}", reply.detail), at)
-        }
+    let written = reply.outcome == i32::from(WriteOutcome::Written);
+    let failure = || {
+        let name = WriteOutcome::try_from(reply.outcome).map_or("unknown", |o| o.as_str_name());
+        Sample::bad(format!("{name}: {}", reply.detail), at)
+    };
+    let point = |tag: &str, read_back: Option<&proto::Value>| {
+        let sample = match read_back.and_then(from_wire) {
+            Some(value) if written => Sample::good(value, at),
+            _ => failure(),
+        };
+        wire_point(tag, &sample, attempt.units.get(tag).map(String::as_str))
+    };
+    let points = if attempt.tag.is_empty() {
+        attempt
+            .request
+            .tags
+            .iter()
+            .map(|asked| {
+                let result = reply.tags.iter().find(|r| r.tag == asked.tag);
+                point(&asked.tag, result.and_then(|r| r.read_back.as_ref()))
+            })
+            .collect()
+    } else {
+        vec![point(&attempt.tag, reply.read_back.as_ref())]
     };
     PointBatch {
         source: attempt.device.clone(),
         source_kind: SourceKind::Write.into(),
-        points: vec![wire_point(&attempt.tag, &sample, attempt.unit.as_deref())],
+        points,
         write: Some(WriteAudit {
             request_id: attempt.request.request_id.clone(),
             requested_by: attempt.request.requested_by.clone(),
             tag: attempt.tag.clone(),
             requested: attempt.request.value.clone(),
             reply: Some(reply),
+            requested_tags: attempt.request.tags.clone(),
         }),
         ..PointBatch::default()
     }
