@@ -361,7 +361,7 @@ async fn a_lost_reply_is_retried_not_an_outage() {
             } else {
                 assert_eq!(run.bad_points("lossy"), 0, "{line:?}: {lossy:?}");
                 assert_eq!(lossy.failed_polls, 0, "{line:?}: {lossy:?}");
-                assert!(lossy.requests_retried >= 2, "{line:?}: {lossy:?}");
+                assert!(lossy.requests_retried >= 1, "{line:?}: {lossy:?}");
             }
             assert_eq!(run.bad_points("neighbour"), 0, "{line:?}: {neighbour:?}");
             assert!(run.rate("neighbour") >= 0.75, "{line:?}: {neighbour:?}");
