@@ -409,6 +409,21 @@ fn ingestor(manifests: &Path, queue: &Path) -> Child {
         .unwrap()
 }
 
+/// Waits until a batch of points polled after `since` is published.
+async fn until_publishing(published: &mut async_nats::Subscriber, since: i64) {
+    let first = async {
+        while let Some(message) = futures_util::StreamExt::next(published).await {
+            let batch = <PointBatch as prost::Message>::decode(message.payload).unwrap();
+            if batch.points.first().is_some_and(|p| p.timestamp_ns > since) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), first)
+        .await
+        .expect("the ingestor publishes within 30 s of its start");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_ingestors_deliver_every_record_exactly_once() {
     for server in servers() {
@@ -427,10 +442,16 @@ async fn killed_ingestors(server: &Path) {
     std::fs::create_dir(&manifests).unwrap();
     site_manifests(&manifests, &nats.url(), free_port(), "");
     let queue = dir.path().join("queue");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut published = client.subscribe("tagstream.>").await.unwrap();
     let mut kills = Vec::new();
     for round in 0..5u64 {
+        let started = tagstream_core::point::now_ns();
         let mut child = ingestor(&manifests, &queue);
-        tokio::time::sleep(Duration::from_millis(700 + round * 150)).await;
+        // Killed while it publishes: a fixed wait after the spawn killed a child still
+        // starting on a loaded machine, before it had polled anything.
+        until_publishing(&mut published, started).await;
+        tokio::time::sleep(Duration::from_millis(100 + round * 150)).await;
         kills.push(tagstream_core::point::now_ns());
         child.kill().unwrap();
         child.wait().unwrap();
