@@ -326,7 +326,8 @@ pub async fn run_endpoint(
         let batch = match result {
             Ok(points) => points,
             Err(error) => {
-                if error.breaks_connection() || context.as_ref().is_some_and(|link| !link.usable()) {
+                // A link gone silent is reopened by `connected` before the next request.
+                if error.breaks_connection() {
                     context = None;
                 }
                 let first_failure = device.failures == 0;
